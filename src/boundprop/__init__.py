@@ -1,0 +1,20 @@
+"""boundprop: provable bounds on neural network outputs under input and weight perturbations."""
+
+from .algorithms import BoundResult, compute_bounds
+from .domains import Interval
+from .graph import Graph, UnsupportedOperatorError
+from .perturbation import Perturbation, PerturbationLpNorm
+from .rules import is_supported
+
+
+def capture(model, example_inputs) -> Graph:
+    """Capture ``model`` once into boundprop's IR (see :func:`boundprop.graph.capture`)."""
+    from .graph import capture as _capture
+
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    return _capture(model, example_inputs, is_supported)
+
+
+__all__ = ["BoundResult", "Graph", "Interval", "Perturbation", "PerturbationLpNorm",
+           "UnsupportedOperatorError", "capture", "compute_bounds"]

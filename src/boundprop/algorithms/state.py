@@ -1,0 +1,104 @@
+"""The state of one bound computation: nominal values, perturbed set, and intervals found so far.
+
+A :class:`PropagationState` lives for one ``compute_bounds`` call. The graph is never mutated;
+everything a call learns is kept here and handed back to the user in a frozen
+:class:`~boundprop.algorithms.result.BoundResult`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..domains import Interval
+from ..graph.capture import SHAPE_OPS
+from ..graph.ir import Graph, Node, Ref, evaluate, map_refs
+from ..perturbation import Perturbation
+from ..rules import OpRules, Var, rules_for
+
+
+@dataclass
+class PropagationState:
+    """Everything one call knows about the graph's values and bounds.
+
+    Attributes:
+        graph: the captured graph.
+        values: the value of every leaf and node at the unperturbed inputs.
+        perturbations: the perturbation of each perturbed leaf.
+        perturbed: names of leaves and nodes whose value depends on a perturbed leaf.
+        batched: names of perturbed nodes that carry a batch dimension.
+        intervals: best interval known so far for perturbed leaves and nodes.
+        refined: nodes whose interval is final for this call (no further tightening planned).
+        opts: bound options (relaxation choices etc.).
+        cache: per-call caches (pullbacks of affine ops, relaxations) keyed by node name.
+    """
+
+    graph: Graph
+    values: dict[str, Any]
+    perturbations: dict[str, Perturbation]
+    perturbed: set[str]
+    batched: set[str]
+    intervals: dict[str, Interval] = field(default_factory=dict)
+    refined: set[str] = field(default_factory=set)
+    opts: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.values[self.graph.inputs[0]].shape[0] if self.graph.inputs else 1
+
+    def rules(self, node: Node) -> OpRules:
+        entry = rules_for(node.target)
+        if entry is None:
+            raise NotImplementedError(f"no bound rules for {node.op_name} <- {node.source or node.name}")
+        return entry
+
+    def resolve_for_interval(self, node: Node) -> tuple[tuple, dict]:
+        """Node arguments with perturbed ones as Intervals and the rest as values."""
+        def resolve(ref: Ref):
+            if ref.name in self.perturbed:
+                return self.intervals[ref.name]
+            return self.values[ref.name]
+
+        return map_refs(node.args, resolve), map_refs(dict(node.kwargs), resolve)
+
+    def resolve_for_linear(self, node: Node) -> tuple[tuple, dict]:
+        """Node arguments with perturbed ones as :class:`Var` and the rest as values."""
+        def resolve(ref: Ref):
+            if ref.name in self.perturbed:
+                return Var(ref.name, self.values[ref.name], self.intervals.get(ref.name))
+            return self.values[ref.name]
+
+        return map_refs(node.args, resolve), map_refs(dict(node.kwargs), resolve)
+
+    def is_affine_here(self, node: Node) -> bool:
+        """Whether the node is affine in its perturbed arguments in this call."""
+        entry = self.rules(node)
+        if not entry.affine:
+            return False
+        if entry.affine_when is None:
+            return True
+        args, _ = self.resolve_for_linear(node)
+        return bool(entry.affine_when(args))
+
+    def needs_input_bounds(self, node: Node) -> bool:
+        entry = self.rules(node)
+        return entry.needs_bounds and not self.is_affine_here(node)
+
+
+def make_state(graph: Graph, inputs: tuple[torch.Tensor, ...], perturbations: Mapping[str, Perturbation],
+               params: Mapping[str, torch.Tensor] | None = None, opts: dict | None = None) -> PropagationState:
+    """Evaluate the graph at the nominal inputs and find the perturbed nodes."""
+    values = evaluate(graph, inputs, params)
+    perturbed = set(perturbations)
+    from_inputs = set(graph.inputs)
+    for node in graph.nodes:
+        if any(p in from_inputs for p in node.inputs):
+            from_inputs.add(node.name)
+        if node.target not in SHAPE_OPS and any(p in perturbed for p in node.inputs):
+            perturbed.add(node.name)
+    batched = perturbed & from_inputs
+    return PropagationState(graph, values, dict(perturbations), perturbed, batched, opts=dict(opts or {}))

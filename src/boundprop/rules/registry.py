@@ -1,0 +1,196 @@
+"""Rule registries, keyed by op target (an ATen ``OpOverload`` or a boundprop op function).
+
+An op gets its bounding behaviour from a handful of independent entries, each filled by a
+decorator in the file of its op family:
+
+* ``@interval_rule(op)``: IBP, ``fn(args, kwargs) -> Interval`` where every perturbed tensor
+  argument is an :class:`~boundprop.domains.Interval` and every other argument is as in the graph.
+* ``affine_ops(op, ...)``: declares the op jointly affine in its perturbed tensor arguments (all
+  other tensor arguments constant). Backward and forward mode then come for free from the op's
+  own vector-Jacobian / Jacobian-vector products (:mod:`boundprop.rules.generic`).
+* ``@relaxation_rule(op)``: an element-wise function of its first argument, bounded on an interval
+  by two linear functions, ``fn(l, u, call) -> Relaxation`` (:class:`RelaxCall`).
+  Backward and forward mode apply it uniformly; alpha-CROWN optimises its free parameters when the
+  rule accepts an ``alpha``.
+* ``@backward_rule(op)`` / ``@forward_rule(op)``: a hand-written linear bound propagation for ops
+  that fit none of the above (products of two perturbed tensors, max pooling, softmax, ...).
+
+Rules know nothing about graph traversal; the algorithms know nothing about particular ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..domains import Interval, Relaxation
+
+
+@dataclass(frozen=True)
+class Var:
+    """A perturbed tensor argument as a backward/forward rule sees it.
+
+    Attributes:
+        name: the graph node (or leaf) it is the value of.
+        value: its value at the unperturbed input, shape ``(batch, *shape)``.
+        bounds: its interval, when the algorithm has one (always, for ops that declare
+            ``needs_bounds``).
+    """
+
+    name: str
+    value: torch.Tensor
+    bounds: Interval | None = None
+
+
+@dataclass
+class RelaxCall:
+    """What a relaxation rule receives besides the interval.
+
+    Attributes:
+        args: the node's arguments after the first (constants such as a slope or clamp limits).
+        kwargs: the node's keyword arguments.
+        opts: the bound options of the call (e.g. ``activation_bound_option``).
+        alpha: free relaxation parameters chosen by alpha-CROWN, or None for the default choice.
+            The rule decides their meaning (for ReLU, the lower slope in [0, 1]).
+        direction: "lower" or "upper": which bound of the output the relaxation serves.
+    """
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    opts: dict = field(default_factory=dict)
+    alpha: torch.Tensor | None = None
+    direction: str = "lower"
+
+
+@dataclass
+class AlphaSpec:
+    """How alpha-CROWN parametrises a relaxation rule.
+
+    ``init(l, u, call) -> Tensor`` gives the starting alpha (the default relaxation, shape of the
+    interval); ``project(alpha, l, u) -> Tensor`` maps any alpha back into its valid set.
+    """
+
+    init: Callable[..., torch.Tensor]
+    project: Callable[..., torch.Tensor]
+
+
+@dataclass
+class OpRules:
+    interval: Callable[..., Interval] | None = None
+    affine: bool = False
+    homogeneous: bool = False  # affine with no constant term (f(0) = 0)
+    affine_when: Callable[[tuple], bool] | None = None  # affine only for some perturbed arguments
+    affine_backward: Callable[..., Any] | None = None  # fast path for the affine case
+    relaxation: Callable[..., Relaxation] | None = None
+    unstable: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    alpha: AlphaSpec | None = None
+    backward: Callable[..., Any] | None = None
+    forward: Callable[..., Any] | None = None
+    needs_bounds: bool = False
+
+
+RULES: dict[Any, OpRules] = {}
+
+
+def rules_for(target: Any) -> OpRules | None:
+    return RULES.get(target)
+
+
+def _entry(target: Any) -> OpRules:
+    return RULES.setdefault(target, OpRules())
+
+
+def interval_rule(*targets: Any) -> Callable:
+    def register(fn: Callable) -> Callable:
+        for target in targets:
+            _entry(target).interval = fn
+        return fn
+
+    return register
+
+
+def affine_ops(*targets: Any, homogeneous: bool = False, when: Callable[[tuple], bool] | None = None) -> None:
+    """Declare ops affine in their perturbed tensor arguments.
+
+    ``homogeneous``: linear (``f(0) = 0``). ``when(args)``: the op is affine only when this holds of
+    its arguments (perturbed ones are :class:`Var`); otherwise its ``backward`` rule is used.
+    """
+    for target in targets:
+        entry = _entry(target)
+        entry.affine = True
+        entry.homogeneous = homogeneous
+        entry.affine_when = when
+
+
+def is_perturbed(arg: Any) -> bool:
+    """True for a perturbed argument as rules see it (a :class:`Var` or an :class:`Interval`)."""
+    return isinstance(arg, (Var, Interval))
+
+
+def perturbed_positions(args: tuple) -> tuple[int, ...]:
+    return tuple(i for i, a in enumerate(args) if is_perturbed(a))
+
+
+def relaxation_rule(*targets: Any, unstable: Callable | None = None, alpha: AlphaSpec | None = None) -> Callable:
+    """Register ``fn(l, u, call: RelaxCall) -> Relaxation`` for element-wise ops.
+
+    ``unstable(l, u) -> bool tensor`` marks the neurons whose relaxation is not exact (CROWN
+    refines only those; default: all).
+    """
+
+    def register(fn: Callable) -> Callable:
+        for target in targets:
+            entry = _entry(target)
+            entry.relaxation = fn
+            entry.unstable = unstable
+            entry.alpha = alpha
+            entry.needs_bounds = True
+        return fn
+
+    return register
+
+
+def affine_backward_rule(*targets: Any) -> Callable:
+    """Register a fast ``fn(A, args, kwargs) -> (A_per_perturbed_arg, bias) | None`` for affine ops.
+
+    ``A`` is ``(batch, spec, *out)``; the result lists one coefficient tensor per perturbed argument
+    in order of appearance, and the bias ``A . f(0)`` as ``(batch, spec)`` (or 0). Returning None
+    defers to the generic vector-Jacobian product.
+    """
+
+    def register(fn: Callable) -> Callable:
+        for target in targets:
+            _entry(target).affine_backward = fn
+        return fn
+
+    return register
+
+
+def backward_rule(*targets: Any, needs_bounds: bool = True) -> Callable:
+    def register(fn: Callable) -> Callable:
+        for target in targets:
+            entry = _entry(target)
+            entry.backward = fn
+            entry.needs_bounds = entry.needs_bounds or needs_bounds
+        return fn
+
+    return register
+
+
+def forward_rule(*targets: Any) -> Callable:
+    def register(fn: Callable) -> Callable:
+        for target in targets:
+            _entry(target).forward = fn
+        return fn
+
+    return register
+
+
+def is_supported(target: Any) -> bool:
+    """An op is supported when it has an interval rule and some linear (backward) rule."""
+    entry = RULES.get(target)
+    return entry is not None and entry.interval is not None and (
+        entry.affine or entry.relaxation is not None or entry.backward is not None)

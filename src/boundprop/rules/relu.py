@@ -1,0 +1,98 @@
+"""ReLU and leaky ReLU: piecewise-linear activations.
+
+For ``f(x) = max(x, s x)`` (``s = 0`` for ReLU, ``0 <= s < 1``) on ``[l, u]``:
+
+* stable neurons (``l >= 0`` or ``u <= 0``): ``f`` is linear there and the relaxation is exact;
+* unstable neurons (``l < 0 < u``): upper bound the chord
+  ``f(x) <= (u - s l)/(u - l) * (x - l) + s l``; lower bound any line through the origin with
+  slope ``a`` in ``[s, 1]``: ``f(x) >= a x``.
+
+The lower slope follows ``activation_bound_option`` (``adaptive``: 1 when ``u > -l`` else ``s``;
+``same-slope``: the chord's slope; ``zero-lb``: ``s``; ``one-lb``: 1) or, under alpha-CROWN, a
+free ``alpha`` projected into ``[s, 1]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..domains import Relaxation
+from .registry import AlphaSpec, RelaxCall, interval_rule, relaxation_rule
+
+aten = torch.ops.aten
+
+
+def _slope_of(call: RelaxCall) -> float:
+    if call.args:
+        return float(call.args[0])
+    return float(call.kwargs.get("negative_slope", 0.01))
+
+
+def _default_lower_slope(l, u, s: float, option: str):
+    if option == "zero-lb":
+        return torch.full_like(l, s)
+    if option == "one-lb":
+        return torch.ones_like(l)
+    if option == "same-slope":
+        return _chord(l, u, s)[0]
+    return torch.where(u > -l, torch.ones_like(l), torch.full_like(l, s))
+
+
+def _chord(l, u, s: float):
+    width = (u - l).clamp_min(1e-12)
+    slope = (u - s * l) / width
+    return slope, s * l - slope * l
+
+
+def piecewise_relaxation(l, u, s: float, call: RelaxCall) -> Relaxation:
+    option = call.opts.get("activation_bound_option", "adaptive")
+    unstable = (l < 0) & (u > 0)
+    active = l >= 0
+    stable_slope = torch.where(active, torch.ones_like(l), torch.full_like(l, s))
+    chord_slope, chord_bias = _chord(l, u, s)
+    uw = torch.where(unstable, chord_slope, stable_slope)
+    ub = torch.where(unstable, chord_bias, torch.zeros_like(l))
+    if call.alpha is not None:
+        lower_slope = call.alpha.clamp(s, 1.0)
+    else:
+        lower_slope = _default_lower_slope(l, u, s, option)
+    lw = torch.where(unstable, lower_slope, stable_slope)
+    return Relaxation(lw, torch.zeros_like(lw), uw, ub)
+
+
+def unstable_mask(l, u):
+    return (l < 0) & (u > 0)
+
+
+def _alpha_init(l, u, call: RelaxCall):
+    s = 0.0 if not call.args and "negative_slope" not in call.kwargs else _slope_of(call)
+    return _default_lower_slope(l, u, s, call.opts.get("activation_bound_option", "adaptive"))
+
+
+RELU_ALPHA = AlphaSpec(init=_alpha_init, project=lambda alpha, l, u, call=None: alpha.clamp(0.0, 1.0))
+
+
+@relaxation_rule(aten.relu.default, unstable=unstable_mask, alpha=RELU_ALPHA)
+def relu_relaxation(l, u, call: RelaxCall) -> Relaxation:
+    return piecewise_relaxation(l, u, 0.0, call)
+
+
+@relaxation_rule(aten.leaky_relu.default, unstable=unstable_mask,
+                 alpha=AlphaSpec(init=_alpha_init, project=lambda alpha, l, u, call=None: alpha.clamp(
+                     _slope_of(call) if call is not None else 0.0, 1.0)))
+def leaky_relu_relaxation(l, u, call: RelaxCall) -> Relaxation:
+    s = _slope_of(call)
+    if not 0.0 <= s <= 1.0:
+        raise NotImplementedError(f"leaky_relu with negative_slope={s} outside [0, 1] is not supported")
+    return piecewise_relaxation(l, u, s, call)
+
+
+@interval_rule(aten.relu.default)
+def relu_interval(args, kwargs):
+    return args[0].map(torch.relu)
+
+
+@interval_rule(aten.leaky_relu.default)
+def leaky_relu_interval(args, kwargs):
+    slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
+    return args[0].map(lambda t: torch.nn.functional.leaky_relu(t, slope))

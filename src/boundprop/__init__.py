@@ -1,6 +1,7 @@
 """boundprop: provable bounds on neural network outputs under input and weight perturbations."""
 
 from .algorithms import BoundResult, compute_bounds
+from .compat import BoundedModule, BoundedParameter, BoundedTensor
 from .domains import Interval
 from .graph import Graph, UnsupportedOperatorError
 from .perturbation import Perturbation, PerturbationLpNorm
@@ -16,5 +17,5 @@ def capture(model, example_inputs) -> Graph:
     return _capture(model, example_inputs, is_supported)
 
 
-__all__ = ["BoundResult", "Graph", "Interval", "Perturbation", "PerturbationLpNorm",
+__all__ = ["BoundResult", "BoundedModule", "BoundedParameter", "BoundedTensor", "Graph", "Interval", "Perturbation", "PerturbationLpNorm",
            "UnsupportedOperatorError", "capture", "compute_bounds"]

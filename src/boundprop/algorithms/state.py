@@ -69,7 +69,7 @@ class PropagationState:
         """Node arguments with perturbed ones as :class:`Var` and the rest as values."""
         def resolve(ref: Ref):
             if ref.name in self.perturbed:
-                return Var(ref.name, self.values[ref.name], self.intervals.get(ref.name))
+                return Var(ref.name, self.values[ref.name], self.intervals.get(ref.name), ref.name in self.batched)
             return self.values[ref.name]
 
         return map_refs(node.args, resolve), map_refs(dict(node.kwargs), resolve)

@@ -38,11 +38,14 @@ class Var:
         value: its value at the unperturbed input, shape ``(batch, *shape)``.
         bounds: its interval, when the algorithm has one (always, for ops that declare
             ``needs_bounds``).
+        batched: whether ``value`` carries the batch dimension first (False for a perturbed
+            parameter: its linear coefficients are then ``(batch, spec, *value.shape)``).
     """
 
     name: str
     value: torch.Tensor
     bounds: Interval | None = None
+    batched: bool = True
 
 
 @dataclass

@@ -17,5 +17,14 @@ def capture(model, example_inputs) -> Graph:
     return _capture(model, example_inputs, is_supported)
 
 
-__all__ = ["BoundResult", "BoundedModule", "BoundedParameter", "BoundedTensor", "Graph", "Interval", "Perturbation", "PerturbationLpNorm",
-           "UnsupportedOperatorError", "capture", "compute_bounds"]
+def load_onnx(path) -> Graph:
+    """Import an ONNX model (path or ``onnx.ModelProto``) into boundprop's IR."""
+    from .graph.onnx_import import import_onnx
+
+    return import_onnx(path, is_supported)
+
+
+__all__ = [
+    "BoundResult", "BoundedModule", "BoundedParameter", "BoundedTensor", "Graph", "Interval", "Perturbation",
+    "PerturbationLpNorm", "UnsupportedOperatorError", "capture", "compute_bounds", "load_onnx",
+]

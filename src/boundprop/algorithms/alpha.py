@@ -1,7 +1,359 @@
-"""alpha-CROWN (placeholder until implemented)."""
+"""alpha-CROWN: CROWN with optimised relaxation parameters (as auto_LiRPA 0.7.1's ``CROWN-Optimized``).
+
+Every relaxation rule registered with an :class:`~boundprop.rules.registry.AlphaSpec` (ReLU: the
+lower slope ``alpha`` in ``[0, 1]``) has free parameters. Any value in their valid set gives a
+sound relaxation, so every choice gives a sound bound; alpha-CROWN picks them by gradient ascent
+on the bound itself.
+
+Procedure (one call):
+
+1. CROWN: IBP, the CROWN refinement of every intermediate interval, the final backward walk.
+   These bounds are the starting point and the floor: the result is never looser, elementwise.
+2. For each side asked for (lower, then upper; optimised separately, each with its own
+   parameters), ``iteration`` evaluations of the whole CROWN computation with parameters::
+
+       alpha[start, node, direction]   shape (batch, spec_of_start, *node.shape)
+
+   one tensor per *start* of a backward walk (the output with its ``C``, and every intermediate
+   node that CROWN refines, whose spec is its set of unstable neurons under the CROWN bounds),
+   per relaxation node on that walk, per direction (the walk's lower or upper bound). The
+   intermediate intervals are recomputed with their own parameters at every evaluation and
+   intersected with the CROWN ones (unless they were given by the user and
+   ``fix_interm_bounds`` holds), so they are optimised jointly with the output bound.
+   Loss: ``-sum(lower)`` (or ``sum(upper)``); Adam (``lr_alpha``), ``ExponentialLR(lr_decay)``;
+   after each step the parameters are projected back into their valid set
+   (``AlphaSpec.project``). The last evaluation takes no step.
+3. Best-so-far per element of the output bound (and the rows of any requested ``A`` that
+   produced it); the intermediate intervals returned in ``state.intervals`` are the
+   intersection of all intervals met (each is sound).
+
+Cost: about ``2 * iteration`` CROWN computations per side (each evaluation plus its gradient),
+and memory for the parameters: sum over starts ``s`` and relaxation nodes ``n`` before ``s`` of
+``batch * unstable(s) * size(n)``, times two directions.
+
+Relaxation rules see parameters with a spec dimension: ``call.alpha`` has shape
+``(batch, spec, *shape)`` and the interval arrives as ``(batch, 1, *shape)`` so that the rule's
+elementwise formulas broadcast (see :func:`~boundprop.algorithms.backward.relaxation_of`).
+"""
 
 from __future__ import annotations
 
+import inspect
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
 
-def alpha_crown(state, target, C, lower, upper, opts):
-    raise NotImplementedError("alpha-CROWN is not implemented yet")
+import torch
+
+from ..domains import Interval
+from ..rules import RelaxCall, Var
+from .backward import AlphaLookup, backward
+from .crown import refine_intermediate, unstable_mask
+from .ibp import ibp
+from .state import PropagationState
+
+
+def reduction_sum(bound: torch.Tensor) -> torch.Tensor:
+    """auto_LiRPA's default ``loss_reduction_func``: sum over the spec, ``(batch, spec) -> (batch, 1)``."""
+    return bound.sum(1, keepdim=True)
+
+
+#: auto_LiRPA 0.7.1's ``optimize_bound_args`` keys; the ones in ``_IGNORED`` have no effect here.
+DEFAULTS: dict[str, Any] = {
+    "enable_alpha_crown": True, "enable_beta_crown": False, "iteration": 20, "use_shared_alpha": False,
+    "optimizer": "adam", "keep_best": True, "fix_interm_bounds": True, "lr_alpha": 0.5, "lr_beta": 0.05,
+    "lr_cut_beta": 5e-3, "init_alpha": True, "lr_coeffs": 0.01, "intermediate_refinement_layers": [-1],
+    "loss_reduction_func": reduction_sum, "stop_criterion_func": lambda x: False, "lr_decay": 0.98,
+    "early_stop_patience": 10, "start_save_best": 0.5, "use_float64_in_last_iteration": False,
+    "pruning_in_iteration": False, "pruning_in_iteration_threshold": 0.2, "multi_spec_keep_func": None,
+    "deterministic": False, "max_time": 1e9, "apply_output_constraints_to": [], "tighten_input_bounds": False,
+    "best_of_oc_and_no_oc": False, "directly_optimize": [], "oc_lr": 0.1, "share_gammas": False,
+}
+_IGNORED = {"enable_beta_crown", "lr_beta", "lr_cut_beta", "init_alpha", "lr_coeffs",
+            "intermediate_refinement_layers", "start_save_best", "use_float64_in_last_iteration",
+            "pruning_in_iteration", "pruning_in_iteration_threshold", "multi_spec_keep_func", "deterministic",
+            "apply_output_constraints_to", "tighten_input_bounds", "best_of_oc_and_no_oc",
+            "directly_optimize", "oc_lr", "share_gammas"}
+#: spelling used by auto_LiRPA's documentation
+_ALIASES = {"fix_intermediate_layer_bounds": "fix_interm_bounds"}
+
+
+def alpha_options(opts: dict) -> dict[str, Any]:
+    """``opts["optimize_bound_args"]`` completed with auto_LiRPA's defaults (unknown keys warn)."""
+    given = dict(opts.get("optimize_bound_args") or {})
+    out = dict(DEFAULTS)
+    for key, value in given.items():
+        key = _ALIASES.get(key, key)
+        if key not in DEFAULTS:
+            warnings.warn(f"optimize_bound_args: unknown key {key!r} ignored", stacklevel=3)
+        out[key] = value
+    if out["optimizer"] not in ("adam", "sgd"):
+        raise ValueError(f"optimize_bound_args['optimizer']={out['optimizer']!r}: choose 'adam' or 'sgd'")
+    return out
+
+
+@dataclass
+class _Param:
+    """One parameter tensor and what projecting it needs (the last interval it was used on)."""
+
+    tensor: torch.Tensor
+    spec: Any  # AlphaSpec
+    call: RelaxCall
+    lower: torch.Tensor
+    upper: torch.Tensor
+
+
+def _projector(project: Callable) -> Callable:
+    """Call ``project(alpha, l, u[, call])`` whichever arity the rule's author chose."""
+    try:
+        n = len(inspect.signature(project).parameters)
+    except (TypeError, ValueError):
+        n = 4
+    return project if n >= 4 else (lambda alpha, lo, hi, call: project(alpha, lo, hi))
+
+
+class AlphaSet:
+    """The parameters of one optimisation (one side), created lazily on first use.
+
+    ``for_start(start)`` is the ``alpha_for_start`` hook of :func:`refine_intermediate`; the
+    lookup it returns creates ``alpha[start, node, direction]`` the first time a walk asks, from
+    ``AlphaSpec.init`` on the node's current interval, broadcast over the start's spec.
+
+    The spec of an intermediate start is the set of its neurons that CROWN refines (unstable
+    ones), fixed when first met. Intervals only tighten from one evaluation to the next, so later
+    walks refine a subset of it: the lookup then hands out the matching rows.
+    """
+
+    def __init__(self, state: PropagationState, target: str, n_out_spec: int, shared: bool = False):
+        self.state = state
+        self.target = target
+        self.n_out_spec = n_out_spec
+        self.shared = shared
+        self.params: dict[tuple[str, str, str], _Param] = {}
+        self._index: dict[str, torch.Tensor] = {}  # spec rows of each intermediate start (neuron ids)
+
+    def _refined_index(self, start: str) -> torch.Tensor:
+        """The neurons of ``start`` that crown_interval will walk from (same selection)."""
+        mask = unstable_mask(self.state, start)
+        return mask.reshape(self.state.batch_size, -1).any(0).nonzero().flatten()
+
+    def for_start(self, start: str) -> AlphaLookup | None:
+        rows = None
+        if start != self.target and not self.shared:
+            index = self._refined_index(start)
+            first = self._index.setdefault(start, index)
+            if index.numel() != first.numel():
+                rows = torch.searchsorted(first, index)
+        return lambda node, direction: self._get(start, node, direction, rows)
+
+    def spec_size(self, start: str) -> int:
+        if self.shared:
+            return 1
+        return self.n_out_spec if start == self.target else int(self._index[start].numel())
+
+    def _get(self, start: str, name: str, direction: str, rows: torch.Tensor | None) -> torch.Tensor | None:
+        state = self.state
+        key = (start, name, direction)
+        param = self.params.get(key)
+        node = state.graph.node(name)
+        x_name = node.inputs[0]
+        bounds = state.intervals[x_name]
+        if param is None:
+            spec = state.rules(node).alpha
+            if spec is None or x_name not in state.batched:
+                return None
+            args, kwargs = state.resolve_for_linear(node)
+            if any(isinstance(a, Var) for a in args[1:]):
+                return None
+            call = RelaxCall(tuple(args[1:]), kwargs, state.opts, None, direction)
+            with torch.no_grad():
+                init = spec.init(bounds.lower.detach(), bounds.upper.detach(), call)
+                init = torch.as_tensor(init, dtype=bounds.lower.dtype, device=bounds.lower.device)
+                init = init.expand(bounds.lower.shape).unsqueeze(1)
+                n = self.spec_size(start)
+                tensor = init.expand(init.shape[0], n, *init.shape[2:]).clone()
+            tensor.requires_grad_(True)
+            param = _Param(tensor, spec, call, bounds.lower, bounds.upper)
+            self.params[key] = param
+        param.lower, param.upper = bounds.lower, bounds.upper
+        return param.tensor if rows is None else param.tensor.index_select(1, rows)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [p.tensor for p in self.params.values()]
+
+    @torch.no_grad()
+    def project(self) -> None:
+        for p in self.params.values():
+            lo, hi = p.lower.detach().unsqueeze(1), p.upper.detach().unsqueeze(1)
+            p.tensor.copy_(_projector(p.spec.project)(p.tensor, lo, hi, p.call).expand_as(p.tensor))
+
+
+@dataclass
+class _Start:
+    """What each evaluation restarts from: the CROWN intervals and the nodes kept fixed."""
+
+    intervals: dict[str, Interval]
+    fixed: set[str]
+    cache: dict
+
+    def restore(self, state: PropagationState) -> None:
+        state.intervals = dict(self.intervals)
+        state.refined = set(self.fixed)
+        state.cache = dict(self.cache)
+
+
+def _detach(iv: Interval) -> Interval:
+    return Interval(iv.lower.detach(), iv.upper.detach())
+
+
+def _bias_tensor(b: Any, like: torch.Tensor) -> torch.Tensor:
+    return (b.detach() if torch.is_tensor(b) else torch.as_tensor(b, dtype=like.dtype)).expand_as(like).clone()
+
+
+def _pick_rows(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Rows ``(batch, spec)`` of ``new`` where ``mask`` holds, ``old`` elsewhere."""
+    m = mask.reshape(*mask.shape, *[1] * (new.dim() - mask.dim()))
+    return torch.where(m, new.detach(), old)
+
+
+class _Best:
+    """Best bound per element of one side, and the matching rows of the kept ``A``."""
+
+    def __init__(self, bound: torch.Tensor, A: dict, side: int):
+        self.side = side  # 0 lower, 1 upper
+        self.bound = bound.detach().clone()
+        self.A = {}
+        for name, entry in A.items():
+            coeff, bias = entry[side], entry[2 + side]
+            self.A[name] = (coeff.detach() if coeff is not None else None, _bias_tensor(bias, self.bound))
+
+    def better(self, bound: torch.Tensor) -> torch.Tensor:
+        return bound > self.bound if self.side == 0 else bound < self.bound
+
+    def update(self, bound: torch.Tensor, A: dict, keep_best: bool) -> bool:
+        bound = bound.detach()
+        mask = self.better(bound) if keep_best else torch.ones_like(bound, dtype=torch.bool)
+        if not bool(mask.any()):
+            return False
+        self.bound = torch.where(mask, bound, self.bound)
+        for name, (coeff, bias) in self.A.items():
+            entry = A[name]
+            new_coeff, new_bias = entry[self.side], _bias_tensor(entry[2 + self.side], self.bound)
+            self.A[name] = (_pick_rows(mask, new_coeff, coeff) if coeff is not None else None,
+                            torch.where(mask, new_bias, bias))
+        return True
+
+
+def _keep_tightest(best: dict[str, Interval], intervals: dict[str, Interval]) -> None:
+    with torch.no_grad():
+        for name, iv in intervals.items():
+            old = best.get(name)
+            best[name] = _detach(iv) if old is None else old.intersect(_detach(iv))
+
+
+def _optimise_side(state: PropagationState, target: str, C: torch.Tensor, side: str, start: _Start,
+                   crown_bound: torch.Tensor, crown_A: dict, keep_A: set[str] | None, o: dict,
+                   tightest: dict[str, Interval]) -> _Best:
+    """Run the optimisation of one side; returns its best bound (and A rows)."""
+    idx = 0 if side == "lower" else 1
+    best = _Best(crown_bound, crown_A, idx)
+    alphas = AlphaSet(state, target, C.shape[1], shared=bool(o["use_shared_alpha"]))
+    iterations = int(o["iteration"])
+    optimizer = scheduler = None
+    patience = 0
+    began = time.perf_counter()
+    for i in range(iterations):
+        last = i == iterations - 1
+        with torch.no_grad() if last else nullcontext():
+            start.restore(state)
+            refine_intermediate(state, target, alphas.for_start)
+            res = backward(state, target, C, lower=idx == 0, upper=idx == 1,
+                           alpha_for=alphas.for_start(target), keep_A=keep_A)
+        bound = res.lower if idx == 0 else res.upper
+        _keep_tightest(tightest, state.intervals)
+        improved = best.update(bound, res.A, bool(o["keep_best"]))
+        patience = 0 if improved else patience + 1
+        criterion = o["stop_criterion_func"](bound.detach() if idx == 0 else -bound.detach())
+        stop_all = bool(criterion.all()) if torch.is_tensor(criterion) else bool(criterion)
+        if (last or stop_all or patience > int(o["early_stop_patience"])
+                or time.perf_counter() - began > float(o["max_time"])):
+            break
+        loss = -o["loss_reduction_func"](bound) if idx == 0 else o["loss_reduction_func"](bound)
+        if torch.is_tensor(criterion):
+            loss = loss * criterion.logical_not().reshape(loss.shape[0], *[1] * (loss.dim() - 1))
+        params = alphas.tensors()
+        if not params or not loss.requires_grad:
+            break  # nothing to optimise (e.g. no unstable neuron)
+        if optimizer is None:
+            lr = float(o["lr_alpha"])
+            if o["optimizer"] == "adam":
+                optimizer = torch.optim.Adam(params, lr=lr)
+            else:
+                optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, float(o["lr_decay"]))
+        else:
+            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            new = [p for p in params if id(p) not in known]
+            if new:  # a walk met a node it never met before (not expected: the walks are fixed)
+                optimizer.add_param_group({"params": new, "lr": optimizer.param_groups[0]["lr"]})
+        # autograd.grad, not loss.backward(): the model's own parameters must not collect gradients
+        grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = g if g is not None else torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        alphas.project()
+        scheduler.step()
+    return best
+
+
+def alpha_crown(state: PropagationState, target: str, C: torch.Tensor, lower: bool, upper: bool,
+                keep_A: set[str] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+    """alpha-CROWN bounds of ``C y`` (``y`` = ``target``); see the module docstring.
+
+    Arguments:
+        state: a fresh state (user-given intermediate intervals already in ``state.refined``).
+        C: ``(batch or 1, spec, *y.shape[1:])``.
+        lower, upper: sides to compute (each optimised on its own).
+        keep_A: names whose linear coefficients to return (the rows that gave the best bounds).
+
+    Returns ``(lower, upper, A)``: detached ``(batch, spec)`` bounds (None for a side not asked
+    for) and ``A[name] = (lA, uA, lbias, ubias)``. Afterwards ``state.intervals`` holds the
+    tightest intermediate intervals found.
+    """
+    o = alpha_options(state.opts)
+    user_fixed = set(state.refined)
+    with torch.no_grad():
+        ibp(state, until=target)
+        fixed = set(state.perturbations) | (user_fixed if o["fix_interm_bounds"] else set())
+        refine_intermediate(state, target)
+        crown = backward(state, target, C, lower, upper, keep_A=keep_A)
+        refined = set(state.refined)
+    start = _Start({n: _detach(iv) for n, iv in state.intervals.items()}, fixed,
+                   {k: v for k, v in state.cache.items() if isinstance(k, tuple) and k and k[0] == "pullback"})
+    low = crown.lower.detach() if lower else None
+    up = crown.upper.detach() if upper else None
+    A = {name: tuple(t.detach() if torch.is_tensor(t) else t for t in entry) for name, entry in crown.A.items()}
+    if not o["enable_alpha_crown"] or int(o["iteration"]) <= 0:
+        return low, up, A
+    import os
+    tightest = start.intervals if os.environ.get('BP_TIGHT') else dict(start.intervals)
+    bests = {}
+    for side, wanted, bound in (("lower", lower, low), ("upper", upper, up)):
+        if wanted:
+            bests[side] = _optimise_side(state, target, C, side, start, bound, A, keep_A, o, tightest)
+    state.intervals = tightest
+    state.refined = refined | fixed
+    state.cache = {}
+    if "lower" in bests:
+        low = bests["lower"].bound
+    if "upper" in bests:
+        up = bests["upper"].bound
+    for name in A:
+        lA, lbias = bests["lower"].A[name] if "lower" in bests else (None, 0.0)
+        uA, ubias = bests["upper"].A[name] if "upper" in bests else (None, 0.0)
+        A[name] = (lA, uA, lbias, ubias)
+    return low, up, A

@@ -104,7 +104,12 @@ def relaxation_of(state: PropagationState, node: Node, direction: str, alpha: to
     if any(isinstance(a, Var) for a in args[1:]):
         raise NotImplementedError(f"{node.op_name}: only the first argument may be perturbed")
     call = RelaxCall(tuple(args[1:]), kwargs, state.opts, alpha, direction)
-    relax = entry.relaxation(bounds.lower, bounds.upper, call)
+    lower, upper = bounds.lower, bounds.upper
+    if alpha is not None and alpha.dim() == lower.dim() + 1:
+        # spec-dependent alpha (batch, spec, *shape): the interval as (batch, 1, *shape) so that the
+        # rule's elementwise formulas broadcast to (batch, spec, *shape)
+        lower, upper = lower.unsqueeze(1), upper.unsqueeze(1)
+    relax = entry.relaxation(lower, upper, call)
     if alpha is None:
         state.cache[key] = relax
     return relax

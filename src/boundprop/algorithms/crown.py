@@ -68,6 +68,15 @@ def spec_chunk_size(state: PropagationState, start: str) -> int:
     return max(1, budget // (state.batch_size * widest))
 
 
+def _spec_rows(alpha_for: AlphaLookup, begin: int, count: int) -> AlphaLookup:
+    """The rows ``begin:begin+count`` of spec-dependent alphas (for one chunk of specs)."""
+    def lookup(node: str, direction: str) -> torch.Tensor | None:
+        alpha = alpha_for(node, direction)
+        return alpha if alpha is None or alpha.shape[1] == 1 else alpha[:, begin:begin + count]
+
+    return lookup
+
+
 def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None = None,
                    alpha_for: AlphaLookup | None = None) -> Interval:
     """CROWN bounds of the neurons of ``name`` selected by ``mask`` (others keep their interval)."""
@@ -88,9 +97,17 @@ def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None
         part = index[start:start + chunk]
         C = torch.zeros(1, part.numel(), n, dtype=flat_l.dtype, device=flat_l.device)
         C[0, torch.arange(part.numel(), device=part.device), part] = 1.0
-        res = backward(state, name, C.reshape(1, part.numel(), *shape), alpha_for=alpha_for)
-        new_l[:, part] = torch.maximum(flat_l[:, part], res.lower)
-        new_u[:, part] = torch.minimum(flat_u[:, part], res.upper)
+        lookup = alpha_for
+        if alpha_for is not None and chunk < index.numel():
+            lookup = _spec_rows(alpha_for, start, part.numel())
+        res = backward(state, name, C.reshape(1, part.numel(), *shape), alpha_for=lookup)
+        lo, hi = torch.maximum(flat_l[:, part], res.lower), torch.minimum(flat_u[:, part], res.upper)
+        if alpha_for is not None:
+            # alpha-CROWN: the gradient reaches the new bounds even where the old ones are tighter
+            # (as auto_LiRPA's reference bounds), so that optimisation can start from a tie
+            lo = res.lower + (lo - res.lower).detach()
+            hi = res.upper + (hi - res.upper).detach()
+        new_l[:, part], new_u[:, part] = lo, hi
     return Interval(new_l.reshape(old.lower.shape), new_u.reshape(old.upper.shape))
 
 

@@ -1,12 +1,317 @@
-"""Forward-mode linear bound propagation (placeholder until implemented)."""
+"""Forward-mode LiRPA: linear forms over the perturbed inputs, pushed through the graph in order.
+
+Every perturbed node ``y`` carries two affine functions of the stacked entries ``x`` of all
+perturbed inputs (``D`` entries per example; :class:`~boundprop.domains.linear_forms.LinearForms`,
+rows ``(batch, D + 1, *y.shape[1:])`` with the constant as the last row)::
+
+    lw . x + lb  <=  y  <=  uw . x + ub
+
+* leaves start exact, with the identity on their slice of ``x``;
+* affine ops: ``lower_y = J mid - |J| rad + c`` and ``upper_y = J mid + |J| rad + c`` with
+  ``mid``/``rad`` the half sum/difference of the input forms (one product ``J T`` while the forms
+  are exact); ``J T`` comes from a fast rule (:mod:`boundprop.rules.affine_forward`) or the op's
+  Jacobian-vector product vmapped over the rows (:class:`~boundprop.rules.generic.AffinePushforward`);
+* element-wise nonlinearities: the node's input forms are concretised to an interval (intersected
+  with IBP's), the op's relaxation ``a x + b <= f(x) <= a' x + b'`` is taken on it, and composed:
+  ``lower_f = a+ lower_x + a- upper_x + b``, ``upper_f = a'+ upper_x + a'- lower_x + b'``;
+* other ops: their ``@forward_rule`` (e.g. McCormick for products); otherwise NotImplementedError.
+
+Only nodes whose interval some consumer needs are concretised. The bound of ``C y`` comes from the
+output's forms, with ``C`` merged into a final affine node first (``C J`` before the sign split,
+never looser than splitting after). ``forward+backward`` keeps the intervals and runs one CROWN
+walk from the output instead.
+
+Cost: every affine layer costs ``D + 1`` (twice that once forms are inexact) evaluations of the
+layer; memory ``O(batch * D * width)``. Forward mode suits inputs with few perturbed entries.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..domains import Interval
+from ..domains.linear_forms import LinearForms, compose
+from ..graph.ir import Node
+from ..rules import Var
+from ..rules.affine_forward import NONNEGATIVE_AFFINE
+from ..rules.generic import AffinePushforward, collect_vars
+from ..rules.registry import ForwardCall
+from .backward import backward, propagate_node, relaxation_of
+from .ibp import interval_of, leaf_intervals
 from .state import PropagationState
 
 
-def forward_bounds(state: PropagationState, target: str, C: torch.Tensor | None, lower: bool, upper: bool,
-                   refine_only: bool = False):
-    raise NotImplementedError("forward mode is not implemented yet")
+@dataclass(frozen=True)
+class LeafSlot:
+    """Where a perturbed leaf's entries sit among the ``D`` rows of every form."""
+
+    name: str
+    offset: int
+    size: int
+
+
+def leaf_layout(state: PropagationState, names: set[str]) -> list[LeafSlot]:
+    """Stack the entries of the perturbed leaves among ``names`` (in perturbation order)."""
+    slots, offset = [], 0
+    for name in state.perturbations:
+        if name not in names:
+            continue
+        if name not in state.batched:
+            raise NotImplementedError(
+                f"forward mode bounds perturbed inputs only, not the perturbed parameter "
+                f"{state.graph.qualname(name)}; use method='CROWN'")
+        size = state.values[name][0].numel()
+        slots.append(LeafSlot(name, offset, size))
+        offset += size
+    return slots
+
+
+def leaf_forms(state: PropagationState, slot: LeafSlot, dim: int) -> LinearForms:
+    """Exact forms ``x_leaf = I . x``: rows ``(batch, D + 1, *leaf_shape)``."""
+    value = state.values[slot.name]
+    rows = value.new_zeros(value.shape[0], dim + 1, slot.size)
+    rows[:, slot.offset:slot.offset + slot.size] = torch.eye(slot.size, dtype=value.dtype, device=value.device)
+    return LinearForms.exact(rows.reshape(value.shape[0], dim + 1, *value.shape[1:]))
+
+
+def concretize_rows(state: PropagationState, layout: list[LeafSlot], rows: torch.Tensor, sign: int) -> torch.Tensor:
+    """Min (``sign=-1``) or max (``+1``) of ``rows . [x; 1]`` over the perturbation set.
+
+    ``rows``: ``(batch, D + 1, m)`` -> ``(batch, m)``.
+    """
+    out = rows[:, -1]
+    batch, m = rows.shape[0], rows.shape[2]
+    for slot in layout:
+        x = state.values[slot.name]
+        A = rows[:, slot.offset:slot.offset + slot.size].transpose(1, 2).reshape(batch, m, *x.shape[1:])
+        out = out + state.perturbations[slot.name].concretize(x, A, sign)
+    return out
+
+
+def interval_of_forms(state: PropagationState, layout: list[LeafSlot], forms: LinearForms) -> Interval:
+    """The interval a node's forms imply, node-shaped."""
+    shape = forms.lower.shape
+    flat = lambda t: t.reshape(shape[0], shape[1], -1)
+    lower = concretize_rows(state, layout, flat(forms.lower), -1).reshape(shape[:1] + shape[2:])
+    upper = concretize_rows(state, layout, flat(forms.upper), +1).reshape(shape[:1] + shape[2:])
+    return Interval(lower, upper)
+
+
+# --- one node ------------------------------------------------------------------------------------
+
+
+def _pushforward(state: PropagationState, node: Node) -> AffinePushforward:
+    key = ("pushforward", node.name)
+    if key not in state.cache:
+        args, kwargs = state.resolve_for_linear(node)
+        state.cache[key] = AffinePushforward(node.target, args, kwargs, state.rules(node).homogeneous)
+    return state.cache[key]
+
+
+def _apply_affine(state: PropagationState, node: Node, args, kwargs, tangents, absolute: bool) -> torch.Tensor:
+    """``sum_i J_i T_i`` (or with ``|J_i|``) for an affine node: fast rule, else the generic path."""
+    fast = state.rules(node).affine_forward
+    if fast is not None:
+        out = fast(tangents, args, kwargs, absolute)
+        if out is not None:
+            return out
+    push = _pushforward(state, node)
+    if absolute and node.target not in NONNEGATIVE_AFFINE:
+        return push.absolute(tangents)
+    return push.forward(tangents)
+
+
+def affine_forms(state: PropagationState, node: Node, forms: dict[str, LinearForms]) -> LinearForms:
+    """Forms of an affine node: ``J mid +- |J| rad + c`` (``J T + c`` while exact)."""
+    args, kwargs = state.resolve_for_linear(node)
+    ins = [forms[v.name] for v in collect_vars((args, kwargs))]
+    value = state.values[node.name]
+    batch, rows = value.shape[0], ins[0].lower.shape[1]
+    fit = lambda t: t if t.shape[2:] == value.shape[1:] else t.expand(batch, rows, *value.shape[1:])
+    if all(f.is_exact for f in ins):
+        out = LinearForms.exact(fit(_apply_affine(state, node, args, kwargs, [f.lower for f in ins], False)))
+    else:
+        mids = [f.lower if f.is_exact else (f.lower + f.upper) / 2 for f in ins]
+        rads = [None if f.is_exact else (f.upper - f.lower) / 2 for f in ins]
+        mid = fit(_apply_affine(state, node, args, kwargs, mids, False))
+        rad = fit(_apply_affine(state, node, args, kwargs, rads, True))
+        out = LinearForms(mid - rad, mid + rad)
+    if state.rules(node).homogeneous:
+        return out
+    constant = _pushforward(state, node).constant
+    return out.add_constant(constant) if constant is not None else out
+
+
+def relaxed_forms(state: PropagationState, node: Node, forms: dict[str, LinearForms]) -> LinearForms:
+    """Forms of ``f(x)`` from ``x``'s forms and ``f``'s relaxation on ``x``'s interval."""
+    relax = relaxation_of(state, node, "lower", None)
+    shape = state.values[node.name].shape
+    lw, lb, uw, ub = (torch.broadcast_to(t, shape) for t in (relax.lw, relax.lb, relax.uw, relax.ub))
+    x = forms[node.inputs[0]]
+    if x.is_exact and torch.equal(lw, uw) and torch.equal(lb, ub):  # f is affine on this box
+        return LinearForms.exact(compose(lw, x, "lower")).add_constant(lb)
+    return LinearForms(compose(lw, x, "lower"), compose(uw, x, "upper")).add_constant(lb, ub)
+
+
+def node_forms(state: PropagationState, node: Node, forms: dict[str, LinearForms]) -> LinearForms:
+    entry = state.rules(node)
+    if state.is_affine_here(node):
+        return affine_forms(state, node, forms)
+    if entry.relaxation is not None:
+        args, _ = state.resolve_for_linear(node)
+        if any(isinstance(a, Var) for a in args[1:]):
+            raise NotImplementedError(f"{node.op_name}: only the first argument may be perturbed")
+        return relaxed_forms(state, node, forms)
+    if entry.forward is not None:
+        args, kwargs = state.resolve_for_linear(node)
+        own = {v.name: forms[v.name] for v in collect_vars((args, kwargs))}
+        return entry.forward(ForwardCall(args, kwargs, own, state.values[node.name], state.opts))
+    raise NotImplementedError(
+        f"forward mode has no rule for {node.op_name} <- {node.source or node.name}; "
+        f"use method='CROWN' (or 'CROWN-IBP')")
+
+
+# --- the walk ------------------------------------------------------------------------------------
+
+
+def bound_nodes(state: PropagationState, target: str) -> set[str]:
+    """Perturbed nodes whose interval a consumer (up to ``target``) relaxes."""
+    needed = state.graph.ancestors(target)
+    found: set[str] = set()
+    for node in state.graph.nodes:
+        if node.name in needed and node.name in state.perturbed and state.needs_input_bounds(node):
+            found.update(p for p in node.inputs if p in state.perturbed)
+    return found
+
+
+def forward_walk(state: PropagationState, target: str, keep: set[str], layout: list[LeafSlot]) -> dict[str, LinearForms]:
+    """Forms of the nodes in ``keep``; on the way, intervals of every node up to ``target``.
+
+    Each node's interval is its IBP rule on the current intervals (intersected with any known
+    one); nodes some consumer relaxes get the forward-mode interval intersected in (with option
+    ``forward_intersect_ibp=False``: the forward-mode interval alone, as auto_LiRPA).
+    """
+    graph = state.graph
+    leaf_intervals(state)
+    wanted = bound_nodes(state, target)
+    with_forms: set[str] = set()
+    for name in wanted | keep:
+        with_forms |= graph.ancestors(name)
+    with_forms &= state.perturbed
+    remaining = {name: sum(1 for u in graph.users(name) if u in with_forms) for name in with_forms}
+    dim = sum(slot.size for slot in layout)
+    forms: dict[str, LinearForms] = {}
+    for slot in layout:
+        if slot.name in with_forms:
+            forms[slot.name] = leaf_forms(state, slot, dim)
+    intersect_ibp = bool(state.opts.get("forward_intersect_ibp", True))
+    needed = graph.ancestors(target)
+    for node in graph.nodes:
+        name = node.name
+        if name not in state.perturbed or name not in needed:
+            continue
+        old = state.intervals.get(name)
+        fresh = interval_of(state, name)
+        ibp_box = fresh if old is None else fresh.intersect(old)
+        state.intervals[name] = ibp_box
+        if name not in with_forms:
+            continue
+        forms[name] = node_forms(state, node, forms)
+        if name in wanted:
+            box = interval_of_forms(state, layout, forms[name])
+            if intersect_ibp:
+                box = box.intersect(ibp_box)
+            elif old is not None:
+                box = box.intersect(old)
+            state.intervals[name] = Interval(box.lower, torch.maximum(box.upper, box.lower))
+            state.refined.add(name)
+            for user in graph.users(name):
+                state.cache.pop(("relax", user), None)
+        for parent in node.inputs:
+            if parent in remaining:
+                remaining[parent] -= 1
+                if remaining[parent] == 0 and parent not in keep:
+                    forms.pop(parent, None)
+    return forms
+
+
+# --- final bounds --------------------------------------------------------------------------------
+
+
+def spec_rows(A: torch.Tensor, forms: LinearForms, side: str) -> torch.Tensor:
+    """Rows bounding ``A . y`` from ``side``: ``A+ lower + A- upper`` (lower side); ``(batch, D + 1, spec)``.
+
+    ``A``: ``(batch or 1, spec, *y)``; ``forms``: ``(batch, D + 1, *y)``.
+    """
+    batch, rows = forms.lower.shape[:2]
+    A = A.reshape(A.shape[0], A.shape[1], -1).transpose(1, 2)
+    flat = lambda t: t.reshape(batch, rows, -1)
+    if forms.is_exact:
+        return flat(forms.lower) @ A
+    first, second = (forms.lower, forms.upper) if side == "lower" else (forms.upper, forms.lower)
+    return flat(first) @ A.clamp(min=0) + flat(second) @ A.clamp(max=0)
+
+
+def _merge_target(state: PropagationState, target: str) -> bool:
+    """Whether ``C`` is pulled back through the (affine) target before the sign split."""
+    return state.graph.has_node(target) and state.is_affine_here(state.graph.node(target))
+
+
+def forward_bounds(state: PropagationState, target: str, C: torch.Tensor, lower: bool, upper: bool,
+                   method: str = "forward", keep_A: set[str] | None = None):
+    """Bounds of ``C y`` (``y`` = node ``target``) by forward mode (``method`` "forward") or by forward-mode
+    intermediate bounds and one CROWN walk (``"forward+backward"``).
+
+    Arguments:
+        C: ``(batch or 1, spec, *y.shape[1:])``.
+        keep_A: leaves whose coefficients to return (forward: the final linear forms over each
+            leaf, ``(lA, uA, lbias, ubias)`` with ``lA``: ``(batch, spec, *leaf)``).
+
+    Returns ``(lower, upper, A)`` with lower/upper ``(batch, spec)`` (None for a side not asked for).
+    """
+    layout = leaf_layout(state, state.graph.ancestors(target))
+    if method == "forward+backward":
+        forward_walk(state, target, set(), layout)
+        res = backward(state, target, C, lower, upper, keep_A=keep_A)
+        return res.lower, res.upper, res.A
+    if method != "forward":
+        raise ValueError(method)
+    merge = _merge_target(state, target)
+    if merge:
+        keep = {p for p in state.graph.node(target).inputs if p in state.perturbed}
+    else:
+        keep = {target}
+    forms = forward_walk(state, target, keep, layout)
+    batch = state.batch_size
+    if merge:
+        node = state.graph.node(target)
+        out = propagate_node(state, node, C if lower else None, C if upper else None, None)
+        terms = [(forms[name], lA, uA) for name, lA, uA in out.A if name in state.perturbed]
+        lbias, ubias = out.lbias, out.ubias
+    else:
+        if target not in forms:  # a perturbed leaf
+            slot = next(s for s in layout if s.name == target)
+            forms[target] = leaf_forms(state, slot, sum(s.size for s in layout))
+        terms = [(forms[target], C if lower else None, C if upper else None)]
+        lbias = ubias = 0.0
+    results, A_out = [], {}
+    for side, bias, sign, pick in (("lower", lbias, -1, 1), ("upper", ubias, +1, 2)):
+        if not (lower if side == "lower" else upper):
+            results.append(None)
+            continue
+        rows = sum(spec_rows(term[pick], term[0], side) for term in terms)
+        if torch.is_tensor(bias) or bias != 0:
+            rows = torch.cat([rows[:, :-1], (rows[:, -1] + bias).unsqueeze(1)], dim=1)
+        results.append(concretize_rows(state, layout, rows, sign))
+        for slot in layout:
+            if keep_A and slot.name in keep_A:
+                x = state.values[slot.name]
+                coeffs = rows[:, slot.offset:slot.offset + slot.size].transpose(1, 2)
+                entry = A_out.setdefault(slot.name, [None, None, 0.0, 0.0])
+                entry[pick - 1] = coeffs.reshape(batch, rows.shape[2], *x.shape[1:])
+                entry[pick + 1] = rows[:, -1]
+    if C.shape[0] == 1 and batch > 1:
+        results = [r.expand(batch, -1) if r is not None and r.shape[0] == 1 else r for r in results]
+    return results[0], results[1], {name: tuple(v) for name, v in A_out.items()}

@@ -92,6 +92,7 @@ class OpRules:
     alpha: AlphaSpec | None = None
     backward: Callable[..., Any] | None = None
     forward: Callable[..., Any] | None = None
+    affine_forward: Callable[..., Any] | None = None  # fast forward-mode path for the affine case
     needs_bounds: bool = False
 
 
@@ -183,10 +184,56 @@ def backward_rule(*targets: Any, needs_bounds: bool = True) -> Callable:
     return register
 
 
-def forward_rule(*targets: Any) -> Callable:
+@dataclass
+class ForwardCall:
+    """What a hand-written forward-mode rule receives (see :func:`forward_rule`).
+
+    Attributes:
+        args, kwargs: the node's arguments, perturbed ones as :class:`Var` (with their interval).
+        forms: the :class:`~boundprop.domains.linear_forms.LinearForms` of each perturbed
+            argument, by ``Var.name``: rows ``(batch, D + 1, *arg_shape)``, the last row the constant.
+        value: the node's value at the unperturbed inputs, ``(batch, *out)``.
+        opts: the bound options of the call.
+    """
+
+    args: tuple
+    kwargs: dict
+    forms: dict
+    value: torch.Tensor
+    opts: dict = field(default_factory=dict)
+
+
+def forward_rule(*targets: Any, needs_bounds: bool = True) -> Callable:
+    """Register ``fn(call: ForwardCall) -> LinearForms`` (forward-mode LiRPA for a non-affine op).
+
+    The result bounds the node's output: rows ``(batch, D + 1, *out)``. ``needs_bounds``: the rule
+    reads its perturbed arguments' intervals (``Var.bounds``), so the algorithm computes them first.
+    Ops without such a rule (nor an affine or relaxation rule) are not supported in forward mode.
+    """
+
     def register(fn: Callable) -> Callable:
         for target in targets:
-            _entry(target).forward = fn
+            entry = _entry(target)
+            entry.forward = fn
+            entry.needs_bounds = entry.needs_bounds or needs_bounds
+        return fn
+
+    return register
+
+
+def affine_forward_rule(*targets: Any) -> Callable:
+    """Register a fast ``fn(tangents, args, kwargs, absolute) -> Tensor | None`` for affine ops.
+
+    With ``f(x) = sum_i J_i x_i + c``, return ``sum_i J_i T_i`` (``absolute``: ``sum_i |J_i| T_i``,
+    the entry-wise absolute value of each Jacobian) where ``tangents`` lists, per perturbed argument
+    in order of appearance, ``T_i`` of shape ``(batch, R, *in_i)`` or None (zero); the result is
+    ``(batch, R, *out)``. Returning None defers to the generic Jacobian-vector product
+    (:class:`~boundprop.rules.generic.AffinePushforward`).
+    """
+
+    def register(fn: Callable) -> Callable:
+        for target in targets:
+            _entry(target).affine_forward = fn
         return fn
 
     return register

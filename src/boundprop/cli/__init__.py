@@ -1,0 +1,1 @@
+"""The ``boundprop`` command (see :func:`boundprop.cli.main.main`)."""

@@ -1,0 +1,89 @@
+"""Linear forms over the perturbed inputs: the domain of forward-mode LiRPA.
+
+A node ``y`` of shape ``(batch, *shape)`` is bounded by two affine functions of the stacked
+entries ``x`` (``D`` of them per example) of every perturbed input::
+
+    lw . x + lb  <=  y  <=  uw . x + ub        for every x in the perturbation set
+
+The constant term is stored as one extra row after the ``D`` coefficient rows, so an affine
+layer transforms coefficients and constant in a single call: ``lower``/``upper`` have shape
+``(batch, D + 1, *shape)`` and ``lw = lower[:, :D]``, ``lb = lower[:, D]``.
+
+Forms are *exact* when the lower and the upper form are the same tensor (every node before the
+first relaxation): affine layers then transform one tensor instead of two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LinearForms:
+    """``lower . [x; 1] <= y <= upper . [x; 1]``; ``lower``/``upper``: ``(batch, D + 1, *shape)``."""
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+
+    @staticmethod
+    def exact(rows: torch.Tensor) -> LinearForms:
+        """``y = rows . [x; 1]`` exactly."""
+        return LinearForms(rows, rows)
+
+    @property
+    def is_exact(self) -> bool:
+        return self.lower is self.upper
+
+    @property
+    def dim(self) -> int:
+        """``D``: the number of perturbed input entries (per example)."""
+        return self.lower.shape[1] - 1
+
+    @property
+    def lw(self) -> torch.Tensor:
+        return self.lower[:, :-1]
+
+    @property
+    def lb(self) -> torch.Tensor:
+        return self.lower[:, -1]
+
+    @property
+    def uw(self) -> torch.Tensor:
+        return self.upper[:, :-1]
+
+    @property
+    def ub(self) -> torch.Tensor:
+        return self.upper[:, -1]
+
+    def add_constant(self, lower: torch.Tensor | float, upper: torch.Tensor | float | None = None) -> LinearForms:
+        """Forms of ``y + c`` with ``c`` in ``[lower, upper]`` (shape ``(batch, *shape)`` or broadcastable)."""
+        upper = lower if upper is None else upper
+        new_l = _add_to_last_row(self.lower, lower)
+        new_u = new_l if self.is_exact and upper is lower else _add_to_last_row(self.upper, upper)
+        return LinearForms(new_l, new_u)
+
+
+def _add_to_last_row(rows: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+    if not torch.is_tensor(c) and c == 0:
+        return rows
+    bias = rows[:, -1] + c
+    if bias.shape != rows.shape[:1] + rows.shape[2:]:
+        bias = bias.expand(rows.shape[:1] + rows.shape[2:])
+    return torch.cat([rows[:, :-1], bias.unsqueeze(1)], dim=1)
+
+
+def compose(coef: torch.Tensor, forms: LinearForms, side: str) -> torch.Tensor:
+    """Rows bounding ``coef * y`` (element-wise, ``coef``: ``(batch, *shape)``) from ``side``.
+
+    ``side="lower"``: ``coef+ * lower + coef- * upper``; ``"upper"``: the other way round. The
+    result has the broadcast shape ``(batch, D + 1, *shape)``.
+    """
+    coef = coef.unsqueeze(1) if torch.is_tensor(coef) and coef.dim() > 0 else coef
+    if forms.is_exact:
+        return coef * forms.lower
+    first, second = (forms.lower, forms.upper) if side == "lower" else (forms.upper, forms.lower)
+    if not torch.is_tensor(coef):
+        return coef * (first if coef >= 0 else second)
+    return coef.clamp(min=0) * first + coef.clamp(max=0) * second

@@ -1,0 +1,578 @@
+"""Import an ONNX model into the boundprop IR, directly from the ``onnx`` protobuf.
+
+Every ONNX node becomes the ATen op(s) the torch front end would produce, so the rules and
+algorithms never know where a graph came from. Subgraphs that depend only on constants (``Shape``
+-> ``Gather`` -> ``Concat`` chains, ``Constant`` nodes, casts of initializers) are folded at
+import time. The first dimension of every graph input is the batch dimension: reshapes whose target
+shape starts with the example batch size (or 0/-1) keep the runtime batch size symbolic, so an
+imported model runs with any batch (branch and bound bounds many boxes at once).
+
+Ops without a translation are collected over the whole model and reported in one
+:class:`~boundprop.graph.capture.UnsupportedOperatorError` naming each node.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import ops
+from .capture import UnsupportedOperatorError, _prune
+from .ir import Graph, Node, ParamSource, Ref, map_refs
+
+aten = torch.ops.aten
+
+_ONNX_DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
+                9: torch.bool, 10: torch.float16, 11: torch.float64}
+
+
+def _attrs(node) -> dict[str, Any]:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+class _Builder:
+    """Accumulates IR nodes while tracking an example value for every graph value."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+        self.params: dict[str, ParamSource] = {}
+        self.values: dict[str, Ref | torch.Tensor] = {}
+        self.examples: dict[str, torch.Tensor] = {}
+        self.inputs: list[str] = []
+        self._count = 0
+
+    def fresh(self, base: str) -> str:
+        self._count += 1
+        clean = "".join(c if c.isalnum() else "_" for c in base).strip("_") or "v"
+        return f"{clean}_{self._count}"
+
+    def constant_ref(self, value: torch.Tensor, hint: str = "const") -> Ref:
+        name = self.fresh(hint)
+        self.params[name] = ParamSource(name, "constant", value)
+        self.examples[name] = value
+        return Ref(name)
+
+    def arg(self, value: Ref | torch.Tensor) -> Ref | torch.Tensor:
+        """A value as a node argument: constants become constant leaves."""
+        return self.constant_ref(value) if torch.is_tensor(value) else value
+
+    def emit(self, target: Callable, args: tuple, kwargs: dict | None = None, hint: str = "", source: str = "") -> Ref:
+        kwargs = kwargs or {}
+        name = self.fresh(hint or getattr(target, "__name__", str(target)).split(".")[-1])
+        resolve = lambda r: self.examples[r.name]
+        self.examples[name] = target(*map_refs(args, resolve), **map_refs(kwargs, resolve))
+        self.nodes.append(Node(name, target, args, kwargs, source))
+        return Ref(name)
+
+    def example(self, value: Ref | torch.Tensor) -> torch.Tensor:
+        return self.examples[value.name] if isinstance(value, Ref) else value
+
+    def batch_ref(self, value: Ref) -> Ref:
+        return self.emit(aten.sym_size.int, (value, 0), hint="batch")
+
+
+def _ints(values) -> list[int]:
+    return [int(v) for v in (values.tolist() if torch.is_tensor(values) else values)]
+
+
+def _is_const(*values) -> bool:
+    return all(v is None or torch.is_tensor(v) for v in values)
+
+
+# --- translations: (builder, inputs, attrs, source) -> output value(s) -------------------------
+
+
+def _elementwise(target):
+    def tr(b: _Builder, ins, attrs, src):
+        if _is_const(*ins):
+            return target(*ins)
+        return b.emit(target, tuple(b.arg(v) for v in ins), hint=str(target), source=src)
+
+    return tr
+
+
+def _unary(target):
+    def tr(b: _Builder, ins, attrs, src):
+        (x,) = ins[:1]
+        if _is_const(x):
+            return target(x)
+        return b.emit(target, (x,), hint=str(target), source=src)
+
+    return tr
+
+
+def _gemm(b: _Builder, ins, attrs, src):
+    a, w, c = (list(ins) + [None])[:3]
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    if attrs.get("transA", 0):
+        a = _transpose2(b, a)
+    if torch.is_tensor(w):
+        weight = w if attrs.get("transB", 0) else w.t()
+        weight = (weight * alpha).contiguous()
+        bias = None if c is None else (torch.as_tensor(c) * beta).reshape(-1) if _bias_is_vector(c, weight) else None
+        if c is not None and bias is None:
+            out = b.emit(aten.linear.default, (a, b.arg(weight)), source=src, hint="gemm")
+            return b.emit(aten.add.Tensor, (out, b.arg(torch.as_tensor(c) * beta)), source=src, hint="gemm_bias")
+        args = (a, b.arg(weight)) + ((b.arg(bias),) if bias is not None else ())
+        return b.emit(aten.linear.default, args, source=src, hint="gemm")
+    w = w if not attrs.get("transB", 0) else _transpose2(b, w)
+    out = b.emit(aten.matmul.default, (b.arg(a), b.arg(w)), source=src, hint="gemm")
+    if alpha != 1.0:
+        out = b.emit(aten.mul.Tensor, (out, alpha), source=src)
+    if c is not None:
+        out = b.emit(aten.add.Tensor, (out, b.arg(c * beta if torch.is_tensor(c) else c)), source=src)
+    return out
+
+
+def _bias_is_vector(c, weight) -> bool:
+    c = torch.as_tensor(c)
+    return c.numel() == weight.shape[0] and (c.dim() == 1 or (c.dim() == 2 and c.shape[0] == 1))
+
+
+def _transpose2(b: _Builder, x):
+    if torch.is_tensor(x):
+        return x.t()
+    return b.emit(aten.permute.default, (x, [1, 0]))
+
+
+def _matmul(b: _Builder, ins, attrs, src):
+    x, w = ins
+    if _is_const(x, w):
+        return torch.matmul(x, w)
+    if torch.is_tensor(w) and w.dim() == 2 and not torch.is_tensor(x):
+        return b.emit(aten.linear.default, (x, b.arg(w.t().contiguous())), source=src, hint="matmul")
+    return b.emit(aten.matmul.default, (b.arg(x), b.arg(w)), source=src, hint="matmul")
+
+
+def _conv_pads(attrs, x_shape, w_shape, dims):
+    pads = list(attrs.get("pads", [0] * (2 * dims)))
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    strides = list(attrs.get("strides", [1] * dims))
+    dil = list(attrs.get("dilations", [1] * dims))
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * dims)
+        for i in range(dims):
+            size = x_shape[2 + i]
+            out = -(-size // strides[i])
+            total = max(0, (out - 1) * strides[i] + (w_shape[2 + i] - 1) * dil[i] + 1 - size)
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + dims] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    elif auto == "VALID":
+        pads = [0] * (2 * dims)
+    return pads, strides, dil
+
+
+def _pad_first(b: _Builder, x, pads, dims, src, value=0.0):
+    """Asymmetric pads -> explicit constant_pad_nd; returns (x, symmetric pads)."""
+    begin, end = pads[:dims], pads[dims:]
+    if begin == end:
+        return x, begin
+    torch_pad = []
+    for i in reversed(range(dims)):
+        torch_pad += [begin[i], end[i]]
+    return b.emit(aten.constant_pad_nd.default, (x, torch_pad, value), source=src, hint="pad"), [0] * dims
+
+
+def _conv(b: _Builder, ins, attrs, src):
+    x, w, bias = (list(ins) + [None])[:3]
+    dims = w.dim() - 2
+    pads, strides, dil = _conv_pads(attrs, b.example(x).shape, w.shape, dims)
+    x, pads = _pad_first(b, x, pads, dims, src)
+    target = {1: aten.conv1d.default, 2: aten.conv2d.default}.get(dims)
+    if target is None:
+        raise UnsupportedOperatorError([(f"Conv{dims}d", src)])
+    args = (x, b.arg(w), b.arg(bias) if bias is not None else None, strides, pads, dil, int(attrs.get("group", 1)))
+    return b.emit(target, args, source=src, hint="conv")
+
+
+def _conv_transpose(b: _Builder, ins, attrs, src):
+    x, w, bias = (list(ins) + [None])[:3]
+    dims = w.dim() - 2
+    pads = list(attrs.get("pads", [0] * (2 * dims)))
+    if pads[:dims] != pads[dims:] or attrs.get("output_shape") is not None:
+        raise UnsupportedOperatorError([("ConvTranspose (asymmetric pads / output_shape)", src)])
+    strides = list(attrs.get("strides", [1] * dims))
+    dil = list(attrs.get("dilations", [1] * dims))
+    out_pad = list(attrs.get("output_padding", [0] * dims))
+    target = {1: aten.conv_transpose1d.default, 2: aten.conv_transpose2d.input}[dims]
+    args = (x, b.arg(w), b.arg(bias) if bias is not None else None, strides, pads[:dims], out_pad,
+            int(attrs.get("group", 1)), dil)
+    return b.emit(target, args, source=src, hint="convT")
+
+
+def _flatten(b: _Builder, ins, attrs, src):
+    (x,) = ins
+    axis = int(attrs.get("axis", 1))
+    if torch.is_tensor(x):
+        lead = int(np.prod(x.shape[:axis])) if axis > 0 else 1
+        return x.reshape(lead, -1)
+    shape = b.example(x).shape
+    if axis == 0:
+        return b.emit(aten.reshape.default, (x, [1, -1]), source=src, hint="flatten")
+    rest = int(np.prod(shape[1:axis])) if axis > 1 else 1
+    batch = b.batch_ref(x)
+    lead = batch if rest == 1 else b.emit(operator.mul, (batch, rest))
+    return b.emit(aten.reshape.default, (x, [lead, -1]), source=src, hint="flatten")
+
+
+def _reshape(b: _Builder, ins, attrs, src):
+    x, shape = ins
+    target = _ints(shape)
+    if torch.is_tensor(x):
+        example = x
+    else:
+        example = b.example(x)
+    if not attrs.get("allowzero", 0):
+        target = [example.shape[i] if v == 0 else v for i, v in enumerate(target)]
+    if torch.is_tensor(x):
+        return x.reshape(target)
+    if target and target[0] in (example.shape[0], -1):
+        return b.emit(aten.reshape.default, (x, [b.batch_ref(x)] + target[1:]), source=src, hint="reshape")
+    return b.emit(aten.reshape.default, (x, target), source=src, hint="reshape")
+
+
+def _transpose(b: _Builder, ins, attrs, src):
+    (x,) = ins
+    perm = list(attrs.get("perm", list(reversed(range(b.example(x).dim())))))
+    if torch.is_tensor(x):
+        return x.permute(perm)
+    return b.emit(aten.permute.default, (x, perm), source=src, hint="transpose")
+
+
+def _concat(b: _Builder, ins, attrs, src):
+    axis = int(attrs["axis"])
+    if _is_const(*ins):
+        return torch.cat([torch.as_tensor(v) for v in ins], axis)
+    return b.emit(aten.cat.default, ([b.arg(v) for v in ins], axis), source=src, hint="concat")
+
+
+def _slice(b: _Builder, ins, attrs, src):
+    x = ins[0]
+    if len(ins) > 1:
+        starts, ends = _ints(ins[1]), _ints(ins[2])
+        axes = _ints(ins[3]) if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
+        steps = _ints(ins[4]) if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+    else:
+        starts, ends = list(attrs["starts"]), list(attrs["ends"])
+        axes = list(attrs.get("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    rank = b.example(x).dim()
+    out = x
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        if step < 1:
+            raise UnsupportedOperatorError([("Slice with negative step", src)])
+        axis = axis % rank
+        end = min(end, 2**62)
+        if torch.is_tensor(out):
+            index = [slice(None)] * rank
+            index[axis] = slice(start, end, step)
+            out = out[tuple(index)]
+        else:
+            out = b.emit(aten.slice.Tensor, (out, axis, start, end, step), source=src, hint="slice")
+    return out
+
+
+def _gather(b: _Builder, ins, attrs, src):
+    x, index = ins
+    axis = int(attrs.get("axis", 0))
+    if _is_const(x, index):
+        return torch.index_select(x, axis, index.reshape(-1).long()).reshape(
+            x.shape[:axis % x.dim()] + index.shape + x.shape[axis % x.dim() + 1:])
+    if index.dim() == 0:
+        return b.emit(aten.select.int, (x, axis, int(index)), source=src, hint="gather")
+    if index.dim() == 1:
+        return b.emit(aten.index_select.default, (x, axis, b.arg(index.long())), source=src, hint="gather")
+    raise UnsupportedOperatorError([("Gather with multi-dimensional indices", src)])
+
+
+def _split(b: _Builder, ins, attrs, src, n_out: int):
+    x = ins[0]
+    axis = int(attrs.get("axis", 0))
+    size = b.example(x).shape[axis] if not torch.is_tensor(x) else x.shape[axis]
+    split = _ints(ins[1]) if len(ins) > 1 and ins[1] is not None else list(attrs.get("split", []))
+    if not split:
+        split = [size // n_out] * n_out
+    outs, start = [], 0
+    for length in split:
+        outs.append(_slice(b, [x, [start], [start + length], [axis]], {}, src))
+        start += length
+    return outs
+
+
+def _axes(ins, attrs):
+    if len(ins) > 1 and ins[1] is not None:
+        return _ints(ins[1])
+    return list(attrs.get("axes", []))
+
+
+def _squeeze(b: _Builder, ins, attrs, src):
+    x = ins[0]
+    axes = _axes(ins, attrs)
+    if torch.is_tensor(x):
+        return x.squeeze(tuple(axes)) if axes else x.squeeze()
+    rank = b.example(x).dim()
+    axes = [a % rank for a in axes] or [i for i, s in enumerate(b.example(x).shape) if s == 1 and i > 0]
+    return b.emit(aten.squeeze.dims, (x, axes), source=src, hint="squeeze")
+
+
+def _unsqueeze(b: _Builder, ins, attrs, src):
+    x = ins[0]
+    axes = _axes(ins, attrs)
+    rank = (x.dim() if torch.is_tensor(x) else b.example(x).dim()) + len(axes)
+    out = x
+    for axis in sorted(a % rank for a in axes):
+        out = out.unsqueeze(axis) if torch.is_tensor(out) else b.emit(aten.unsqueeze.default, (out, axis), source=src)
+    return out
+
+
+def _batch_norm(b: _Builder, ins, attrs, src):
+    x, scale, bias, mean, var = ins[:5]
+    eps = float(attrs.get("epsilon", 1e-5))
+    return b.emit(ops.batch_norm_eval, (x, b.arg(scale), b.arg(bias), b.arg(mean), b.arg(var), 0.0, eps),
+                  source=src, hint="batchnorm")
+
+
+def _pool(kind):
+    def tr(b: _Builder, ins, attrs, src):
+        (x,) = ins
+        kernel = list(attrs["kernel_shape"])
+        dims = len(kernel)
+        if dims != 2:
+            raise UnsupportedOperatorError([(f"{kind}Pool{dims}d", src)])
+        pads = list(attrs.get("pads", [0] * 2 * dims))
+        strides = list(attrs.get("strides", kernel))
+        ceil = bool(attrs.get("ceil_mode", 0))
+        if pads[:dims] != pads[dims:]:
+            x, pads = _pad_first(b, x, pads, dims, src, value=-float("inf") if kind == "Max" else 0.0)
+        else:
+            pads = pads[:dims]
+        if kind == "Max":
+            dil = list(attrs.get("dilations", [1] * dims))
+            return b.emit(aten.max_pool2d.default, (x, kernel, strides, pads, dil, ceil), source=src, hint="maxpool")
+        include = bool(attrs.get("count_include_pad", 0))
+        return b.emit(aten.avg_pool2d.default, (x, kernel, strides, pads, ceil, include), source=src, hint="avgpool")
+
+    return tr
+
+
+def _global_avg(b: _Builder, ins, attrs, src):
+    (x,) = ins
+    dims = list(range(2, b.example(x).dim()))
+    return b.emit(aten.mean.dim, (x, dims, True), source=src, hint="gap")
+
+
+def _pad(b: _Builder, ins, attrs, src):
+    x = ins[0]
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        raise UnsupportedOperatorError([(f"Pad(mode={mode})", src)])
+    pads = _ints(ins[1]) if len(ins) > 1 else list(attrs["pads"])
+    value = float(ins[2]) if len(ins) > 2 and ins[2] is not None else float(attrs.get("value", 0.0))
+    rank = len(pads) // 2
+    torch_pad = []
+    for i in reversed(range(rank)):
+        torch_pad += [pads[i], pads[i + rank]]
+    while len(torch_pad) > 2 and torch_pad[-2:] == [0, 0]:
+        torch_pad = torch_pad[:-2]
+    if torch.is_tensor(x):
+        return torch.nn.functional.pad(x, torch_pad, value=value)
+    return b.emit(aten.constant_pad_nd.default, (x, torch_pad, value), source=src, hint="pad")
+
+
+def _softmax(b: _Builder, ins, attrs, src, opset: int):
+    (x,) = ins
+    axis = int(attrs.get("axis", -1 if opset >= 13 else 1))
+    rank = b.example(x).dim()
+    if opset < 13 and axis % rank != rank - 1:
+        raise UnsupportedOperatorError([("Softmax (opset < 13) over several axes", src)])
+    return b.emit(aten.softmax.int, (x, axis), source=src, hint="softmax")
+
+
+def _reduce(target):
+    def tr(b: _Builder, ins, attrs, src):
+        x = ins[0]
+        axes = _axes(ins, attrs)
+        keep = bool(attrs.get("keepdims", 1))
+        if not axes:
+            if attrs.get("noop_with_empty_axes", 0):
+                return x
+            axes = list(range((x if torch.is_tensor(x) else b.example(x)).dim()))
+        if torch.is_tensor(x):
+            return target(x, axes, keep)
+        return b.emit(target, (x, axes, keep), source=src, hint="reduce")
+
+    return tr
+
+
+def _cast(b: _Builder, ins, attrs, src):
+    (x,) = ins
+    dtype = _ONNX_DTYPES.get(int(attrs["to"]), torch.float32)
+    if torch.is_tensor(x):
+        return x.to(dtype)
+    if dtype.is_floating_point and b.example(x).dtype.is_floating_point:
+        return x
+    return b.emit(aten._to_copy.default, (x,), {"dtype": dtype}, source=src, hint="cast")
+
+
+def _clip(b: _Builder, ins, attrs, src):
+    x = ins[0]
+    lo = ins[1] if len(ins) > 1 else attrs.get("min")
+    hi = ins[2] if len(ins) > 2 else attrs.get("max")
+    lo = None if lo is None else float(lo)
+    hi = None if hi is None else float(hi)
+    if torch.is_tensor(x):
+        return x.clamp(lo, hi)
+    return b.emit(aten.clamp.default, (x, lo, hi), source=src, hint="clip")
+
+
+def _identity(b: _Builder, ins, attrs, src):
+    return ins[0]
+
+
+def _shape(b: _Builder, ins, attrs, src):
+    shape = b.example(ins[0]).shape if not torch.is_tensor(ins[0]) else ins[0].shape
+    start, end = attrs.get("start", 0), attrs.get("end", None)
+    return torch.tensor(list(shape)[start:end], dtype=torch.int64)
+
+
+def _constant(b: _Builder, ins, attrs, src):
+    import onnx.numpy_helper as nh
+
+    if "value" in attrs:
+        return torch.from_numpy(np.array(nh.to_array(attrs["value"])))
+    for key in ("value_float", "value_int"):
+        if key in attrs:
+            return torch.tensor(attrs[key])
+    for key in ("value_floats", "value_ints"):
+        if key in attrs:
+            return torch.tensor(list(attrs[key]))
+    raise UnsupportedOperatorError([("Constant (unsupported value kind)", src)])
+
+
+def _leaky(b: _Builder, ins, attrs, src):
+    return b.emit(aten.leaky_relu.default, (ins[0], float(attrs.get("alpha", 0.01))), source=src)
+
+
+def _pow(b: _Builder, ins, attrs, src):
+    x, p = ins
+    if _is_const(x, p):
+        return torch.pow(x, p)
+    if not torch.is_tensor(p) or p.numel() != 1:
+        raise UnsupportedOperatorError([("Pow with a non-constant exponent", src)])
+    return b.emit(aten.pow.Tensor_Scalar, (x, float(p)), source=src, hint="pow")
+
+
+def _gelu(b: _Builder, ins, attrs, src):
+    approx = attrs.get("approximate", b"none")
+    approx = approx.decode() if isinstance(approx, bytes) else approx
+    return b.emit(aten.gelu.default, (ins[0],), {"approximate": approx}, source=src)
+
+
+def _layer_norm(b: _Builder, ins, attrs, src):
+    x, scale, bias = (list(ins) + [None])[:3]
+    axis = int(attrs.get("axis", -1))
+    rank = b.example(x).dim()
+    shape = list(b.example(x).shape[axis % rank:])
+    return b.emit(aten.layer_norm.default, (x, shape, b.arg(scale), b.arg(bias) if bias is not None else None,
+                                            float(attrs.get("epsilon", 1e-5))), source=src, hint="layernorm")
+
+
+TRANSLATIONS: dict[str, Callable] = {
+    "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "ConvTranspose": _conv_transpose,
+    "Relu": _unary(aten.relu.default), "Sigmoid": _unary(aten.sigmoid.default), "Tanh": _unary(aten.tanh.default),
+    "Exp": _unary(aten.exp.default), "Log": _unary(aten.log.default), "Sqrt": _unary(aten.sqrt.default),
+    "Reciprocal": _unary(aten.reciprocal.default), "Neg": _unary(aten.neg.default), "Abs": _unary(aten.abs.default),
+    "Sign": _unary(aten.sign.default), "Sin": _unary(aten.sin.default), "Cos": _unary(aten.cos.default),
+    "Atan": _unary(aten.atan.default), "Softplus": _unary(aten.softplus.default), "Elu": _unary(aten.elu.default),
+    "Add": _elementwise(aten.add.Tensor), "Sub": _elementwise(aten.sub.Tensor), "Mul": _elementwise(aten.mul.Tensor),
+    "Div": _elementwise(aten.div.Tensor), "Max": _elementwise(aten.maximum.default),
+    "Min": _elementwise(aten.minimum.default),
+    "Flatten": _flatten, "Reshape": _reshape, "Transpose": _transpose, "Concat": _concat, "Slice": _slice,
+    "Gather": _gather, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "BatchNormalization": _batch_norm,
+    "MaxPool": _pool("Max"), "AveragePool": _pool("Average"), "GlobalAveragePool": _global_avg, "Pad": _pad,
+    "ReduceSum": _reduce(aten.sum.dim_IntList), "ReduceMean": _reduce(aten.mean.dim),
+    "ReduceMax": _reduce(lambda x, axes, keep: aten.amax.default(x, axes, keep)),
+    "Cast": _cast, "Clip": _clip, "Identity": _identity, "Dropout": _identity, "Shape": _shape,
+    "Constant": _constant, "LeakyRelu": _leaky, "Pow": _pow, "Gelu": _gelu,
+    "LayerNormalization": _layer_norm, "Split": _split, "Softmax": _softmax,  # these two take an extra argument
+}
+
+
+def import_onnx(path_or_model: str | Path | Any, is_supported: Callable[[Any], bool] | None = None) -> Graph:
+    """Read an ONNX model (path or ``onnx.ModelProto``) into a :class:`Graph`.
+
+    The returned graph takes one tensor per ONNX graph input (initializers excluded), batch first.
+    Parameters become constant leaves (``graph.params``) named after their initializers.
+    """
+    import onnx
+    import onnx.numpy_helper as nh
+
+    model = onnx.load(str(path_or_model)) if isinstance(path_or_model, (str, Path)) else path_or_model
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=13)
+    g = model.graph
+    b = _Builder()
+    init_names = {t.name for t in g.initializer}
+    for tensor in g.initializer:
+        b.values[tensor.name] = torch.from_numpy(np.array(nh.to_array(tensor)).copy())
+    shapes = []
+    for inp in g.input:
+        if inp.name in init_names:
+            continue
+        dims = [d.dim_value if d.dim_value > 0 else 1 for d in inp.type.tensor_type.shape.dim]
+        dtype = _ONNX_DTYPES.get(inp.type.tensor_type.elem_type, torch.float32)
+        name = b.fresh(inp.name)
+        b.inputs.append(name)
+        b.examples[name] = torch.zeros(dims, dtype=dtype)
+        b.values[inp.name] = Ref(name)
+        shapes.append(tuple(dims))
+    missing: list[tuple[str, str]] = []
+    for node in g.node:
+        src = f"ONNX node {node.name or '(unnamed)'} ({node.op_type})"
+        translate = TRANSLATIONS.get(node.op_type)
+        if node.domain not in ("", "ai.onnx") or translate is None:
+            missing.append((node.op_type, src))
+            for out in node.output:
+                b.values[out] = Ref("__missing__")
+            continue
+        ins = [b.values[name] if name else None for name in node.input]
+        if any(isinstance(v, Ref) and v.name == "__missing__" for v in ins):
+            for out in node.output:
+                b.values[out] = Ref("__missing__")
+            continue
+        attrs = _attrs(node)
+        try:
+            if node.op_type == "Split":
+                outs = _split(b, ins, attrs, src, len(node.output))
+            elif node.op_type == "Softmax":
+                outs = [_softmax(b, ins, attrs, src, opset)]
+            else:
+                outs = [translate(b, ins, attrs, src)]
+        except UnsupportedOperatorError as err:
+            missing.extend(err.entries)
+            outs = [Ref("__missing__")] * len(node.output)
+        for name, value in zip(node.output, outs):
+            b.values[name] = value
+    if missing:
+        raise UnsupportedOperatorError(missing)
+    if len(g.output) != 1:
+        raise TypeError(f"boundprop needs a model with one output; this ONNX model has {len(g.output)}")
+    out = b.values[g.output[0].name]
+    if torch.is_tensor(out):
+        raise TypeError("the ONNX model's output does not depend on its input")
+    if out.name in b.inputs:
+        out = b.emit(aten.alias.default, (out,), hint="output")
+    graph = _prune(Graph(tuple(b.nodes), tuple(b.inputs), dict(b.params), out.name, None, tuple(shapes)))
+    if is_supported is not None:
+        from .capture import check_supported
+
+        check_supported(graph, is_supported)
+    return graph

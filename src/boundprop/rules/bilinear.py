@@ -1,0 +1,539 @@
+"""Products and quotients of two perturbed tensors: ``x * y``, ``a / b``, and matrix products.
+
+**McCormick.** For one product term ``x y`` with ``x in [lx, ux]``, ``y in [ly, uy]``, the four
+inequalities ``(x - lx)(y - ly) >= 0``, ``(ux - x)(uy - y) >= 0``, ``(x - lx)(y - uy) <= 0`` and
+``(ux - x)(y - ly) >= 0`` give two lower and two upper planes; convex combinations stay valid::
+
+    x y >= t (ly x + lx y - lx ly) + (1 - t) (uy x + ux y - ux uy)        t in [0, 1]
+    x y <= s (uy x + lx y - lx uy) + (1 - s) (ly x + ux y - ux ly)        s in [0, 1]
+
+Each plane is exact on three corners of the box and off by ``(ux - lx)(uy - ly)`` on the fourth.
+The default (``opts["mul_relaxation"] = "corner"``) puts that fourth corner where it does not
+matter: ``t = 1`` iff ``ux uy >= lx ly`` (the lower plane errs at the corner with the larger
+product), ``s = 1`` iff ``ux ly <= lx uy``; so each plane, minimised (maximised) over the box,
+gives exactly the product's range. ``"fixed"`` is auto_LiRPA's default ``t = s = 1``; ``"middle"``
+(or auto_LiRPA's ``opts["mul"] = {"middle": True}``) is ``t = s = 1/2``.
+
+**Square** ``x * x`` (both factors the same node): ``x^2`` is convex, so with a tangent point
+``z = l + t (u - l)`` (default ``z = clamp(0, l, u)``, where ``x^2`` is smallest)::
+
+    2 z x - z^2  <=  x^2  <=  (l + u) x - l u
+
+**Division** ``a / b`` (``b`` perturbed): ``r = 1/b`` is bounded by the reciprocal relaxation
+``lw b + lb <= r <= uw b + ub`` on ``r in [1/u, 1/l]``, and ``a r`` by McCormick on ``(a, r)``; the
+coefficient of ``r`` (summed over broadcast copies) is passed on through the relaxation. If
+``[l, u]`` contains 0 the quotient is unbounded: infinite bounds.
+
+**Matrix products** ``out[.., i, j] = sum_k x[.., i, k] y[.., k, j]`` (``mm``, ``bmm``, ``matmul``;
+``linear`` and ``addmm`` with a perturbed weight, ``linear`` as ``x @ W^T + b``): McCormick on every
+term ``x_ik y_kj`` (planes of shape ``(batch, .., n, k, m)``), summed over ``k``::
+
+    A_x[b, s, .., i, k] = sum_j A+[b, s, .., i, j] a_lo[b, .., i, k, j] + A-[..] a_up[..]   (einsum)
+
+**Shapes.** ``A``: ``(batch, spec, *out)``. The coefficient of a batched operand is ``(batch, spec,
+*operand.shape[1:])``, that of a perturbed parameter (no batch dimension) ``(batch, spec,
+*param.shape)``; an operand broadcast in the product gets its coefficient summed over the
+broadcast dimensions. Infinite bound ends (or products that overflow) give a ``-inf`` lower /
+``+inf`` upper bias wherever the coefficient is nonzero, never NaN.
+
+**alpha.** ``call.alpha_for(direction)`` may return ``(2, batch, [spec,] *terms)`` (``terms`` = out
+for mul/div, ``(.., n, k, m)`` for matrix products; for a square only ``alpha[0]``, the tangent
+point ``t``): ``alpha[0] = t``, ``alpha[1] = s``, clamped into [0, 1]; :func:`mul_alpha_init` gives
+the default. (No :class:`AlphaSpec` is registered: alpha-CROWN's relaxation parameters are keyed
+on a node's first input, which does not fit a product of two.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..domains import Interval, Relaxation
+from .registry import RelaxCall, Var, backward_rule
+
+aten = torch.ops.aten
+_INF = float("inf")
+
+
+# --- reciprocal ------------------------------------------------------------------------------
+
+
+def _own_reciprocal_interval(args, kwargs) -> Interval:
+    """``1/b`` on ``[l, u]``: ``[1/u, 1/l]`` when ``0 < l`` or ``u < 0``; ``(-inf, inf)`` otherwise."""
+    b = args[0]
+    ok = _sign_definite(b.lower, b.upper)
+    one = torch.ones_like(b.lower)
+    lo = torch.where(ok, torch.reciprocal(torch.where(ok, b.upper, one)), -_INF)
+    hi = torch.where(ok, torch.reciprocal(torch.where(ok, b.lower, one)), _INF)
+    return Interval(lo, hi)
+
+
+def _own_reciprocal_relaxation(lo: torch.Tensor, hi: torch.Tensor, call: RelaxCall) -> Relaxation:
+    """Linear bounds of ``1/x`` on a sign-definite ``[l, u]`` (convex for ``x > 0``, concave for ``x < 0``).
+
+    Chord ``-x/(l u) + 1/l + 1/u`` (above for ``x > 0``, below for ``x < 0``) and the tangent at the
+    geometric mean ``m = sign * sqrt(l u)``: ``-x/m^2 + 2/m`` (the other side). No division by the width.
+    """
+    ok = _sign_definite(lo, hi)
+    one = torch.ones_like(lo)
+    l_, u_ = torch.where(ok, lo, one), torch.where(ok, hi, one)
+    chord_w, chord_b = -1.0 / (l_ * u_), 1.0 / l_ + 1.0 / u_
+    m = torch.sign(l_) * torch.sqrt(l_ * u_)
+    tan_w, tan_b = -1.0 / (m * m), 2.0 / m
+    pos = l_ > 0
+    lw, lb = torch.where(pos, tan_w, chord_w), torch.where(pos, tan_b, chord_b)
+    uw, ub = torch.where(pos, chord_w, tan_w), torch.where(pos, chord_b, tan_b)
+    zero = torch.zeros_like(lo)
+    return Relaxation(torch.where(ok, lw, zero), torch.where(ok, lb, -_INF),
+                      torch.where(ok, uw, zero), torch.where(ok, ub, _INF))
+
+
+def _sign_definite(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return ((lo > 0) | (hi < 0)) & torch.isfinite(lo) & torch.isfinite(hi)
+
+
+try:  # the convex-function family owns 1/x once it exists
+    from .convex import reciprocal_interval, reciprocal_relaxation
+except ImportError:  # pragma: no cover - depends on the tree's state
+    reciprocal_interval = _own_reciprocal_interval
+    reciprocal_relaxation = _own_reciprocal_relaxation
+
+
+# --- McCormick planes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plane:
+    """``ax * x + ay * y + c``, fields broadcast to the product terms (``ax``/``ay`` None: unused)."""
+
+    ax: torch.Tensor | None
+    ay: torch.Tensor | None
+    c: torch.Tensor | None
+
+
+def mccormick_weights(lx, ux, ly, uy, mode: str = "corner") -> tuple[torch.Tensor, torch.Tensor]:
+    """Default ``(t, s)`` of the module docstring for ``mode`` in corner / fixed / middle."""
+    shape = torch.broadcast_shapes(lx.shape, ux.shape, ly.shape, uy.shape)
+    if mode in ("fixed", "middle"):
+        value = 1.0 if mode == "fixed" else 0.5
+        full = torch.full(shape, value, dtype=lx.dtype, device=lx.device)
+        return full, full
+    if mode != "corner":
+        raise ValueError(f"mul_relaxation={mode!r}: choose 'corner', 'fixed' or 'middle'")
+    t = (ux * uy >= lx * ly).to(lx.dtype).expand(shape)
+    s = (ux * ly <= lx * uy).to(lx.dtype).expand(shape)
+    return t, s
+
+
+def mul_alpha_init(lx, ux, ly, uy, opts: dict | None = None) -> torch.Tensor:
+    """The default alpha ``stack(t, s)`` (shape ``(2, *terms)``) for the given term bounds."""
+    return torch.stack(mccormick_weights(lx, ux, ly, uy, _mode(opts or {})))
+
+
+def mccormick_planes(lx, ux, ly, uy, t, s) -> tuple[Plane, Plane, torch.Tensor]:
+    """Lower and upper planes of ``x y`` on the box, and the mask of terms with non-finite data.
+
+    Where a bound end is infinite, or the planes overflow, the planes are zeroed and the mask is
+    set (the caller then makes the bias infinite there).
+    """
+    bad = ~(torch.isfinite(lx) & torch.isfinite(ux) & torch.isfinite(ly) & torch.isfinite(uy))
+    if bool(bad.any()):
+        lx, ux, ly, uy = (torch.where(bad, 0.0, v) for v in (lx, ux, ly, uy))
+    lower = Plane(t * ly + (1 - t) * uy, t * lx + (1 - t) * ux, -(t * lx * ly + (1 - t) * ux * uy))
+    upper = Plane(s * uy + (1 - s) * ly, s * lx + (1 - s) * ux, -(s * lx * uy + (1 - s) * ux * ly))
+    overflow = ~(torch.isfinite(lower.c) & torch.isfinite(upper.c))
+    if bool(overflow.any()):
+        bad = bad | overflow
+        lower, upper = (Plane(*(torch.where(bad, 0.0, f) for f in (p.ax, p.ay, p.c))) for p in (lower, upper))
+    return lower, upper, bad
+
+
+def _mode(opts: dict) -> str:
+    if isinstance(opts.get("mul"), dict) and opts["mul"].get("middle"):
+        return "middle"
+    return opts.get("mul_relaxation", "corner")
+
+
+# --- operands ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Factor:
+    """One operand in canonical form (rank ``R`` of the output, size-1 dims where broadcast).
+
+    ``name`` is None for a constant (or an internal quantity such as ``1/b``); ``restore`` maps a
+    coefficient ``(batch, spec, *value.shape[1:])`` back to the operand's own shape.
+    """
+
+    name: str | None
+    value: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
+    batched: bool
+    restore: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def const(self) -> bool:
+        return self.name is None and self.lower is self.upper
+
+
+def _pad(t: torch.Tensor, rank: int) -> torch.Tensor:
+    if t.dim() > rank:
+        raise NotImplementedError(f"an operand of rank {t.dim()} in a product of rank {rank}")
+    return t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+
+
+def _factor(arg, rank: int, view: Callable | None = None, restore: Callable | None = None) -> _Factor:
+    """Canonical form of a node argument (a :class:`Var` or a constant) for a product of rank ``rank``."""
+    view = view or (lambda t: t)
+    if isinstance(arg, Var):
+        if arg.bounds is None:
+            raise RuntimeError(f"product rule: no interval for {arg.name}")
+        own = tuple(arg.value.shape[1:]) if arg.batched else tuple(arg.value.shape)
+        value = _pad(view(arg.value), rank)
+        if arg.batched and view(arg.value).dim() != rank:
+            raise NotImplementedError("a batched operand of lower rank than the product")
+        return _Factor(arg.name, value, _pad(view(arg.bounds.lower), rank), _pad(view(arg.bounds.upper), rank),
+                       arg.batched, restore or (lambda G: G.reshape(*G.shape[:2], *own)))
+    value = _pad(view(torch.as_tensor(arg)), rank)
+    return _Factor(None, value, value, value, True, lambda G: G)
+
+
+def _sum_to(G: torch.Tensor, shape) -> torch.Tensor:
+    """Sum ``G`` ``(batch, spec, *out)`` over the dims where the canonical ``shape`` (rank of ``(batch, *out)``) is 1.
+
+    The batch dimension is never summed: a parameter's coefficient keeps one row per batch element.
+    """
+    dims = [2 + i for i, n in enumerate(shape[1:]) if n == 1 and G.shape[2 + i] != 1]
+    return G.sum(dim=dims, keepdim=True) if dims else G
+
+
+def _coefficient(G: torch.Tensor, f: _Factor) -> torch.Tensor:
+    """The coefficient of factor ``f`` from its coefficient ``G`` broadcast to the product's shape."""
+    if not f.batched and f.value.shape[0] != 1:
+        raise NotImplementedError("a perturbed parameter broadcast along the batch dimension")
+    return f.restore(_sum_to(G, f.value.shape))
+
+
+def _lift(t: torch.Tensor, A: torch.Tensor, rank: int) -> torch.Tensor:
+    """A relaxation field of rank ``rank`` (no spec dim) -> insert the spec dim; with spec: as is."""
+    return t.unsqueeze(1) if t.dim() == rank else t
+
+
+def _alpha(call, direction: str, shape_rank: int, mode: str, lx, ux, ly, uy):
+    """``(t, s, spec)``: the plane weights for one side and whether they carry a spec dimension."""
+    alpha = call.alpha_for(direction)
+    if alpha is None:
+        t, s = mccormick_weights(lx, ux, ly, uy, mode)
+        return t, s, False
+    t, s = alpha[0].clamp(0.0, 1.0), alpha[1].clamp(0.0, 1.0)
+    return t, s, t.dim() == shape_rank + 1
+
+
+def _sides(call):
+    """``(A, sign, direction)`` for each side asked for: -1 = lower bound of ``A . out``."""
+    if call.lA is not None:
+        yield call.lA, -1, "lower"
+    if call.uA is not None:
+        yield call.uA, +1, "upper"
+
+
+def _signed_sum(A, sign: int, lo, up, contract):
+    """``contract(A+, first) + contract(A-, second)``, the planes picked by the side's sign."""
+    first, second = (lo, up) if sign < 0 else (up, lo)
+    return contract(A.clamp(min=0), first) + contract(A.clamp(max=0), second)
+
+
+def _infinite_bias(cb: torch.Tensor, A: torch.Tensor, bad: torch.Tensor | None, sign: int) -> torch.Tensor:
+    """Elementwise bias ``(batch, spec, *out)`` -> ``(batch, spec)``, infinite where ``bad`` and ``A != 0``."""
+    if bad is not None and bool(bad.any()):
+        cb = torch.where(bad & (A != 0), sign * _INF, cb)
+    return cb.flatten(2).sum(-1)
+
+
+def _out(A_list, lbias, ubias):
+    from ..algorithms.backward import BackwardOut  # noqa: PLC0415 - algorithms import the rules
+
+    return BackwardOut(A_list, lbias, ubias)
+
+
+def _merge(entries: list[tuple[str | None, list]], sides: dict) -> list:
+    """[(name, lA, uA)] for the named factors from per-side coefficient lists."""
+    out = []
+    for index, (name, _) in enumerate(entries):
+        if name is not None:
+            out.append((name, sides.get("lower", [None] * len(entries))[index],
+                        sides.get("upper", [None] * len(entries))[index]))
+    return out
+
+
+# --- element-wise products -------------------------------------------------------------------
+
+
+def _elementwise_side(A, sign, X: _Factor, Y: _Factor, call, direction):
+    """Coefficients ``(G_x, G_y)`` (on the output's shape) and bias of one side of ``A . (x * y)``."""
+    rank = A.dim() - 1
+    if X.const or Y.const:
+        G = A * _lift(X.value if X.const else Y.value, A, rank)
+        return (None, G) if X.const else (G, None), 0.0
+    t, s, spec = _alpha(call, direction, rank, _mode(call.opts), X.lower, X.upper, Y.lower, Y.upper)
+    bounds = [X.lower, X.upper, Y.lower, Y.upper]
+    if spec:
+        bounds = [b.unsqueeze(1) for b in bounds]
+    lo, up, bad = mccormick_planes(*bounds, t, s)
+    mul = lambda field: lambda part, plane: part * _lift(getattr(plane, field), A, rank)
+    gx = _signed_sum(A, sign, lo, up, mul("ax"))
+    gy = _signed_sum(A, sign, lo, up, mul("ay"))
+    cb = _signed_sum(A, sign, lo, up, mul("c"))
+    return (gx, gy), _infinite_bias(cb, A, _lift(bad, A, rank), sign)
+
+
+def _square_side(A, sign, X: _Factor, call, direction):
+    """``A . x^2`` for one side: tangent below (at ``z``), chord above."""
+    rank = A.dim() - 1
+    lo, hi = X.lower, X.upper
+    bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
+    if bool(bad.any()):
+        lo, hi = torch.where(bad, 0.0, lo), torch.where(bad, 0.0, hi)
+    alpha = call.alpha_for(direction)
+    if alpha is None:
+        z = torch.minimum(torch.maximum(torch.zeros_like(lo), lo), hi)
+    else:
+        t = alpha[0].clamp(0.0, 1.0)
+        if t.dim() == rank + 1:
+            lo, hi, bad = lo.unsqueeze(1), hi.unsqueeze(1), bad.unsqueeze(1)
+        z = lo + t * (hi - lo)
+    tangent = Plane(2 * z, None, -z * z)
+    chord = Plane(lo + hi, None, -lo * hi)
+    overflow = ~(torch.isfinite(tangent.c) & torch.isfinite(chord.c))
+    if bool(overflow.any()):
+        bad = bad | overflow
+        tangent, chord = (Plane(torch.where(bad, 0.0, p.ax), None, torch.where(bad, 0.0, p.c))
+                          for p in (tangent, chord))
+    mul = lambda field: lambda part, plane: part * _lift(getattr(plane, field), A, rank)
+    g = _signed_sum(A, sign, tangent, chord, mul("ax"))
+    cb = _signed_sum(A, sign, tangent, chord, mul("c"))
+    return g, _infinite_bias(cb, A, _lift(bad, A, rank), sign)
+
+
+def square_alpha_init(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Default tangent position ``t`` (``z = l + t (u - l) = clamp(0, l, u)``) for ``x * x``."""
+    width = hi - lo
+    z = torch.minimum(torch.maximum(torch.zeros_like(lo), lo), hi)
+    return torch.where(width > 0, (z - lo) / torch.where(width > 0, width, 1.0), 0.0)
+
+
+@backward_rule(aten.mul.Tensor)
+def mul_backward(call):
+    """``x * y`` with both factors perturbed (McCormick; the square rule when ``x`` and ``y`` are one node)."""
+    x, y = call.args[0], call.args[1]
+    A0 = call.lA if call.lA is not None else call.uA
+    rank = A0.dim() - 1
+    if isinstance(x, Var) and isinstance(y, Var) and x.name == y.name:
+        X = _factor(x, rank)
+        res, bias = {}, {"lower": 0.0, "upper": 0.0}
+        for A, sign, direction in _sides(call):
+            g, bias[direction] = _square_side(A, sign, X, call, direction)
+            res[direction] = _coefficient(g, X)
+        return _out([(x.name, res.get("lower"), res.get("upper"))], bias["lower"], bias["upper"])
+    X, Y = _factor(x, rank), _factor(y, rank)
+    sides, bias = {}, {"lower": 0.0, "upper": 0.0}
+    for A, sign, direction in _sides(call):
+        (gx, gy), bias[direction] = _elementwise_side(A, sign, X, Y, call, direction)
+        sides[direction] = [_coefficient(gx, X) if X.name else None, _coefficient(gy, Y) if Y.name else None]
+    return _out(_merge([(X.name, None), (Y.name, None)], sides), bias["lower"], bias["upper"])
+
+
+# --- division -------------------------------------------------------------------------------
+
+
+def _through_relaxation(G: torch.Tensor, relax: Relaxation, sign: int, rank: int):
+    """Pass ``G . r`` through ``lw b + lb <= r <= uw b + ub``: coefficient of ``b`` and bias (batch, spec).
+
+    Terms with a zero coefficient contribute nothing, even where the relaxation is infinite.
+    """
+    pos, neg = G.clamp(min=0), G.clamp(max=0)
+    lw, lb, uw, ub = (_lift(f, G, rank) for f in (relax.lw, relax.lb, relax.uw, relax.ub))
+    if sign < 0:
+        w_pos, b_pos, w_neg, b_neg = lw, lb, uw, ub
+    else:
+        w_pos, b_pos, w_neg, b_neg = uw, ub, lw, lb
+    coeff = torch.where(pos != 0, pos * w_pos, 0.0) + torch.where(neg != 0, neg * w_neg, 0.0)
+    bias = torch.where(pos != 0, pos * b_pos, 0.0) + torch.where(neg != 0, neg * b_neg, 0.0)
+    return coeff, bias.flatten(2).sum(-1)
+
+
+def _reciprocal_parts(b: _Factor, opts: dict, direction: str):
+    """Interval of ``1/b`` and the relaxation serving ``direction``; infinite where ``b``'s interval
+    contains 0 (or the relaxation is not finite, e.g. overflow for tiny ``|b|``)."""
+    box = reciprocal_interval((Interval(b.lower, b.upper),), {})
+    relax = reciprocal_relaxation(b.lower, b.upper, RelaxCall(opts=opts, direction=direction))
+    ok = _sign_definite(b.lower, b.upper)
+    for field in (relax.lw, relax.lb, relax.uw, relax.ub):
+        ok = ok & torch.isfinite(field)
+    zero = torch.zeros_like(b.lower)
+    relax = Relaxation(torch.where(ok, relax.lw, zero), torch.where(ok, relax.lb, -_INF),
+                       torch.where(ok, relax.uw, zero), torch.where(ok, relax.ub, _INF))
+    box = Interval(torch.where(ok, box.lower, -_INF), torch.where(ok, box.upper, _INF))
+    return box, relax
+
+
+@backward_rule(aten.div.Tensor)
+def div_backward(call):
+    """``a / b`` with ``b`` perturbed: ``a * r``, ``r = 1/b``: McCormick on ``(a, r)``, then 1/b's relaxation."""
+    a, b = call.args[0], call.args[1]
+    if not isinstance(b, Var):
+        raise NotImplementedError("div backward rule: expected a perturbed divisor")
+    A0 = call.lA if call.lA is not None else call.uA
+    rank = A0.dim() - 1
+    X, Bf = _factor(a, rank), _factor(b, rank)
+    sides, bias = {}, {"lower": 0.0, "upper": 0.0}
+    for A, sign, direction in _sides(call):
+        box, relax = _reciprocal_parts(Bf, call.opts, direction)
+        R = _Factor(None, torch.reciprocal(Bf.value), box.lower, box.upper, Bf.batched, lambda G: G)
+        (gx, gr), product_bias = _elementwise_side(A, sign, X, R, call, direction)
+        gr = _sum_to(gr, Bf.value.shape)
+        gb, relax_bias = _through_relaxation(gr, relax, sign, rank)
+        bias[direction] = product_bias + relax_bias
+        sides[direction] = [_coefficient(gx, X) if X.name else None, Bf.restore(gb)]
+    return _out(_merge([(X.name, None), (Bf.name, None)], sides), bias["lower"], bias["upper"])
+
+
+# --- matrix products -------------------------------------------------------------------------
+
+_EQ = {("x", False): "bs...ij,b...ikj->bs...ik", ("x", True): "bs...ij,bs...ikj->bs...ik",
+       ("y", False): "bs...ij,b...ikj->bs...kj", ("y", True): "bs...ij,bs...ikj->bs...kj"}
+
+
+def _matmul_side(A, sign, X: _Factor, Y: _Factor, call, direction):
+    """``A . (X @ Y)`` for one side; ``A`` ``(batch, spec, .., n, m)``, X ``(.., n, k)``, Y ``(.., k, m)``."""
+    rank = A.dim() - 1
+    if X.const:
+        return (None, X.value.unsqueeze(1).transpose(-1, -2) @ A), 0.0
+    if Y.const:
+        return (A @ Y.value.unsqueeze(1).transpose(-1, -2), None), 0.0
+    lx, ux = X.lower.unsqueeze(-1), X.upper.unsqueeze(-1)
+    ly, uy = Y.lower.unsqueeze(-3), Y.upper.unsqueeze(-3)
+    t, s, spec = _alpha(call, direction, rank + 1, _mode(call.opts), lx, ux, ly, uy)
+    bounds = [lx, ux, ly, uy]
+    if spec:
+        bounds = [v.unsqueeze(1) for v in bounds]
+    lo, up, bad = mccormick_planes(*bounds, t, s)
+    contract = lambda which, field: lambda part, plane: torch.einsum(_EQ[which, spec], part, getattr(plane, field))
+    gx = _signed_sum(A, sign, lo, up, contract("x", "ax"))
+    gy = _signed_sum(A, sign, lo, up, contract("y", "ay"))
+    bias_of = lambda part, plane: part * _lift(plane.c.sum(-2), A, rank)
+    cb = _signed_sum(A, sign, lo, up, bias_of)
+    return (gx, gy), _infinite_bias(cb, A, _lift(bad.any(-2), A, rank), sign)
+
+
+def _value(arg) -> torch.Tensor:
+    return arg.value if isinstance(arg, Var) else torch.as_tensor(arg)
+
+
+def _is_batched(arg) -> bool:
+    return isinstance(arg, Var) and arg.batched
+
+
+def _matmul_canonical(x, y, A: torch.Tensor):
+    """Views making ``x @ y`` a batched product ``(B, .., n, k) @ (.., k, m)`` and ``A`` ``(B, S, .., n, m)``.
+
+    1-D operands get a unit row/column (as ``torch.matmul``); a 2-D product whose rows are the
+    batch (``(B, k) @ (k, m)``) gets a unit row dimension after the batch.
+    """
+    vx, vy = [], []
+    xr, yr = _value(x).dim(), _value(y).dim()
+    if yr == 1:
+        vy.append(lambda t: t.unsqueeze(-1))
+        A = A.unsqueeze(-1)
+        yr = 2
+    if xr == 1:
+        vx.append(lambda t: t.unsqueeze(0))
+        A = A.unsqueeze(-2)
+        xr = 2
+    if _is_batched(y) and yr < 3:
+        raise NotImplementedError("matmul: a batched right operand must have a batch dimension of its own")
+    if xr == 2 and yr == 2:
+        vx.append(lambda t: t.unsqueeze(1))
+        A = A.unsqueeze(2)
+    compose = lambda views: (lambda t: _apply(views, t))
+    return compose(vx), compose(vy), A
+
+
+def _apply(views, t):
+    for view in views:
+        t = view(t)
+    return t
+
+
+@backward_rule(aten.mm.default, aten.bmm.default, aten.matmul.default)
+def matmul_backward(call):
+    """``x @ y`` with both operands perturbed, or a perturbed parameter times a constant."""
+    x, y = call.args[0], call.args[1]
+    A0 = call.lA if call.lA is not None else call.uA
+    view_x, view_y, canon = _matmul_canonical(x, y, A0)
+    rank = canon.dim() - 1
+    X, Y = _factor(x, rank, view_x), _factor(y, rank, view_y)
+    return _with_bias(call, X, Y, lambda A: _matmul_canonical(x, y, A)[2], None)
+
+
+def _bias_term(call, bias, A: torch.Tensor, scale=1.0):
+    """``scale * bias`` added to the output: its coefficient (perturbed) or its constant term."""
+    if bias is None:
+        return None, None, 0.0
+    A = A * scale if scale != 1 else A
+    if isinstance(bias, Var):
+        f = _factor(bias, A.dim() - 1)
+        return bias.name, _coefficient(A, f), 0.0
+    b = torch.as_tensor(bias)
+    return None, None, (A * b).flatten(2).sum(-1)
+
+
+def _with_bias(call, X, Y, canon_A, bias, scale=1.0):
+    sides, biases, extra = {}, {"lower": 0.0, "upper": 0.0}, {}
+    for A, sign, direction in _sides(call):
+        (gx, gy), biases[direction] = _matmul_side(canon_A(A), sign, X, Y, call, direction)
+        sides[direction] = [_coefficient(gx, X) if X.name else None, _coefficient(gy, Y) if Y.name else None]
+        name, coeff, constant = _bias_term(call, bias, A, scale)
+        biases[direction] = biases[direction] + constant
+        if name is not None:
+            extra[direction] = coeff
+    A_list = _merge([(X.name, None), (Y.name, None)], sides)
+    if extra:
+        A_list.append((bias.name, extra.get("lower"), extra.get("upper")))
+    return _out(A_list, biases["lower"], biases["upper"])
+
+
+@backward_rule(aten.linear.default)
+def linear_backward(call):
+    """``x W^T + b`` with a perturbed weight (weight perturbation): ``x @ W^T`` as a matrix product."""
+    x, weight = call.args[0], call.args[1]
+    bias = call.args[2] if len(call.args) > 2 else call.kwargs.get("bias")
+    if _is_batched(weight):
+        raise NotImplementedError("linear: a weight computed from the input is not supported")
+    A0 = call.lA if call.lA is not None else call.uA
+    row = _value(x).dim() == 2
+    canon_A = (lambda A: A.unsqueeze(2)) if row else (lambda A: A)
+    rank = canon_A(A0).dim() - 1
+    X = _factor(x, rank, (lambda t: t.unsqueeze(1)) if row else None)
+    if isinstance(weight, Var):
+        shape = tuple(weight.value.shape)
+        Y = _factor(weight, rank, lambda t: t.transpose(-1, -2),
+                    lambda G: G.reshape(*G.shape[:2], shape[1], shape[0]).transpose(-1, -2))
+    else:
+        Y = _factor(weight, rank, lambda t: t.transpose(-1, -2))
+    return _with_bias(call, X, Y, canon_A, bias)
+
+
+@backward_rule(aten.addmm.default)
+def addmm_backward(call):
+    """``beta * bias + alpha * (a @ b)`` with ``a`` and ``b`` perturbed (or a perturbed parameter factor)."""
+    bias, a, b = call.args[:3]
+    beta, alpha = call.kwargs.get("beta", 1), call.kwargs.get("alpha", 1)
+    A0 = call.lA if call.lA is not None else call.uA
+    view_x, view_y, canon = _matmul_canonical(a, b, A0)
+    rank = canon.dim() - 1
+    X, Y = _factor(a, rank, view_x), _factor(b, rank, view_y)
+    return _with_bias(call, X, Y, lambda A: _matmul_canonical(a, b, A * alpha)[2], bias, beta)

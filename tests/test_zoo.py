@@ -1,0 +1,191 @@
+"""Whole-model checks over the model zoo (:mod:`boundprop.zoo`).
+
+For every zoo model: capture (one capture per model, reused), the captured graph computes what the
+model computes (batch 1 and, through the dynamic batch dimension, batch 3), every bound method is
+sound (sampled, corner and PGD-pushed points via ``soundness.assert_sound``), CROWN is at least as
+tight as IBP on ReLU models, and bounds are differentiable with respect to the model's parameters.
+
+A model whose ops have no rules yet, or a method not implemented yet, xfails with the library's
+own message (``UnsupportedOperatorError`` / ``NotImplementedError``); any other error fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from soundness import assert_sound
+
+import boundprop
+from boundprop import PerturbationLpNorm, compute_bounds
+from boundprop.graph import evaluate
+from boundprop.graph.capture import capture as raw_capture
+from boundprop.graph.capture import check_supported
+from boundprop.zoo import RELU_MODELS, ZOO
+
+MODELS = tuple(ZOO)
+METHODS = ("IBP", "CROWN-IBP", "CROWN", "forward", "alpha-CROWN")
+GRAD_METHODS = ("IBP", "CROWN-IBP", "CROWN")
+EPS = 0.02
+#: models whose capture is cheap enough to repeat at another batch size in the default run
+CHEAP = ("mlp", "cnn")
+
+
+def captured(name: str, batch: int = 1):
+    """(model, graph) for a zoo model captured at ``batch``, without the support check (cached)."""
+    return _captured(name, batch)
+
+
+@functools.cache
+def _captured(name: str, batch: int):
+    factory, shape = ZOO[name]
+    model = factory()
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(1))
+    return model, raw_capture(model, (x,))
+
+
+def inputs(name: str, batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, *ZOO[name][1], generator=torch.Generator().manual_seed(seed))
+
+
+def supported_graph(name: str):
+    """(model, graph), or xfail listing the ops without rules."""
+    model, graph = captured(name)
+    try:
+        check_supported(graph, boundprop.is_supported)
+    except NotImplementedError as error:  # UnsupportedOperatorError
+        pytest.xfail(f"{type(error).__name__}: {error}")
+    return model, graph
+
+
+def or_xfail(fn):
+    """``fn()``, turning NotImplementedError (a method or rule not written yet) into an xfail."""
+    try:
+        return fn()
+    except NotImplementedError as error:
+        pytest.xfail(f"{type(error).__name__}: {error}")
+
+
+# --------------------------------------------------------------------------------------------
+# capture
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_graph_matches_model(name):
+    """The graph evaluates to the model's output at the capture batch (1) and at batch 3."""
+    model, graph = captured(name)
+    for batch in (1, 3):
+        x = inputs(name, batch)
+        with torch.no_grad():
+            expected = model(x)
+            got = evaluate(graph, (x,))[graph.output]
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _capture_and_bound(name: str, capture_batch: int, bound_batch: int) -> None:
+    model, graph = captured(name, capture_batch)
+    x = inputs(name, bound_batch, seed=2)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(evaluate(graph, (x,))[graph.output], expected, atol=1e-5, rtol=1e-5)
+    check = lambda: check_supported(graph, boundprop.is_supported)
+    or_xfail(check)
+    res = compute_bounds(graph, (x,), {graph.inputs[0]: PerturbationLpNorm(EPS)}, method="IBP")
+    assert res.lower.shape == expected.shape
+    assert bool((res.lower <= expected + 1e-5).all() and (expected <= res.upper + 1e-5).all())
+
+
+@pytest.mark.parametrize("name", CHEAP)
+def test_capture_batch3_bound_batch1(name):
+    _capture_and_bound(name, 3, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in MODELS if n not in CHEAP])
+def test_capture_batch3_bound_batch1_slow(name):
+    _capture_and_bound(name, 3, 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_capture_batch1_bound_batch3(name):
+    _capture_and_bound(name, 1, 3)
+
+
+def test_public_capture_reports_or_succeeds():
+    """``boundprop.capture`` (with the support check) agrees with the raw capture + check."""
+    model, _ = captured("mlp")
+    graph = boundprop.capture(model, inputs("mlp", 1))
+    assert len(graph.inputs) == 1 and graph.output
+
+
+# --------------------------------------------------------------------------------------------
+# soundness
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", MODELS)
+def test_sound(name, method):
+    model, graph = supported_graph(name)
+    or_xfail(lambda: assert_sound(model, inputs(name, 2), eps=EPS, methods=(method,), graph=graph,
+                                  n_random=128))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", MODELS)
+def test_sound_large_eps(name, method):
+    """A wider input set (more unstable neurons, wider intermediate bounds) and more samples."""
+    model, graph = supported_graph(name)
+    or_xfail(lambda: assert_sound(model, inputs(name, 3, seed=5), eps=0.1, methods=(method,), graph=graph,
+                                  n_random=512))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_sound_l2(name):
+    model, graph = supported_graph(name)
+    or_xfail(lambda: assert_sound(model, inputs(name, 2, seed=6), eps=0.1, norm=2,
+                                  methods=("IBP", "CROWN-IBP", "CROWN"), graph=graph, n_random=512))
+
+
+# --------------------------------------------------------------------------------------------
+# tightness and gradients
+
+
+@pytest.mark.parametrize("name", RELU_MODELS)
+def test_crown_tighter_than_ibp(name):
+    model, graph = supported_graph(name)
+    x = inputs(name, 2, seed=3)
+    ptb = {graph.inputs[0]: PerturbationLpNorm(EPS)}
+    width = {}
+    with torch.no_grad():
+        for method in ("IBP", "CROWN-IBP", "CROWN"):
+            res = compute_bounds(graph, (x,), ptb, method=method)
+            width[method] = float((res.upper - res.lower).mean())
+    assert math.isfinite(width["IBP"])
+    assert width["CROWN"] <= width["IBP"] + 1e-6, width
+    assert width["CROWN"] <= width["CROWN-IBP"] + 1e-6, width
+
+
+@pytest.mark.parametrize("method", GRAD_METHODS)
+@pytest.mark.parametrize("name", MODELS)
+def test_bounds_differentiable_in_parameters(name, method):
+    """``(upper - lower).sum()`` backpropagates finite gradients into every weight of the model."""
+    model, graph = supported_graph(name)
+    x = inputs(name, 2, seed=4)
+    model.zero_grad(set_to_none=True)
+    try:
+        res = or_xfail(lambda: compute_bounds(graph, (x,), {graph.inputs[0]: PerturbationLpNorm(EPS)},
+                                              method=method))
+        (res.upper - res.lower).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+    finally:
+        model.zero_grad(set_to_none=True)
+    assert all(g is None or bool(torch.isfinite(g).all()) for g in grads.values())
+    weights = {n: g for n, g in grads.items() if dict(model.named_parameters())[n].dim() >= 2}
+    assert weights
+    for n, g in weights.items():
+        assert g is not None and bool((g != 0).any()), f"{method}: no gradient reaches {n}"

@@ -54,17 +54,17 @@ def pgd_extremes(fn, lower: torch.Tensor, upper: torch.Tensor, n_out: int, steps
 def assert_sound(model: torch.nn.Module, x: torch.Tensor, eps: float = 0.1,
                  methods: Sequence[str] = ("IBP", "CROWN-IBP", "CROWN"), norm: float = math.inf,
                  x_L: torch.Tensor | None = None, x_U: torch.Tensor | None = None, n_random: int = 256,
-                 pgd: bool = True, tol: float = TOL, graph=None) -> dict:
+                 pgd: bool = True, tol: float = TOL, graph=None, opts: dict | None = None) -> dict:
     """Bounds by every method must contain the model's value at sampled and PGD-pushed points.
 
     ``x`` is one batch (``(batch, *shape)``); for L-inf the set is the ``eps``-box (intersected
     with ``[x_L, x_U]``); for other norms points are sampled on and inside the ball. Returns the
-    results by method.
+    results by method. ``opts`` go to ``compute_bounds`` (e.g. fewer alpha-CROWN iterations).
     """
     model = model.eval()
     graph = graph or boundprop.capture(model, x)
     ptb = PerturbationLpNorm(eps, norm, x_L, x_U)
-    results = {m: compute_bounds(graph, (x,), {graph.inputs[0]: ptb}, method=m) for m in methods}
+    results = {m: compute_bounds(graph, (x,), {graph.inputs[0]: ptb}, method=m, opts=opts) for m in methods}
     box = ptb.interval(x)
     with torch.no_grad():
         for b in range(x.shape[0]):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import math
+import traceback
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -30,7 +32,7 @@ METHODS = ("IBP", "CROWN-IBP", "CROWN", "forward", "alpha-CROWN")
 GRAD_METHODS = ("IBP", "CROWN-IBP", "CROWN")
 EPS = 0.02
 #: models whose capture is cheap enough to repeat at another batch size in the default run
-CHEAP = ("mlp", "cnn")
+CHEAP = ("mlp",)
 
 
 def captured(name: str, batch: int = 1):
@@ -124,13 +126,68 @@ def test_public_capture_reports_or_succeeds():
 # --------------------------------------------------------------------------------------------
 # soundness
 
+#: alpha-CROWN with few iterations in the default run (every iterate is sound; see the slow test)
+FAST_OPTS = {"optimize_bound_args": {"iteration": 5}}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one method fared on one model: "ok", "xfail" (not implemented) or "fail" (message)."""
+
+    status: str
+    message: str = ""
+    result: object = None
+
+
+def _attempt(model, graph, x, methods, **kw) -> dict[str, Outcome]:
+    try:
+        results = assert_sound(model, x, methods=methods, graph=graph, **kw)
+    except NotImplementedError as error:
+        if len(methods) == 1:
+            return {methods[0]: Outcome("xfail", f"{type(error).__name__}: {error}")}
+        raise
+    except Exception:  # noqa: BLE001 - reported by the test of the method
+        if len(methods) == 1:
+            return {methods[0]: Outcome("fail", traceback.format_exc())}
+        raise
+    return {m: Outcome("ok", result=r) for m, r in results.items()}
+
+
+@functools.cache
+def sound_outcomes(name: str) -> dict[str, Outcome]:
+    """Soundness of every method on one model, sharing one PGD search among the methods.
+
+    All methods are checked in one ``assert_sound`` call; if it raises, each method is checked
+    on its own so that the failure (or missing implementation) is attributed to its method.
+    """
+    model, graph = captured(name)
+    x = inputs(name, 2)
+    kw = dict(eps=EPS, n_random=128, opts=FAST_OPTS)
+    try:
+        return _attempt(model, graph, x, METHODS, **kw)
+    except Exception:  # noqa: BLE001
+        outcomes: dict[str, Outcome] = {}
+        for method in METHODS:
+            outcomes.update(_attempt(model, graph, x, (method,), **kw))
+        return outcomes
+
+
+def method_result(name: str, method: str):
+    """The sound result of ``method`` on model ``name`` (xfail / fail as :func:`sound_outcomes` says)."""
+    supported_graph(name)
+    outcome = sound_outcomes(name)[method]
+    if outcome.status == "xfail":
+        pytest.xfail(outcome.message)
+    if outcome.status == "fail":
+        pytest.fail(f"{method} on {name}:\n{outcome.message}")
+    return outcome.result
+
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", MODELS)
 def test_sound(name, method):
-    model, graph = supported_graph(name)
-    or_xfail(lambda: assert_sound(model, inputs(name, 2), eps=EPS, methods=(method,), graph=graph,
-                                  n_random=128))
+    res = method_result(name, method)
+    assert torch.isfinite(res.lower).all() and torch.isfinite(res.upper).all()
 
 
 @pytest.mark.slow
@@ -157,17 +214,20 @@ def test_sound_l2(name):
 
 @pytest.mark.parametrize("name", RELU_MODELS)
 def test_crown_tighter_than_ibp(name):
-    model, graph = supported_graph(name)
-    x = inputs(name, 2, seed=3)
-    ptb = {graph.inputs[0]: PerturbationLpNorm(EPS)}
-    width = {}
-    with torch.no_grad():
-        for method in ("IBP", "CROWN-IBP", "CROWN"):
-            res = compute_bounds(graph, (x,), ptb, method=method)
-            width[method] = float((res.upper - res.lower).mean())
+    """Mean width: CROWN <= CROWN-IBP and CROWN <= IBP on ReLU networks."""
+    width = {m: float((method_result(name, m).upper - method_result(name, m).lower).mean())
+             for m in ("IBP", "CROWN-IBP", "CROWN")}
     assert math.isfinite(width["IBP"])
     assert width["CROWN"] <= width["IBP"] + 1e-6, width
     assert width["CROWN"] <= width["CROWN-IBP"] + 1e-6, width
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_alpha_crown_not_looser_than_crown(name):
+    """alpha-CROWN starts from CROWN and keeps the best bound: elementwise at least as tight."""
+    crown = method_result(name, "CROWN")
+    alpha = method_result(name, "alpha-CROWN")
+    assert bool((alpha.lower >= crown.lower - 1e-5).all() and (alpha.upper <= crown.upper + 1e-5).all())
 
 
 @pytest.mark.parametrize("method", GRAD_METHODS)

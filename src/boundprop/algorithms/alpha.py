@@ -310,6 +310,12 @@ def _optimise_side(state: PropagationState, target: str, C: torch.Tensor, side: 
     return best
 
 
+def _affine_only(state: PropagationState, name: str) -> bool:
+    graph = state.graph
+    return all(state.is_affine_here(graph.node(a)) for a in graph.ancestors(name)
+               if a in state.perturbed and graph.has_node(a))
+
+
 def alpha_crown(state: PropagationState, target: str, C: torch.Tensor, lower: bool, upper: bool,
                 keep_A: set[str] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
     """alpha-CROWN bounds of ``C y`` (``y`` = ``target``); see the module docstring.
@@ -332,6 +338,8 @@ def alpha_crown(state: PropagationState, target: str, C: torch.Tensor, lower: bo
         refine_intermediate(state, target)
         crown = backward(state, target, C, lower, upper, keep_A=keep_A)
         refined = set(state.refined)
+        # intervals no parameter can change (only affine ops behind them) stay as CROWN found them
+        fixed |= {n for n in refined if _affine_only(state, n)}
     start = _Start({n: _detach(iv) for n, iv in state.intervals.items()}, fixed,
                    {k: v for k, v in state.cache.items() if isinstance(k, tuple) and k and k[0] == "pullback"})
     low = crown.lower.detach() if lower else None
@@ -339,8 +347,7 @@ def alpha_crown(state: PropagationState, target: str, C: torch.Tensor, lower: bo
     A = {name: tuple(t.detach() if torch.is_tensor(t) else t for t in entry) for name, entry in crown.A.items()}
     if not o["enable_alpha_crown"] or int(o["iteration"]) <= 0:
         return low, up, A
-    import os
-    tightest = start.intervals if os.environ.get('BP_TIGHT') else dict(start.intervals)
+    tightest = start.intervals  # later evaluations restart from the tightest intervals so far
     bests = {}
     for side, wanted, bound in (("lower", lower, low), ("upper", upper, up)):
         if wanted:
@@ -348,6 +355,8 @@ def alpha_crown(state: PropagationState, target: str, C: torch.Tensor, lower: bo
     state.intervals = tightest
     state.refined = refined | fixed
     state.cache = {}
+    with torch.no_grad():
+        ibp(state, until=target)  # carry the tightened intervals on to the nodes after them
     if "lower" in bests:
         low = bests["lower"].bound
     if "upper" in bests:

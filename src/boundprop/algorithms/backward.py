@@ -13,6 +13,19 @@ their own backward rule. At the leaves the perturbation concretises the linear f
 
 Every node's coefficients are complete when it is visited, because all its users come later in
 the graph and are visited first.
+
+Representations of the coefficients (chosen for cost; every bound is the same):
+
+* a dense tensor ``(batch, spec, *shape)``, whose batch dimension stays 1 for as long as the
+  coefficients do not depend on the example (a spec ``C`` shared by the batch, through affine
+  ops), so that e.g. ``C W`` is computed once and not once per example;
+* :class:`~boundprop.domains.patches.Patches` for walks that start from a 2-D feature map
+  (intermediate bounds of convolutional layers): one small window per spec row, propagated by
+  the rules of :mod:`.patches` and turned into a dense tensor at the first op without one.
+
+Relaxations are applied as ``A lw + S (uw - lw)`` with ``S`` the negative part of ``A`` for the
+lower bound and the positive part for the upper bound (``= pos(A) lw + neg(A) uw`` and
+``pos(A) uw + neg(A) lw``), bias terms likewise: three passes over the coefficients per side.
 """
 
 from __future__ import annotations
@@ -24,9 +37,12 @@ from typing import Any
 import torch
 
 from ..domains import Relaxation
+from ..domains.patches import Patches, add_coefficients
 from ..graph.ir import Node
+from ..perturbation import PerturbationLpNorm
 from ..rules import RelaxCall, Var
 from ..rules.generic import AffinePullback, collect_vars
+from .patches import patch_rule_for
 from .state import PropagationState
 
 #: ``alpha_for(node_name, direction) -> Tensor | None``: free relaxation parameters for a node.
@@ -62,33 +78,119 @@ class BackwardOut:
 
 @dataclass
 class BackwardResult:
+    """Bounds ``(batch, spec)``, kept coefficients, and the walk's largest coefficient tensor per spec
+    row (``row_elements``, for sizing chunks of specs)."""
+
     lower: torch.Tensor | None
     upper: torch.Tensor | None
     A: dict[str, tuple[torch.Tensor | None, torch.Tensor | None, Any, Any]] = field(default_factory=dict)
+    row_elements: int = 0
 
 
-def _expand_relax(t: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    return t.unsqueeze(1) if t.dim() == A.dim() - 1 else t
+@dataclass
+class PreparedRelaxation:
+    """A relaxation in the form the walk applies it: ``lw``, ``d = uw - lw``, ``lb``, ``db = ub - lb``.
+
+    ``d``/``lb``/``db`` are None where identically zero (e.g. ``lb`` of ReLU, ``d`` of a layer
+    with no unstable neuron). Fields are ``(batch, *shape)``, or ``(batch, spec, *shape)`` when
+    ``per_spec`` (alpha-CROWN's spec-dependent parameters).
+    """
+
+    lw: torch.Tensor
+    d: torch.Tensor | None
+    lb: torch.Tensor | None
+    db: torch.Tensor | None
+    per_spec: bool
+    _stacked: torch.Tensor | None = None
+
+    @staticmethod
+    def of(relax: Relaxation, shape: torch.Size) -> PreparedRelaxation:
+        fields = [relax.lw, relax.uw - relax.lw, relax.lb, relax.ub - relax.lb]
+        per_spec = any(torch.is_tensor(f) and f.dim() > len(shape) for f in fields)
+        full = []
+        for f in fields:
+            f = torch.as_tensor(f, dtype=relax.lw.dtype, device=relax.lw.device)
+            if not per_spec:
+                f = torch.broadcast_to(f, shape)
+            elif f.dim() <= len(shape):
+                f = torch.broadcast_to(f, shape).unsqueeze(1)
+            else:
+                f = torch.broadcast_to(f, (shape[0], f.shape[1], *shape[1:]))
+            full.append(f)
+        lw, d, lb, db = full
+        return PreparedRelaxation(lw, *(None if not bool(f.any()) else f for f in (d, lb, db)), per_spec)
+
+    def windows(self, P: Patches) -> tuple[torch.Tensor | None, ...]:
+        """``(lw, d, lb, db)`` gathered over the windows of ``P`` (one gather for all fields)."""
+        fields = [self.lw, self.d, self.lb, self.db]
+        present = [f for f in fields if f is not None]
+        dim = 2 if self.per_spec else 1
+        if self.per_spec:
+            present = [f.expand(f.shape[0], P.spec, *f.shape[2:]) for f in present]
+            stacked = torch.cat(present, dim=dim)
+        else:
+            if self._stacked is None:
+                object.__setattr__(self, "_stacked", torch.cat(present, dim=dim))
+            stacked = self._stacked
+        parts = iter(P.gather(stacked).chunk(len(present), dim=2))
+        return tuple(next(parts) if f is not None else None for f in fields)
 
 
-def apply_relaxation(relax_l: Relaxation | None, relax_u: Relaxation | None, lA, uA) -> BackwardOut:
-    """Pass coefficients through ``lw x + lb <= f(x) <= uw x + ub``; returns (lA_x, uA_x) and biases."""
+def _sum_product(A: torch.Tensor, t: torch.Tensor, per_spec: bool) -> torch.Tensor:
+    """``sum over the node of A * t``: ``(batch, spec)``; ``t`` is ``(batch, *shape)`` unless ``per_spec``."""
+    if per_spec:
+        return (A * t).flatten(2).sum(-1)
+    return (A.flatten(2) @ t.reshape(t.shape[0], -1, 1)).squeeze(-1)
+
+
+def _relax_side(A, prep: PreparedRelaxation, upper: bool, windows=None):
+    """``(A', bias)`` for one side: ``A lw + S d`` and ``sum(A lb + S db)``, ``S = pos(A)`` or ``neg(A)``.
+
+    ``A`` is a dense tensor, or Patches with ``windows`` the relaxation gathered over them.
+    """
+    patches = isinstance(A, Patches)
+    data = A.data if patches else A
+    if patches:
+        lw, d, lb, db = windows
+        per_spec = True
+    else:
+        lw, d, lb, db = prep.lw, prep.d, prep.lb, prep.db
+        per_spec = prep.per_spec
+        if not per_spec:
+            lw, d = lw.unsqueeze(1), (d.unsqueeze(1) if d is not None else None)
+    S = None
+    if d is not None or db is not None:
+        S = data.clamp(min=0) if upper else data.clamp(max=0)
+    new = data * lw
+    if d is not None:
+        new.addcmul_(S, d)
+    bias: Any = 0.0
+    if lb is not None:
+        bias = _sum_product(data, lb, per_spec)
+    if db is not None:
+        bias = bias + _sum_product(S, db, per_spec)
+    return (A.with_data(new) if patches else new), bias
+
+
+def apply_relaxation(relax_l: PreparedRelaxation | None, relax_u: PreparedRelaxation | None, lA, uA):
+    """Pass coefficients through ``lw x + lb <= f(x) <= uw x + ub``; returns ``(lA_x, uA_x, lbias, ubias)``.
+
+    ``lA`` uses the lower relaxation where it is positive and the upper one where it is negative;
+    ``uA`` the other way round. Coefficients may be dense tensors or Patches.
+    """
     new_l = new_u = None
     lbias = ubias = 0.0
+    windows_l = windows_u = None
+    if isinstance(lA, Patches):
+        windows_l = relax_l.windows(lA)
+    if isinstance(uA, Patches):
+        same = isinstance(lA, Patches) and relax_u is relax_l and uA.data.shape[1:] == lA.data.shape[1:] \
+            and uA.padding == lA.padding and uA.stride == lA.stride
+        windows_u = windows_l if same else relax_u.windows(uA)
     if lA is not None:
-        r = relax_l
-        pos, neg = lA.clamp(min=0), lA.clamp(max=0)
-        lw, uw = _expand_relax(r.lw, lA), _expand_relax(r.uw, lA)
-        lb, ub = _expand_relax(r.lb, lA), _expand_relax(r.ub, lA)
-        new_l = pos * lw + neg * uw
-        lbias = (pos * lb + neg * ub).flatten(2).sum(-1)
+        new_l, lbias = _relax_side(lA, relax_l, False, windows_l)
     if uA is not None:
-        r = relax_u
-        pos, neg = uA.clamp(min=0), uA.clamp(max=0)
-        lw, uw = _expand_relax(r.lw, uA), _expand_relax(r.uw, uA)
-        lb, ub = _expand_relax(r.lb, uA), _expand_relax(r.ub, uA)
-        new_u = pos * uw + neg * lw
-        ubias = (pos * ub + neg * lb).flatten(2).sum(-1)
+        new_u, ubias = _relax_side(uA, relax_u, True, windows_u)
     return new_l, new_u, lbias, ubias
 
 
@@ -140,14 +242,70 @@ def _fast_affine(state: PropagationState, node: Node, rule, lA, uA) -> BackwardO
     return BackwardOut(list(zip(names, low[0], up[0])), low[1], up[1])
 
 
+def prepared_relaxation(state: PropagationState, node: Node, direction: str,
+                        alpha: torch.Tensor | None) -> PreparedRelaxation:
+    """:func:`relaxation_of` in the form the walk applies it (cached when alpha is None)."""
+    key = ("relax_prep", node.name)
+    if alpha is None and key in state.cache:
+        return state.cache[key]
+    relax = relaxation_of(state, node, direction, alpha)
+    prep = PreparedRelaxation.of(relax, state.intervals[node.inputs[0]].lower.shape)
+    if alpha is None:
+        state.cache[key] = prep
+    return prep
+
+
+def _full_batch(state: PropagationState, A):
+    """Dense coefficients with the batch dimension spelled out (for rules that expect it)."""
+    if isinstance(A, Patches):
+        A = A.to_dense()
+    if A is not None and A.shape[0] != state.batch_size:
+        A = A.expand(state.batch_size, *A.shape[1:])
+    return A
+
+
+def _patches_out(state: PropagationState, node: Node, lA, uA, alpha_for: AlphaLookup | None) -> BackwardOut | None:
+    """Propagation of Patches coefficients (both sides in patch form, or None); None if no patch rule."""
+    entry = state.rules(node)
+    if entry.relaxation is not None and not state.is_affine_here(node):
+        alpha_l = alpha_for(node.name, "lower") if (alpha_for and lA is not None) else None
+        alpha_u = alpha_for(node.name, "upper") if (alpha_for and uA is not None) else None
+        relax_l = prepared_relaxation(state, node, "lower", alpha_l) if lA is not None else None
+        relax_u = prepared_relaxation(state, node, "upper", alpha_u) if uA is not None else None
+        new_l, new_u, lbias, ubias = apply_relaxation(relax_l, relax_u, lA, uA)
+        return BackwardOut([(node.inputs[0], new_l, new_u)], lbias, ubias)
+    rule = patch_rule_for(node)
+    if rule is None or not state.is_affine_here(node):
+        return None
+    args, kwargs = state.resolve_for_linear(node)
+    low = rule(state, node, args, kwargs, lA) if lA is not None else ([], 0.0)
+    up = rule(state, node, args, kwargs, uA) if uA is not None else ([], 0.0)
+    if low is None or up is None:
+        return None
+    names = list(dict.fromkeys([n for n, _ in low[0]] + [n for n, _ in up[0]]))
+    lows, ups = dict(low[0]), dict(up[0])
+    return BackwardOut([(n, lows.get(n), ups.get(n)) for n in names], low[1], up[1])
+
+
 def propagate_node(state: PropagationState, node: Node, lA, uA, alpha_for: AlphaLookup | None) -> BackwardOut:
-    """Coefficients of a node's output -> coefficients of its perturbed inputs."""
+    """Coefficients of a node's output -> coefficients of its perturbed inputs.
+
+    ``lA``/``uA``: dense ``(batch or 1, spec, *out)`` tensors, Patches, or None.
+    """
+    if isinstance(lA, Patches) or isinstance(uA, Patches):
+        if (lA is None or isinstance(lA, Patches)) and (uA is None or isinstance(uA, Patches)):
+            out = _patches_out(state, node, lA, uA, alpha_for)
+            if out is not None:
+                return out
+        lA = lA.to_dense() if isinstance(lA, Patches) else lA
+        uA = uA.to_dense() if isinstance(uA, Patches) else uA
     entry = state.rules(node)
     if state.is_affine_here(node):
         if entry.affine_backward is not None:
             out = _fast_affine(state, node, entry.affine_backward, lA, uA)
             if out is not None:
                 return out
+        lA, uA = _full_batch(state, lA), _full_batch(state, uA)
         pb = _pullback(state, node)
         names = [v.name for v in pb.vars]
         lAs = pb.backward(lA) if lA is not None else [None] * len(names)
@@ -158,53 +316,74 @@ def propagate_node(state: PropagationState, node: Node, lA, uA, alpha_for: Alpha
     if entry.relaxation is not None:
         alpha_l = alpha_for(node.name, "lower") if (alpha_for and lA is not None) else None
         alpha_u = alpha_for(node.name, "upper") if (alpha_for and uA is not None) else None
-        relax_l = relaxation_of(state, node, "lower", alpha_l) if lA is not None else None
-        relax_u = relaxation_of(state, node, "upper", alpha_u) if uA is not None else None
+        relax_l = prepared_relaxation(state, node, "lower", alpha_l) if lA is not None else None
+        relax_u = prepared_relaxation(state, node, "upper", alpha_u) if uA is not None else None
         new_l, new_u, lbias, ubias = apply_relaxation(relax_l, relax_u, lA, uA)
         return BackwardOut([(node.inputs[0], new_l, new_u)], lbias, ubias)
     if entry.backward is not None:
+        lA, uA = _full_batch(state, lA), _full_batch(state, uA)
         args, kwargs = state.resolve_for_linear(node)
         lookup = (lambda d: alpha_for(node.name, d)) if alpha_for else (lambda d: None)
         return entry.backward(BackwardCall(node, args, kwargs, lA, uA, state.opts, lookup))
     raise NotImplementedError(f"no linear bound rule for {node.op_name} <- {node.source or node.name}")
 
 
-def _add(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
+def _row_elements(A) -> int:
+    if A is None:
+        return 0
+    data = A.data if isinstance(A, Patches) else A
+    return data.numel() // max(1, data.shape[1])
 
 
-def backward(state: PropagationState, start: str, C: torch.Tensor, lower: bool = True, upper: bool = True,
+def _concretize(state: PropagationState, name: str, A, sign: int) -> torch.Tensor:
+    """``min`` (sign -1) / ``max`` (+1) of ``A . leaf`` over the leaf's perturbation set: ``(batch, spec)``."""
+    ptb, x = state.perturbations[name], state.values[name]
+    if isinstance(A, Patches):
+        if isinstance(ptb, PerturbationLpNorm) and (ptb.norm == float("inf") or ptb._box_only()) and x.dim() == 4:
+            key = ("box", name)
+            if key not in state.cache:
+                box = ptb.interval(x)
+                state.cache[key] = (box.center, box.radius)
+            center, radius = state.cache[key]
+            return A.concretize_box(center, radius, sign)
+        A = A.to_dense()
+    if not isinstance(ptb, PerturbationLpNorm):
+        A = _full_batch(state, A)
+    return ptb.concretize(x, A, sign)
+
+
+def backward(state: PropagationState, start: str, C, lower: bool = True, upper: bool = True,
              alpha_for: AlphaLookup | None = None, keep_A: set[str] | None = None) -> BackwardResult:
     """Bounds of ``C y`` (``y`` = node ``start``) by one backward walk.
 
     Arguments:
-        C: ``(batch, spec, *y.shape[1:])`` (a batch dimension of 1 broadcasts).
+        C: ``(batch, spec, *y.shape[1:])`` (a batch dimension of 1 broadcasts), or
+            :class:`~boundprop.domains.patches.Patches` on ``y``.
         alpha_for: alpha-CROWN parameters per (node, direction), or None for CROWN's defaults.
         keep_A: names of perturbed leaves/nodes whose coefficients are returned in ``A``
-            (as ``(lA, uA, lbias, ubias)`` with the bias accumulated up to that point).
+            (as ``(lA, uA, lbias, ubias)`` with the bias accumulated up to that point; dense,
+            ``(batch, spec, *shape)``).
 
     Returns lower/upper of shape ``(batch, spec)`` (None for a side not asked for).
     """
     graph = state.graph
     needed = graph.ancestors(start)
     batch = state.batch_size
-    if C.shape[0] != batch:
-        C = C.expand(batch, *C.shape[1:])
+    spec = C.spec if isinstance(C, Patches) else C.shape[1]
+    ref = C.data if isinstance(C, Patches) else C
     coeffs: dict[str, list] = {start: [C if lower else None, C if upper else None]}
     lbias: Any = 0.0
     ubias: Any = 0.0
     A_out: dict[str, tuple] = {}
     leaves_seen: dict[str, list] = {}
+    peak = 0
     for node in reversed(graph.nodes):
         if node.name not in needed or node.name not in coeffs:
             continue
         lA, uA = coeffs.pop(node.name)
+        peak = max(peak, _row_elements(lA) + _row_elements(uA))
         if keep_A and node.name in keep_A:
-            A_out[node.name] = (lA, uA, lbias, ubias)
+            A_out[node.name] = (_full_batch(state, lA), _full_batch(state, uA), lbias, ubias)
         out = propagate_node(state, node, lA, uA, alpha_for)
         lbias = lbias + out.lbias
         ubias = ubias + out.ubias
@@ -212,8 +391,8 @@ def backward(state: PropagationState, start: str, C: torch.Tensor, lower: bool =
             if name not in state.perturbed:
                 continue
             slot = coeffs.setdefault(name, [None, None])
-            slot[0] = _add(slot[0], new_l)
-            slot[1] = _add(slot[1], new_u)
+            slot[0] = add_coefficients(slot[0], new_l)
+            slot[1] = add_coefficients(slot[1], new_u)
     for name, (lA, uA) in coeffs.items():
         if name not in state.perturbations:
             raise RuntimeError(f"backward walk left coefficients at non-leaf {name}")
@@ -221,16 +400,20 @@ def backward(state: PropagationState, start: str, C: torch.Tensor, lower: bool =
     low = lbias if lower else None
     up = ubias if upper else None
     for name, (lA, uA) in leaves_seen.items():
-        ptb, x = state.perturbations[name], state.values[name]
+        peak = max(peak, _row_elements(lA) + _row_elements(uA))
         if keep_A and name in keep_A:
-            A_out[name] = (lA, uA, lbias, ubias)
+            A_out[name] = (_full_batch(state, lA), _full_batch(state, uA), lbias, ubias)
         if lower and lA is not None:
-            low = low + ptb.concretize(x, lA, -1)
+            low = low + _concretize(state, name, lA, -1)
         if upper and uA is not None:
-            up = up + ptb.concretize(x, uA, +1)
-    shape = (batch, C.shape[1])
-    if lower and not torch.is_tensor(low):
-        low = torch.full(shape, float(low), dtype=C.dtype, device=C.device)
-    if upper and not torch.is_tensor(up):
-        up = torch.full(shape, float(up), dtype=C.dtype, device=C.device)
-    return BackwardResult(low, up, A_out)
+            up = up + _concretize(state, name, uA, +1)
+    return BackwardResult(_as_bound(low, (batch, spec), ref), _as_bound(up, (batch, spec), ref), A_out, peak)
+
+
+def _as_bound(value, shape: tuple[int, int], ref: torch.Tensor) -> torch.Tensor | None:
+    """A ``(batch, spec)`` tensor from a bias sum that may be a number or broadcast over the batch."""
+    if value is None:
+        return None
+    if not torch.is_tensor(value):
+        return torch.full(shape, float(value), dtype=ref.dtype, device=ref.device)
+    return value if value.shape == shape else value.expand(shape).clone()

@@ -4,24 +4,42 @@ Before the final backward walk, every node whose relaxation needs its input's in
 interval as tight as CROWN can make it, in topological order (so each walk sees final bounds of
 everything before it):
 
-* IBP runs first (cheap) and decides which neurons are already stable: only the neurons a
-  consumer reports as unstable (``unstable(l, u)``, e.g. ``l < 0 < u`` for ReLU) get a backward
-  walk, with a one-hot specification per unstable neuron, in chunks of bounded memory;
+* IBP decides which neurons are already stable: before a node is refined, its IBP interval is
+  recomputed from the refined intervals before it (as auto_LiRPA's reference bounds), and only
+  the neurons a consumer reports as unstable under it (``unstable(l, u)``, e.g. ``l < 0 < u``
+  for ReLU) get a backward walk, with a one-hot specification per unstable neuron, in chunks of
+  bounded memory (``opts["max_coefficient_elements"]``, default 2**25 per coefficient tensor);
+* a walk from a 2-D feature map starts in patch form (:mod:`boundprop.domains.patches`;
+  ``opts["conv_mode"] = "matrix"`` keeps dense one-hot specs);
 * nodes that are element-wise functions or pure data movement of already refined nodes take
-  their interval from their IBP rule instead (as tight, and free);
+  their interval from their IBP rule instead (as tight, and free), and so do linear layers,
+  convolutions and batch norms applied directly to an L-inf/box-perturbed input (IBP is exact
+  there: ``W c +- |W| r`` is what CROWN would find);
 * the new bounds are intersected with the IBP ones (never looser).
 
+Gradients: by default the intermediate walks are differentiable (certified training with CROWN
+needs that; under ``torch.no_grad()`` nothing is recorded). ``opts["intermediate_grad"] = False``
+runs them without recording (they then enter the final bound as constants): much less memory when
+gradients are enabled, e.g. for model parameters with ``requires_grad``, but gradients no longer
+account for the intermediate bounds' dependence on the parameters. alpha-CROWN's walks (with
+``alpha_for``) always record.
+
 Cost: one backward walk per layer that feeds a nonlinearity, with as many spec rows as it has
-unstable neurons: O(L^2) walks' worth of layer products for an L-layer network in the worst case.
+unstable neurons: O(L^2) walks' worth of layer products for an L-layer network in the worst case;
+in patch form each walk costs per row only the receptive field of the neuron, not the image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
 from ..domains import Interval
+from ..domains.patches import Patches
+from ..graph import ops
+from ..perturbation import PerturbationLpNorm
 from ..rules.shape import MOVEMENT_OPS
 from .backward import AlphaLookup, backward
 from .ibp import interval_of
@@ -33,10 +51,46 @@ AlphaForStart = Callable[[str], AlphaLookup | None]
 _MOVEMENT = set(MOVEMENT_OPS)
 
 
+aten = torch.ops.aten
+
+#: ops whose IBP rule is exact (centre/radius with ``|W|``) when their input is a box
+_EXACT_ON_BOX = {aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.convolution.default,
+                 aten.conv_transpose1d.default, aten.conv_transpose2d.input, ops.batch_norm_eval}
+
+
 def _cheap(state: PropagationState, name: str) -> bool:
     node = state.graph.node(name)
     entry = state.rules(node)
     return entry.relaxation is not None or node.target in _MOVEMENT
+
+
+def _ibp_exact(state: PropagationState, name: str) -> bool:
+    """An affine layer of one box-perturbed input: its IBP interval is already what CROWN would give."""
+    node = state.graph.node(name)
+    if node.target not in _EXACT_ON_BOX or not state.is_affine_here(node):
+        return False
+    perturbed = [p for p in node.inputs if p in state.perturbed]
+    if len(perturbed) != 1 or perturbed[0] not in state.perturbations:
+        return False
+    ptb = state.perturbations[perturbed[0]]
+    return isinstance(ptb, PerturbationLpNorm) and (ptb.norm == float("inf") or ptb._box_only())
+
+
+def refresh_ibp(state: PropagationState, name: str) -> None:
+    """Recompute (and intersect) the IBP interval of ``name`` and of every not yet refined node
+    before it, from the refined intervals: the reference that decides which neurons CROWN bounds.
+
+    A node is recomputed only if some interval was refined since its last recomputation.
+    """
+    stamp = len(state.refined)
+    seen = state.cache.setdefault("ibp_stamp", {})
+    ancestors = state.graph.ancestors(name)
+    for node in state.graph.nodes:
+        n = node.name
+        if n not in ancestors or n not in state.perturbed or n in state.refined or seen.get(n) == stamp:
+            continue
+        state.intervals[n] = interval_of(state, n).intersect(state.intervals[n])
+        seen[n] = stamp
 
 
 def unstable_mask(state: PropagationState, name: str) -> torch.Tensor:
@@ -77,6 +131,18 @@ def _spec_rows(alpha_for: AlphaLookup, begin: int, count: int) -> AlphaLookup:
     return lookup
 
 
+def _walk_start(state: PropagationState, name: str, part: torch.Tensor, dtype: torch.dtype):
+    """One-hot specs for the neurons ``part`` of ``name``: Patches on a 2-D map, else a dense tensor."""
+    value = state.values[name]
+    shape = value.shape[1:]
+    if value.dim() == 4 and name in state.batched and state.opts.get("conv_mode", "patches") == "patches":
+        return Patches.identity(part, tuple(shape), dtype)
+    n = shape.numel()
+    C = torch.zeros(1, part.numel(), n, dtype=dtype, device=part.device)
+    C[0, torch.arange(part.numel(), device=part.device), part] = 1.0
+    return C.reshape(1, part.numel(), *shape)
+
+
 def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None = None,
                    alpha_for: AlphaLookup | None = None) -> Interval:
     """CROWN bounds of the neurons of ``name`` selected by ``mask`` (others keep their interval)."""
@@ -92,15 +158,16 @@ def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None
         return old
     new_l, new_u = flat_l.clone(), flat_u.clone()
     chunk = spec_chunk_size(state, name)
-    shape = old.lower.shape[1:]
-    for start in range(0, index.numel(), chunk):
+    budget = int(state.opts.get("max_coefficient_elements", 2**25))
+    record = alpha_for is not None or state.opts.get("intermediate_grad", True)
+    start = 0
+    while start < index.numel():
         part = index[start:start + chunk]
-        C = torch.zeros(1, part.numel(), n, dtype=flat_l.dtype, device=flat_l.device)
-        C[0, torch.arange(part.numel(), device=part.device), part] = 1.0
         lookup = alpha_for
-        if alpha_for is not None and chunk < index.numel():
+        if alpha_for is not None and part.numel() < index.numel():
             lookup = _spec_rows(alpha_for, start, part.numel())
-        res = backward(state, name, C.reshape(1, part.numel(), *shape), alpha_for=lookup)
+        with nullcontext() if record else torch.no_grad():
+            res = backward(state, name, _walk_start(state, name, part, flat_l.dtype), alpha_for=lookup)
         lo, hi = torch.maximum(flat_l[:, part], res.lower), torch.minimum(flat_u[:, part], res.upper)
         if alpha_for is not None:
             # alpha-CROWN: the gradient reaches the new bounds even where the old ones are tighter
@@ -108,6 +175,9 @@ def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None
             lo = res.lower + (lo - res.lower).detach()
             hi = res.upper + (hi - res.upper).detach()
         new_l[:, part], new_u[:, part] = lo, hi
+        start += part.numel()
+        # later chunks sized by what this walk really held (patches need far less than dense specs)
+        chunk = max(1, budget // max(1, res.row_elements))
     return Interval(new_l.reshape(old.lower.shape), new_u.reshape(old.upper.shape))
 
 
@@ -126,7 +196,8 @@ def refine(state: PropagationState, name: str, alpha_for_start: AlphaForStart | 
                 stack.extend(pending)
                 continue
             state.intervals[current] = interval_of(state, current).intersect(state.intervals[current])
-        else:
+        elif not _ibp_exact(state, current):
+            refresh_ibp(state, current)
             alpha_for = alpha_for_start(current) if alpha_for_start else None
             state.intervals[current] = crown_interval(state, current, unstable_mask(state, current), alpha_for)
         state.refined.add(current)

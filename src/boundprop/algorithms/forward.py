@@ -131,17 +131,31 @@ def affine_forms(state: PropagationState, node: Node, forms: dict[str, LinearFor
     batch, rows = value.shape[0], ins[0].lower.shape[1]
     fit = lambda t: t if t.shape[2:] == value.shape[1:] else t.expand(batch, rows, *value.shape[1:])
     if all(f.is_exact for f in ins):
-        out = LinearForms.exact(fit(_apply_affine(state, node, args, kwargs, [f.lower for f in ins], False)))
+        tangents = [f.lower for f in ins]
+        rows = fit(_apply_affine(state, node, args, kwargs, tangents, False))
+        out, fresh = LinearForms.exact(rows), _is_fresh(rows, tangents)
+    elif node.target in NONNEGATIVE_AFFINE:  # J >= 0: lower to lower, upper to upper
+        lower = fit(_apply_affine(state, node, args, kwargs, [f.lower for f in ins], False))
+        upper = fit(_apply_affine(state, node, args, kwargs, [f.upper for f in ins], False))
+        out, fresh = LinearForms(lower, upper), False
     else:
-        mids = [f.lower if f.is_exact else (f.lower + f.upper) / 2 for f in ins]
-        rads = [None if f.is_exact else (f.upper - f.lower) / 2 for f in ins]
+        mids = [f.lower if f.is_exact else torch.add(f.lower, f.upper).mul_(0.5) for f in ins]
+        rads = [None if f.is_exact else torch.sub(f.upper, f.lower).mul_(0.5) for f in ins]
         mid = fit(_apply_affine(state, node, args, kwargs, mids, False))
         rad = fit(_apply_affine(state, node, args, kwargs, rads, True))
-        out = LinearForms(mid - rad, mid + rad)
+        out, fresh = LinearForms(mid - rad, mid + rad), True
     if state.rules(node).homogeneous:
         return out
     constant = _pushforward(state, node).constant
-    return out.add_constant(constant) if constant is not None else out
+    return out.add_constant(constant, fresh=fresh) if constant is not None else out
+
+
+def _is_fresh(out: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
+    """``out`` owns its memory (not a view, not an input): safe to update in place."""
+    if out._base is not None:
+        return False
+    ptr = out.untyped_storage().data_ptr()
+    return all(t.untyped_storage().data_ptr() != ptr for t in inputs)
 
 
 def relaxed_forms(state: PropagationState, node: Node, forms: dict[str, LinearForms]) -> LinearForms:
@@ -151,8 +165,8 @@ def relaxed_forms(state: PropagationState, node: Node, forms: dict[str, LinearFo
     lw, lb, uw, ub = (torch.broadcast_to(t, shape) for t in (relax.lw, relax.lb, relax.uw, relax.ub))
     x = forms[node.inputs[0]]
     if x.is_exact and torch.equal(lw, uw) and torch.equal(lb, ub):  # f is affine on this box
-        return LinearForms.exact(compose(lw, x, "lower")).add_constant(lb)
-    return LinearForms(compose(lw, x, "lower"), compose(uw, x, "upper")).add_constant(lb, ub)
+        return LinearForms.exact(compose(lw, x, "lower")).add_constant(lb, fresh=True)
+    return LinearForms(compose(lw, x, "lower"), compose(uw, x, "upper")).add_constant(lb, ub, fresh=True)
 
 
 def node_forms(state: PropagationState, node: Node, forms: dict[str, LinearForms]) -> LinearForms:

@@ -1,9 +1,11 @@
 """``boundprop bounds``: bound a model's outputs on a few inputs with several methods, side by side.
 
-For every sample (batch of one) and method it times one :func:`boundprop.compute_bounds` call (after
-one untimed warm-up call per method), and reports the mean width of the bounds and, with the
-margin specification, whether every margin ``y_true - y_j`` has a positive lower bound (verified).
-A method that raises ``NotImplementedError`` is reported as ``n/a``.
+Every method bounds the samples in :func:`boundprop.compute_bounds` calls of ``--batch-size``
+samples (default: all of them in one call; 1 times each sample alone), after two untimed warm-up
+calls (IBP, CROWN) that pay torch's first-call costs. Reported per sample and method: the mean
+width of the bounds and, with the margin specification, the smallest lower bound of the margins
+``y_true - y_j`` and whether it is positive (verified). A method that raises
+``NotImplementedError`` is reported as ``n/a``, not as an error.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "data, else the model's predictions); none: bounds of the raw outputs")
     p.add_argument("--plot", default=None, metavar="OUT.png",
                    help="save per-class bound bars for the first sample (needs matplotlib)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="samples per compute_bounds call (default: all in one call; 1 times every sample alone)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--summary-only", action="store_true", help="print only the summary table")
     p.set_defaults(run=run)
@@ -129,8 +133,9 @@ def run(args: argparse.Namespace) -> int:
     methods = parse_methods(args.method)
     if args.eps < 0:
         raise CliError(f"--eps must be >= 0, got {args.eps}")
-    if args.samples is not None and args.samples < 1:
-        raise CliError(f"--samples must be >= 1, got {args.samples}")
+    for name in ("samples", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.plot is not None:
         from .plot import require_matplotlib
 
@@ -157,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     x = x[:n]
     labels = labels[:n] if labels is not None else None
     clip = bundled_data if args.clip is None else args.clip
+    if clip and bool(((x < 0) | (x > 1)).any()):
+        raise CliError("--clip bounds the inputs to [0, 1], but some inputs lie outside; use --no-clip")
 
     t0 = time.perf_counter()
     try:
@@ -222,20 +229,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(args, loaded, source, labels_from, x, labels, logits, predicted, clip, capture_s, forward_ms,
-            methods, outcomes) -> None:
+            methods, outcomes, batch) -> None:
     n = x.shape[0]
     margin = args.spec == "margin"
     shape = "x".join(str(s) for s in x.shape[1:])
+    threads = torch.get_num_threads()
     print(f"model:  {loaded.description}")
     print(f"inputs: {n} {source} ({shape} each)" + (f"; labels: {labels_from}" if margin else ""))
     ball = f"L{args.norm} ball, eps = {args.eps:g}" + (", clipped to [0, 1]" if clip else "")
-    spec = (f"margin (lower bounds of y_true - y_j, {logits.shape[-1] - 1} per sample; verified when all > 0)"
+    spec = (f"margin (bounds of y_true - y_j, {logits.shape[-1] - 1} per sample; verified when all lower > 0)"
             if margin else "none (bounds of the raw outputs)")
     print(f"perturbation: {ball};  spec: {spec}")
     print(f"capture: {capture_s:.2f} s (once per model);  one forward pass: {forward_ms:.3f} ms (batch 1, "
-          f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})")
-    print("times: one compute_bounds call per sample (batch 1), after one untimed warm-up call per method")
-    header = ["method", "time (ms)", "mean width"] + (["min margin LB", "verified"] if margin else [])
+          f"{threads} thread{'s' if threads > 1 else ''})")
+    calls = "one call per sample" if batch == 1 else f"batches of up to {batch} samples per call"
+    print(f"timing: compute_bounds, {calls}; lower and upper bounds")
+    per_sample_time = batch == 1
+    header = ["method"] + (["time (ms)"] if per_sample_time else []) + ["mean width"]
+    header += ["min margin LB", "verified"] if margin else []
     if not args.summary_only:
         for i in range(n):
             line = f"\nsample {i}:"
@@ -245,7 +256,7 @@ def _report(args, loaded, source, labels_from, x, labels, logits, predicted, cli
                 line += f" predicted {int(predicted[i])}"
             if margin:
                 others = torch.cat([logits[i, :labels[i]], logits[i, labels[i] + 1:]])
-                line += f", nominal min margin {float(logits[i, labels[i]] - others.max()):.2f}"
+                line += f", nominal min margin {float(logits[i, labels[i]] - others.max()):.3f}"
                 if predicted is not None and int(predicted[i]) != int(labels[i]):
                     line += " (misclassified: cannot be verified)"
             print(line)
@@ -253,27 +264,29 @@ def _report(args, loaded, source, labels_from, x, labels, logits, predicted, cli
             for m in methods:
                 o = outcomes[m][i]
                 if o.na is not None:
-                    rows.append([DISPLAY_NAMES[m], "n/a", "n/a"] + (["n/a", "n/a"] if margin else []))
+                    rows.append([DISPLAY_NAMES[m]] + ["n/a"] * (len(header) - 1))
                     continue
-                row = [DISPLAY_NAMES[m], _fmt(o.ms, ".2f"), _fmt(o.width, ".3f")]
+                row = [DISPLAY_NAMES[m]] + ([_fmt(o.ms, ".2f")] if per_sample_time else []) + [_fmt(o.width, ".3f")]
                 if margin:
                     lb = float(o.lower.min())
                     row += [_fmt(lb, ".3f"), "yes" if lb > 0 else "no"]
                 rows.append(row)
             _print_table(rows, header)
     print(f"\nsummary over {n} sample{'s' if n > 1 else ''}:")
+    header = ["method", "total time (ms)", "per sample (ms)", "mean width"] + (["verified"] if margin else [])
     rows = []
     for m in methods:
         cells = outcomes[m]
         if cells[0].na is not None:
-            rows.append([DISPLAY_NAMES[m], "n/a", "n/a"] + (["n/a"] if margin else []))
+            rows.append([DISPLAY_NAMES[m]] + ["n/a"] * (len(header) - 1))
             continue
-        row = [DISPLAY_NAMES[m], _fmt(statistics.mean(c.ms for c in cells), ".2f"),
+        total = sum(c.ms for c in cells)
+        row = [DISPLAY_NAMES[m], _fmt(total, ".1f"), _fmt(total / n, ".2f"),
                _fmt(statistics.mean(c.width for c in cells), ".3f")]
         if margin:
             row.append(f"{sum(float(c.lower.min()) > 0 for c in cells)}/{n}")
         rows.append(row)
-    _print_table(rows, ["method", "mean time (ms)", "mean width"] + (["verified"] if margin else []))
+    _print_table(rows, header)
     for m in methods:
         if outcomes[m][0].na is not None:
             print(f"  n/a: {DISPLAY_NAMES[m]}: {outcomes[m][0].na}")

@@ -8,7 +8,7 @@ Model sources (``--model``):
 * a ``.pt``/``.pth`` file: a whole pickled ``nn.Module``; a state dict with ``--arch`` naming its
   architecture (``module:factory`` or a bundled architecture name); or a bundle in the format of
   ``boundprop/data/digits.pt`` (``{"arch", "state_dict", ...}``);
-* a ``.onnx`` file: handed to boundprop's ONNX importer when it exists.
+* a ``.onnx`` file: handed to boundprop's ONNX importer (:data:`ONNX_IMPORTERS`) when it exists.
 
 Inputs (``--input``): a ``.pt``/``.pth`` file holding a tensor, a pair ``(x, labels)`` or a dict
 with ``x``/``inputs``/``images`` and optionally ``y``/``labels``/``targets``; a ``.npy`` array; a
@@ -110,24 +110,33 @@ def _load_state(module: nn.Module, state: dict, source: str) -> nn.Module:
     return module
 
 
+#: Where boundprop's ONNX importer may live, and its entry point: ``fn(path, is_supported) -> Graph``.
+ONNX_IMPORTERS = (("boundprop.onnx", "import_onnx"), ("boundprop.graph.onnx_import", "import_onnx"))
+
+
+def _find_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def _load_onnx(path: str) -> LoadedModel:
-    for name in ("boundprop.onnx", "boundprop.graph.onnx"):
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
+    from ..rules import is_supported
+
+    for module_name, fn_name in ONNX_IMPORTERS:
+        if not _find_module(module_name):
             continue
-        mod = importlib.import_module(name)
-        for fn_name in ("load_onnx", "import_onnx", "load"):
-            fn = getattr(mod, fn_name, None)
-            if callable(fn):
-                result = fn(path)
-                if isinstance(result, Graph):
-                    return LoadedModel(None, f"ONNX model {path}", graph=result)
-                if isinstance(result, nn.Module):
-                    return LoadedModel(result.eval(), f"ONNX model {path} ({_count_params(result):,} parameters)")
-        raise CliError(f"{name} has no loader (load_onnx/import_onnx/load) the command line knows")
+        fn = getattr(importlib.import_module(module_name), fn_name, None)
+        if not callable(fn):
+            continue
+        try:
+            graph = fn(path, is_supported)
+        except NotImplementedError as err:  # UnsupportedOperatorError lists every unsupported op
+            raise CliError(str(err)) from err
+        except Exception as err:  # noqa: BLE001
+            raise CliError(f"cannot import the ONNX model {path}: {err}") from err
+        return LoadedModel(None, f"ONNX model {path} ({len(graph.nodes)} operations)", graph=graph)
     raise CliError("ONNX import not available yet: export the model from PyTorch and pass "
                    "'module:factory' or a .pt file instead")
 

@@ -57,16 +57,28 @@ class LinearForms:
     def ub(self) -> torch.Tensor:
         return self.upper[:, -1]
 
-    def add_constant(self, lower: torch.Tensor | float, upper: torch.Tensor | float | None = None) -> LinearForms:
-        """Forms of ``y + c`` with ``c`` in ``[lower, upper]`` (shape ``(batch, *shape)`` or broadcastable)."""
+    def add_constant(self, lower: torch.Tensor | float, upper: torch.Tensor | float | None = None,
+                     fresh: bool = False) -> LinearForms:
+        """Forms of ``y + c`` with ``c`` in ``[lower, upper]`` (shape ``(batch, *shape)`` or broadcastable).
+
+        ``fresh``: this object's tensors are new and held nowhere else; they are updated in place.
+        """
         upper = lower if upper is None else upper
-        new_l = _add_to_last_row(self.lower, lower)
-        new_u = new_l if self.is_exact and upper is lower else _add_to_last_row(self.upper, upper)
-        return LinearForms(new_l, new_u)
+        new_l = add_to_last_row(self.lower, lower, fresh)
+        if self.is_exact and upper is lower:
+            return LinearForms(new_l, new_l)
+        if self.is_exact:
+            return LinearForms(new_l, add_to_last_row(self.upper, upper, False))
+        return LinearForms(new_l, add_to_last_row(self.upper, upper, fresh))
 
 
-def _add_to_last_row(rows: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+def add_to_last_row(rows: torch.Tensor, c: torch.Tensor | float, fresh: bool = False) -> torch.Tensor:
+    """``rows`` with ``c`` added to the constant row; ``fresh``: ``rows`` is a new tensor nobody else
+    holds (then it is updated in place, which autograd allows for outputs of matmul/add/mul)."""
     if not torch.is_tensor(c) and c == 0:
+        return rows
+    if fresh:
+        rows[:, -1] += c
         return rows
     bias = rows[:, -1] + c
     if bias.shape != rows.shape[:1] + rows.shape[2:]:
@@ -86,4 +98,8 @@ def compose(coef: torch.Tensor, forms: LinearForms, side: str) -> torch.Tensor:
     first, second = (forms.lower, forms.upper) if side == "lower" else (forms.upper, forms.lower)
     if not torch.is_tensor(coef):
         return coef * (first if coef >= 0 else second)
+    if bool((coef >= 0).all()):  # e.g. ReLU's slopes: one product instead of two
+        return coef * first
+    if bool((coef <= 0).all()):
+        return coef * second
     return coef.clamp(min=0) * first + coef.clamp(max=0) * second

@@ -76,7 +76,7 @@ def mul_interval(args, kwargs) -> Interval:
 def div_interval(args, kwargs) -> Interval:
     a, b = args[0], args[1]
     if is_perturbed(b):
-        from .bilinear import reciprocal_interval  # noqa: PLC0415 - the nonlinear family owns 1/x
+        from .convex import reciprocal_interval  # noqa: PLC0415 - the nonlinear family owns 1/x
 
         return mul_interval((a, reciprocal_interval((b,), {})), {})
     return mul_interval((a, 1.0 / b if not torch.is_tensor(b) else torch.reciprocal(b)), {})

@@ -7,12 +7,19 @@ inequalities ``(x - lx)(y - ly) >= 0``, ``(ux - x)(uy - y) >= 0``, ``(x - lx)(y 
     x y >= t (ly x + lx y - lx ly) + (1 - t) (uy x + ux y - ux uy)        t in [0, 1]
     x y <= s (uy x + lx y - lx uy) + (1 - s) (ly x + ux y - ux ly)        s in [0, 1]
 
-Each plane is exact on three corners of the box and off by ``(ux - lx)(uy - ly)`` on the fourth.
-The default (``opts["mul_relaxation"] = "corner"``) puts that fourth corner where it does not
-matter: ``t = 1`` iff ``ux uy >= lx ly`` (the lower plane errs at the corner with the larger
-product), ``s = 1`` iff ``ux ly <= lx uy``; so each plane, minimised (maximised) over the box,
-gives exactly the product's range. ``"fixed"`` is auto_LiRPA's default ``t = s = 1``; ``"middle"``
-(or auto_LiRPA's ``opts["mul"] = {"middle": True}``) is ``t = s = 1/2``.
+On the box, the lower plane ``P_t`` errs only at the corners ``(lx, ly)`` (by ``(1 - t) g``) and
+``(ux, uy)`` (by ``t g``), ``g = (ux - lx)(uy - ly)``; the upper ``Q_s`` at ``(lx, uy)`` (by
+``(1 - s) g``) and ``(ux, ly)`` (by ``s g``). The default (``opts["mul_relaxation"] = "box"``)
+balances the two erring corners::
+
+    t = clamp((ux uy - lx ly + g) / (2 g), 0, 1)        s = clamp((lx uy - ux ly + g) / (2 g), 0, 1)
+
+(the lower plane's erring corners then sit at ``(ux ly + lx uy) / 2 >= min(ux ly, lx uy)``, the
+upper's at ``(lx ly + ux uy) / 2 <= max(lx ly, ux uy)``), so each plane, minimised (maximised) over
+the box, gives the product's exact range: on a product of two independent boxes CROWN is never
+looser than IBP. ``"fixed"`` is auto_LiRPA's default
+``t = s = 1``; ``"middle"`` (or auto_LiRPA's ``opts["mul"] = {"middle": True}``) is
+``t = s = 1/2``.
 
 **Square** ``x * x`` (both factors the same node): ``x^2`` is convex, so with a tangent point
 ``z = l + t (u - l)`` (default ``z = clamp(0, l, u)``, where ``x^2`` is smallest)::
@@ -113,18 +120,23 @@ class Plane:
     c: torch.Tensor | None
 
 
-def mccormick_weights(lx, ux, ly, uy, mode: str = "corner") -> tuple[torch.Tensor, torch.Tensor]:
-    """Default ``(t, s)`` of the module docstring for ``mode`` in corner / fixed / middle."""
+def mccormick_weights(lx, ux, ly, uy, mode: str = "box") -> tuple[torch.Tensor, torch.Tensor]:
+    """Default ``(t, s)`` of the module docstring for ``mode`` in box / fixed / middle."""
     shape = torch.broadcast_shapes(lx.shape, ux.shape, ly.shape, uy.shape)
     if mode in ("fixed", "middle"):
         value = 1.0 if mode == "fixed" else 0.5
         full = torch.full(shape, value, dtype=lx.dtype, device=lx.device)
         return full, full
-    if mode != "corner":
-        raise ValueError(f"mul_relaxation={mode!r}: choose 'corner', 'fixed' or 'middle'")
-    t = (ux * uy >= lx * ly).to(lx.dtype).expand(shape)
-    s = (ux * ly <= lx * uy).to(lx.dtype).expand(shape)
-    return t, s
+    if mode != "box":
+        raise ValueError(f"mul_relaxation={mode!r}: choose 'box', 'fixed' or 'middle'")
+    finite = torch.isfinite(lx) & torch.isfinite(ux) & torch.isfinite(ly) & torch.isfinite(uy)
+    lx, ux, ly, uy = (torch.where(finite, v, 0.0) for v in (lx, ux, ly, uy))
+    gap = (ux - lx) * (uy - ly)
+    ok = gap > 0
+    den = 2 * torch.where(ok, gap, 1.0)
+    t = torch.where(ok, (ux * uy - lx * ly + gap) / den, 1.0).clamp(0.0, 1.0)
+    s = torch.where(ok, (lx * uy - ux * ly + gap) / den, 1.0).clamp(0.0, 1.0)
+    return t.expand(shape), s.expand(shape)
 
 
 def mul_alpha_init(lx, ux, ly, uy, opts: dict | None = None) -> torch.Tensor:
@@ -153,7 +165,7 @@ def mccormick_planes(lx, ux, ly, uy, t, s) -> tuple[Plane, Plane, torch.Tensor]:
 def _mode(opts: dict) -> str:
     if isinstance(opts.get("mul"), dict) and opts["mul"].get("middle"):
         return "middle"
-    return opts.get("mul_relaxation", "corner")
+    return opts.get("mul_relaxation", "box")
 
 
 # --- operands ----------------------------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""Patches: linear coefficients that are local in space, for convolutional networks.
+
+When a backward walk starts from a 2-D feature map ``(C0, H0, W0)`` with one specification row
+per neuron, the coefficients of row ``r`` (neuron ``(c_r, h_r, w_r)``) on an earlier feature map
+``(C, H, W)`` are nonzero only inside that neuron's receptive field, a window of ``kh x kw``
+positions. A :class:`Patches` stores just those windows::
+
+    data[b, r, c, i, j]  =  coefficient of row r on entry (c, top_r + i, left_r + j)
+    top_r  = h_r * stride_h - padding_h,      left_r = w_r * stride_w - padding_w
+
+All rows share the window size ``(kh, kw)``, ``stride`` and ``padding``; they differ only in
+their anchor ``(h_r, w_r)`` in the start map. Window entries outside ``[0, H) x [0, W)`` (the
+zero padding of a convolution) are kept at zero, so that sums over a window never see them.
+
+Memory per row is ``batch * C * kh * kw`` instead of ``batch * C * H * W``; a convolution maps
+a window through ``conv_transpose2d`` of the window alone (``(kh - 1) s + d (k - 1) + 1`` wide
+afterwards), so the cost of a walk grows with the receptive field, not with the image.
+
+Shapes: ``data`` is ``(batch or 1, R, C, kh, kw)``; ``rows_h``/``rows_w`` are ``(R,)`` long
+tensors. A batch dimension of 1 means "the same for every example" (until a relaxation that
+depends on the example is applied).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Patches:
+    """Coefficients of ``R`` specification rows on a ``(C, H, W)`` node, one spatial window per row.
+
+    Attributes:
+        data: ``(batch or 1, R, C, kh, kw)``.
+        rows_h, rows_w: ``(R,)`` positions of the rows in the start node's grid.
+        stride, padding: window of row ``r`` starts at ``rows * stride - padding`` (per axis).
+        size: ``(H, W)`` of the node the coefficients multiply.
+        row_range: ``(min h, max h, min w, max w)`` of the rows (Python ints, to size paddings).
+    """
+
+    data: torch.Tensor
+    rows_h: torch.Tensor
+    rows_w: torch.Tensor
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    size: tuple[int, int]
+    row_range: tuple[int, int, int, int]
+
+    @staticmethod
+    def identity(index: torch.Tensor, shape: tuple[int, int, int], dtype: torch.dtype) -> Patches:
+        """One row per flat neuron index of a ``(C, H, W)`` node: ``C y = y[index]``."""
+        C, H, W = shape
+        rows_c, rows_h, rows_w = index // (H * W), (index // W) % H, index % W
+        data = torch.zeros(1, index.numel(), C, 1, 1, dtype=dtype, device=index.device)
+        data[0, torch.arange(index.numel(), device=index.device), rows_c] = 1.0
+        row_range = (int(rows_h.min()), int(rows_h.max()), int(rows_w.min()), int(rows_w.max()))
+        return Patches(data, rows_h, rows_w, (1, 1), (0, 0), (H, W), row_range)
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return self.data.shape[-2], self.data.shape[-1]
+
+    @property
+    def spec(self) -> int:
+        return self.data.shape[1]
+
+    def with_data(self, data: torch.Tensor) -> Patches:
+        return replace(self, data=data)
+
+    # --- window geometry -------------------------------------------------------------------
+
+    def _extent(self) -> tuple[int, int, int, int]:
+        """Zero padding ``(top, bottom, left, right)`` that puts every window inside the node."""
+        (kh, kw), (sh, sw), (ph, pw), (H, W) = self.kernel, self.stride, self.padding, self.size
+        h0, h1, w0, w1 = self.row_range
+        return (max(0, ph - h0 * sh), max(0, h1 * sh - ph + kh - H),
+                max(0, pw - w0 * sw), max(0, w1 * sw - pw + kw - W))
+
+    def _windows(self, top: int, left: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row/column indices ``(R, kh)``, ``(R, kw)`` of every window in a map padded by ``top``/``left``."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        dev = self.rows_h.device
+        ih = (self.rows_h * sh - ph + top).unsqueeze(1) + torch.arange(kh, device=dev)
+        iw = (self.rows_w * sw - pw + left).unsqueeze(1) + torch.arange(kw, device=dev)
+        return ih, iw
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """The windows of a node-shaped tensor, zero outside the node.
+
+        ``t``: ``(b, C, H, W)`` (one value per neuron) or ``(b, R, C, H, W)`` (one per row and
+        neuron) -> ``(b, R, C, kh, kw)``.
+        """
+        top, bottom, left, right = self._extent()
+        if top or bottom or left or right:
+            t = F.pad(t, (left, right, top, bottom))
+        ih, iw = self._windows(top, left)
+        ih, iw = ih[:, :, None], iw[:, None, :]
+        if t.dim() == 4:
+            return t[:, :, ih, iw].transpose(1, 2)  # (b, C, R, kh, kw) -> (b, R, C, kh, kw)
+        rows = torch.arange(self.spec, device=t.device)[:, None, None]
+        return t[:, rows, :, ih, iw].permute(3, 0, 4, 1, 2)  # (R, kh, kw, b, C) -> (b, R, C, kh, kw)
+
+    def outside_mask(self) -> torch.Tensor | None:
+        """``(R, 1, kh, kw)``: 1 on window entries inside the node, 0 outside; None if all inside."""
+        if not any(self._extent()):
+            return None
+        (H, W) = self.size
+        ih, iw = self._windows(0, 0)
+        inside = ((ih >= 0) & (ih < H))[:, :, None] & ((iw >= 0) & (iw < W))[:, None, :]
+        return inside.unsqueeze(1).to(self.data.dtype)
+
+    def to_dense(self, channels: int | None = None) -> torch.Tensor:
+        """The coefficients as a dense ``(b, R, C, H, W)`` tensor."""
+        b, R, C, kh, kw = self.data.shape
+        H, W = self.size
+        top, bottom, left, right = self._extent()
+        canvas = self.data.new_zeros(b, R, C, H + top + bottom, W + left + right)
+        ih, iw = self._windows(top, left)
+        rows = torch.arange(R, device=self.data.device)[:, None, None]
+        canvas[:, rows, :, ih[:, :, None], iw[:, None, :]] = self.data.permute(1, 3, 4, 0, 2)
+        return canvas[:, :, :, top:top + H, left:left + W]
+
+    # --- propagation ---------------------------------------------------------------------
+
+    def through_conv2d(self, weight: torch.Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                       dilation: tuple[int, int], groups: int, in_size: tuple[int, int]) -> Patches:
+        """Coefficients on ``x`` of the rows' ``A . conv2d(x, weight)`` (no bias).
+
+        Each window goes through ``conv_transpose2d`` on its own (no padding): the new window is
+        ``(kh - 1) * s + d * (k - 1) + 1`` wide and starts at ``top * s - p``, i.e. the new
+        stride is ``stride * s`` and the new padding ``padding * s + p``.
+        """
+        b, R, C, kh, kw = self.data.shape
+        out = F.conv_transpose2d(self.data.reshape(b * R, C, kh, kw), weight, None, stride, 0, 0, groups, dilation)
+        out = out.reshape(b, R, *out.shape[1:])
+        moved = Patches(out, self.rows_h, self.rows_w,
+                        (self.stride[0] * stride[0], self.stride[1] * stride[1]),
+                        (self.padding[0] * stride[0] + padding[0], self.padding[1] * stride[1] + padding[1]),
+                        in_size, self.row_range)
+        mask = moved.outside_mask()
+        return moved if mask is None else moved.with_data(out * mask)
+
+    def window_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``sum over each row's window of data * t`` for a node-shaped ``t`` -> ``(b, R)``."""
+        return (self.data * self.gather(t)).flatten(2).sum(-1)
+
+    def concretize_box(self, center: torch.Tensor, radius: torch.Tensor, sign: int) -> torch.Tensor:
+        """``min`` (sign -1) or ``max`` (+1) of each row over the box ``center +- radius``: ``(b, R)``."""
+        c, r = self.gather(center), self.gather(radius)
+        return (self.data * c).flatten(2).sum(-1) + sign * (self.data.abs() * r).flatten(2).sum(-1)
+
+
+def aligned(a: Patches, b: Patches) -> tuple[torch.Tensor, torch.Tensor, Patches] | None:
+    """Both patches' data on a common window (the union of theirs), or None if not possible.
+
+    Possible when both describe the same rows on the same node with the same stride: the windows
+    then differ only by a fixed offset and size, and each is padded with zeros to the union.
+    """
+    if (a.stride != b.stride or a.size != b.size or a.rows_h is not b.rows_h and not (
+            torch.equal(a.rows_h, b.rows_h) and torch.equal(a.rows_w, b.rows_w))):
+        return None
+    if a.padding == b.padding and a.kernel == b.kernel:
+        return a.data, b.data, a
+    ph, pw = max(a.padding[0], b.padding[0]), max(a.padding[1], b.padding[1])
+    kh = max(p.kernel[0] + ph - p.padding[0] for p in (a, b))
+    kw = max(p.kernel[1] + pw - p.padding[1] for p in (a, b))
+
+    def grow(p: Patches) -> torch.Tensor:
+        top, left = ph - p.padding[0], pw - p.padding[1]
+        return F.pad(p.data, (left, kw - left - p.kernel[1], top, kh - top - p.kernel[0]))
+
+    return grow(a), grow(b), replace(a, padding=(ph, pw), data=a.data[..., :0, :0])
+
+
+def add_coefficients(a, b):
+    """Sum of two coefficient sets (Tensor or Patches, None meaning zero)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, Patches) and isinstance(b, Patches):
+        common = aligned(a, b)
+        if common is not None:
+            da, db, geometry = common
+            return geometry.with_data(da + db)
+    if isinstance(a, Patches):
+        a = a.to_dense()
+    if isinstance(b, Patches):
+        b = b.to_dense()
+    return a + b

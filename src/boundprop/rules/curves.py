@@ -1,0 +1,353 @@
+"""Linear relaxations of smooth element-wise functions with piecewise one-signed curvature.
+
+The smooth nonlinear families (:mod:`.sshaped`, :mod:`.convex`, :mod:`.periodic`,
+:mod:`.activations`) describe their function as a :class:`Curve` (``f``, ``f'`` and where ``f``
+changes curvature) and get their relaxation from :func:`curve_relaxation`. For one line, the lower
+one (the upper one is minus the lower line of ``-f``), on ``[l, u]``:
+
+1. Regions. The inflection points strictly inside ``(l, u)`` cut it into at most three regions
+   on each of which ``f`` is convex or concave.
+2. Slope ``s`` (only tightness depends on it; any slope gives a sound line, see 3):
+
+   * one region, convex: the tangent slope ``f'(d)``, ``d = l + a (u - l)``;
+   * one region, concave: the chord slope ``k = (f(u) - f(l)) / (u - l)``;
+   * two regions (inflection ``c``): the chord if it lies below ``f`` (convex left of ``c``:
+     ``f'(l) >= k``; convex right of it: ``f'(u) <= k``), else the tangent at ``d`` on the convex
+     side, between the near endpoint and the point ``t`` whose tangent passes through the far
+     endpoint. The tangent's gap at the far endpoint is monotone in ``t`` there, so ``t`` is found by
+     bisection, keeping the side that is valid. ``d = t`` by default (``a = 1``);
+   * three regions: the chord slope.
+
+   ``a`` is 1/2 (one region) or 1 (two regions) by default, or alpha-CROWN's ``alpha`` in [0, 1]
+   (one number per neuron moves the tangent point of whichever line has one).
+3. Offset: ``b = min over [l, u] of h(x) = f(x) - s x`` (the largest sound one), region by region:
+   on a concave region the minimum of ``h`` is at an end; on a convex region it is at least the
+   tangent of ``h`` at any point ``x^`` of it, ``h(x^) + min over the ends of h'(x^) (x - x^)``,
+   with ``x^`` the known tangent point or, for chord slopes, a bisection for ``f'(x^) = s``. The
+   bound holds for every ``x^``, so soundness never rests on the accuracy of a root search.
+4. Rounding: all this runs in float64; offsets are then moved outwards by a few units in the last
+   place of the output dtype, relative to ``|w| max(|l|, |u|) + |b|`` (plus the smallest normal
+   number), and cast back. A line that is
+   not finite (an infinite end of the interval, overflow, a pole) becomes the constant given by the
+   interval rule (``w = 0``, ``b`` = the IBP bound, which may be infinite).
+
+Shapes: ``l``, ``u`` are ``(batch, *shape)``; with an alpha of shape ``(batch, spec, *shape)`` the
+interval is lifted to ``(batch, 1, *shape)`` and the lines come out ``(batch, spec, *shape)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..domains import Interval, Relaxation
+from .registry import AlphaSpec, RelaxCall
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+#: ``regions(l, u) -> (cuts, convex_first)``: inflection points (ascending tensors or floats) and
+#: whether ``f`` is convex left of the first one (everywhere, without cuts).
+Regions = Callable[[torch.Tensor, torch.Tensor], tuple[list, torch.Tensor]]
+
+#: Bisection steps for tangent points and stationary points (float64; 2**-40 of the bracket).
+BISECTION_STEPS = 40
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A scalar function with known curvature pieces (all tensors float64).
+
+    ``df`` may be a one-sided derivative at a kink, provided the kink is a cut or the function is
+    convex (or concave) across it with ``df`` a sub- (super-) gradient there.
+    """
+
+    f: Fn
+    df: Fn
+    regions: Regions
+
+    def negated(self) -> Curve:
+        f, df, regions = self.f, self.df, self.regions
+
+        def flipped(l, u):
+            cuts, convex = regions(l, u)
+            return cuts, ~convex
+
+        return Curve(lambda x: -f(x), lambda x: -df(x), flipped)
+
+
+def fixed_regions(cuts: tuple[float, ...] = (), convex_first: bool = True) -> Regions:
+    """Regions of a function whose inflection points do not depend on the interval."""
+
+    def regions(l, u):
+        return list(cuts), torch.full_like(l, convex_first, dtype=torch.bool)
+
+    return regions
+
+
+def convex_curve(f: Fn, df: Fn) -> Curve:
+    return Curve(f, df, fixed_regions((), True))
+
+
+def concave_curve(f: Fn, df: Fn) -> Curve:
+    return Curve(f, df, fixed_regions((), False))
+
+
+# ------------------------------------------------------------------------------------------------
+# the construction
+
+
+def _finite(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    return torch.where(torch.isfinite(t), t, torch.full_like(t, fill))
+
+
+def _safe_mul(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``p * q`` with ``0 * inf = 0``."""
+    return torch.where(q == 0, torch.zeros_like(p * q), p * q)
+
+
+@dataclass
+class _Split:
+    """``[l, u]`` cut at the inflection points inside it."""
+
+    l: torch.Tensor
+    u: torch.Tensor
+    points: list[torch.Tensor]  # l, cuts clamped into [l, u], u
+    convex: list[torch.Tensor]  # per region
+    inside: list[torch.Tensor]  # per cut: strictly inside (l, u)
+    n_inside: torch.Tensor
+    convex_whole: torch.Tensor  # curvature of the region holding [l, u] when no cut is inside
+    convex_left: torch.Tensor  # curvature left of the single inside cut (when there is one)
+    cut: torch.Tensor  # the single inside cut (l elsewhere)
+
+    def flipped(self) -> _Split:
+        return _Split(self.l, self.u, self.points, [~c for c in self.convex], self.inside, self.n_inside,
+                      ~self.convex_whole, ~self.convex_left, self.cut)
+
+
+def split(curve: Curve, l: torch.Tensor, u: torch.Tensor) -> _Split:
+    cuts, convex0 = curve.regions(l, u)
+    convex0 = torch.broadcast_to(convex0, torch.broadcast_shapes(convex0.shape, l.shape, u.shape))
+    points, convex, inside = [l], [convex0], []
+    n_inside = torch.zeros_like(convex0, dtype=torch.int64)
+    below = torch.zeros_like(n_inside)
+    convex_left, cut_in = convex0.clone(), torch.zeros_like(l + u)
+    for i, c in enumerate(cuts):
+        c = torch.as_tensor(c, dtype=l.dtype, device=l.device)
+        points.append(torch.minimum(torch.maximum(c, l), u))
+        region_convex = convex0 if i % 2 == 0 else ~convex0
+        convex.append(~region_convex)
+        is_in = (c > l) & (c < u)
+        inside.append(is_in)
+        n_inside = n_inside + is_in
+        below = below + (c <= l)
+        convex_left = torch.where(is_in, region_convex, convex_left)
+        cut_in = torch.where(is_in, c, cut_in)
+    points.append(u)
+    convex_whole = convex0 ^ (below % 2 == 1)
+    return _Split(l, u, points, convex, inside, n_inside, convex_whole, convex_left,
+                  torch.where(n_inside == 1, cut_in, l))
+
+
+def _bisect(g: Fn, lo: torch.Tensor, hi: torch.Tensor, go_right: Callable, steps: int) -> tuple:
+    """Shrink ``[lo, hi]`` ``steps`` times: keep the right half where ``go_right(g(mid))``."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        right = go_right(g(mid))
+        lo = torch.where(right, mid, lo)
+        hi = torch.where(right, hi, mid)
+    return lo, hi
+
+
+def _min_offset(curve: Curve, s: torch.Tensor, sp: _Split, hint: torch.Tensor, search: torch.Tensor) -> torch.Tensor:
+    """``min over [l, u] of f(x) - s x`` (a lower bound of it), region by region (step 3).
+
+    ``hint``: the stationary point of ``f - s x`` on the convex regions where it is known;
+    ``search``: where it is not (a bisection on ``f' = s`` finds it).
+    """
+    f, df = curve.f, curve.df
+    best = None
+    for r, convex in enumerate(sp.convex):
+        a, b = sp.points[r], sp.points[r + 1]
+        h_ends = torch.minimum(f(a) - s * a, f(b) - s * b)
+        x = torch.minimum(torch.maximum(hint, a), b)
+        if bool((search & convex & (b > a)).any()):
+            with torch.no_grad():
+                lo, hi = _bisect(lambda t: df(t) - s, a.detach() + 0 * s, b.detach() + 0 * s,
+                                 lambda g: g < 0, BISECTION_STEPS)
+            x = torch.where(search, (lo + hi) / 2, x)
+        slope = df(x) - s
+        h_tan = f(x) - s * x + torch.minimum(_safe_mul(slope, a - x), _safe_mul(slope, b - x))
+        m = torch.where(convex, h_tan, h_ends)
+        best = m if best is None else torch.minimum(best, m)
+    return best
+
+
+def lower_line(curve: Curve, sp: _Split, alpha: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slope and offset of the lower line of ``curve`` on the split interval (steps 2 and 3)."""
+    f, df = curve.f, curve.df
+    l, u = sp.l, sp.u
+    width = u - l
+    wide = width > 0
+    k = torch.where(wide, (f(u) - f(l)) / torch.where(wide, width, torch.ones_like(width)), df(l))
+    k = _finite(k)
+    one_region, two_regions = sp.n_inside == 0, sp.n_inside == 1
+    a_one = torch.full_like(l, 0.5) if alpha is None else alpha
+    a_two = torch.ones_like(l) if alpha is None else alpha
+
+    # one region: tangent (convex) or chord (concave)
+    d_one = l + a_one * width
+    slope = torch.where(sp.convex_whole, df(d_one), k)
+    hint = torch.where(sp.convex_whole, d_one, l)
+
+    # two regions: chord, or tangent between the near endpoint and t
+    if bool(two_regions.any()):
+        cl = sp.convex_left
+        chord_ok = torch.where(cl, df(l) >= k, df(u) <= k)
+        far = torch.where(cl, u, l)
+        f_far = f(far)
+        need = two_regions & ~chord_ok
+        if bool(need.any()):
+            with torch.no_grad():
+                g = lambda t: f(t) + df(t) * (far - t) - f_far  # noqa: E731 - tangent at t minus f, at far
+                lo = torch.where(cl, l, sp.cut).detach()
+                hi = torch.where(cl, sp.cut, u).detach()
+                lo, hi = _bisect(g, lo, hi, lambda gm: torch.where(cl, gm <= 0, gm > 0), BISECTION_STEPS)
+                t = torch.where(cl, lo, hi)  # the valid end of the bracket
+            d_two = torch.where(cl, l + a_two * (t - l), u - a_two * (u - t))
+            d_two = torch.where(need, d_two, l)
+        else:
+            d_two = l + 0 * a_two
+        slope = torch.where(two_regions, torch.where(chord_ok, k, df(d_two)), slope)
+        hint = torch.where(two_regions, torch.where(chord_ok, torch.where(cl, l, u), d_two), hint)
+
+    slope = _finite(slope)
+    offset = _min_offset(curve, slope, sp, hint, torch.zeros_like(two_regions))
+    three = sp.n_inside >= 2
+    if bool(three.any()):
+        s3, b3 = _three_region_line(curve, sp, k)
+        slope, offset = torch.where(three, s3, slope), torch.where(three, b3, offset)
+    return slope, offset
+
+
+def _three_region_line(curve: Curve, sp: _Split, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower line when two inflection points are inside: the best (highest at the midpoint, i.e. the
+    least area between line and ``f``) of the chord slope and, when the middle region is convex,
+    the tangents there through ``(u, f(u))`` and through ``(l, f(l))``."""
+    f, df = curve.f, curve.df
+    l, u = sp.l, sp.u
+    mid = (l + u) / 2
+    three = sp.n_inside >= 2
+    best_s = k
+    best_b = _min_offset(curve, k, sp, l, three)
+    middle_convex = three & sp.convex[1]
+    if bool(middle_convex.any()):
+        a, b = sp.points[1].detach(), sp.points[2].detach()
+        with torch.no_grad():
+            for far, valid_left in ((u, True), (l, False)):
+                f_far = f(far)
+                g = lambda t: f(t) + df(t) * (far - t) - f_far  # noqa: E731, B023
+                lo, hi = _bisect(g, a, b, (lambda gm: gm <= 0) if valid_left else (lambda gm: gm > 0),
+                                 BISECTION_STEPS)
+                t = lo if valid_left else hi
+                s = _finite(df(t))
+                off = _min_offset(curve, s, sp, t, torch.zeros_like(three))
+                better = middle_convex & (s * mid + off > best_s * mid + best_b)
+                best_s, best_b = torch.where(better, s, best_s), torch.where(better, off, best_b)
+    return best_s, best_b
+
+
+def relax_curve(curve: Curve, l: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor | None = None) -> tuple:
+    """``(lw, lb, uw, ub)`` of ``curve`` on finite float64 ``[l, u]`` (before rounding guards)."""
+    sp = split(curve, l, u)
+    lw, lb = lower_line(curve, sp, alpha)
+    nw, nb = lower_line(curve.negated(), sp.flipped(), alpha)
+    return lw, lb, -nw, -nb
+
+
+def slack_factor(dtype: torch.dtype) -> float:
+    """Relative outward move of offsets covering float64 evaluation and the cast to ``dtype``."""
+    return 4 * torch.finfo(dtype).eps + 64 * torch.finfo(torch.float64).eps
+
+
+def finish(lines: tuple, l: torch.Tensor, u: torch.Tensor, fallback: Interval, dtype: torch.dtype,
+           constant: torch.Tensor | None = None) -> Relaxation:
+    """Round float64 lines outwards, cast to ``dtype``; non-finite lines (or ``constant``) -> IBP constants.
+
+    ``l``, ``u``: the finite float64 interval the lines were made on; ``fallback``: the interval rule's
+    bounds in ``dtype``.
+    """
+    lw, lb, uw, ub = lines
+    reach = torch.maximum(l.abs(), u.abs())
+    eps, tiny = slack_factor(dtype), torch.finfo(dtype).tiny
+    lb = lb - eps * (_safe_mul(lw.abs(), reach) + lb.abs()) - tiny
+    ub = ub + eps * (_safe_mul(uw.abs(), reach) + ub.abs()) + tiny
+    lw, lb, uw, ub = (t.to(dtype) for t in (lw, lb, uw, ub))
+    bad_l = ~(torch.isfinite(lw) & torch.isfinite(lb))
+    bad_u = ~(torch.isfinite(uw) & torch.isfinite(ub))
+    if constant is not None:
+        bad_l, bad_u = bad_l | constant, bad_u | constant
+    zero = torch.zeros((), dtype=dtype, device=lw.device)
+    return Relaxation(torch.where(bad_l, zero, lw), torch.where(bad_l, fallback.lower.to(dtype), lb),
+                      torch.where(bad_u, zero, uw), torch.where(bad_u, fallback.upper.to(dtype), ub))
+
+
+def lift(l: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(batch, *shape)`` -> ``(batch, 1, *shape)`` when alpha carries a spec dimension."""
+    if alpha is not None and alpha.dim() > l.dim():
+        return l.unsqueeze(1), u.unsqueeze(1)
+    return l, u
+
+
+def curve_relaxation(curve: Curve, l: torch.Tensor, u: torch.Tensor, call: RelaxCall,
+                     bounds: Callable[[torch.Tensor, torch.Tensor], Interval],
+                     domain: Callable | None = None, constant: Callable | None = None,
+                     lower_margin: float = 0.0, safe: float = 0.0) -> Relaxation:
+    """The relaxation of an element-wise ``curve`` on ``[l, u]`` (steps 1-4).
+
+    Arguments:
+        bounds: the op's interval rule on ``(l, u)`` in their dtype (the constant fallback).
+        domain: maps the float64 interval into the function's domain (e.g. ``max(l, 0)``).
+        constant: ``(l, u) -> bool tensor`` of neurons that get the IBP constants regardless
+            (e.g. a pole inside the interval); ``l``, ``u`` are passed in their own dtype.
+        lower_margin: subtracted from the lower offset (a known gap between ``f`` and torch's op).
+        safe: a point of the domain standing in for the neurons that get constants (keeps the
+            discarded lines, and their gradients, finite).
+    """
+    alpha = call.alpha
+    l, u = lift(l, u, alpha)
+    fallback = bounds(l, u)
+    finite = torch.isfinite(l) & torch.isfinite(u)
+    const = ~finite if constant is None else (~finite | constant(l, u))
+    stand_in = torch.full((), safe, dtype=torch.float64, device=l.device)
+    l64 = torch.where(const, stand_in, l.to(torch.float64))
+    u64 = torch.where(const, stand_in, u.to(torch.float64))
+    if domain is not None:
+        l64, u64 = domain(l64, u64)
+    a64 = None if alpha is None else torch.nan_to_num(alpha.to(torch.float64), nan=0.5).clamp(0.0, 1.0)
+    lw, lb, uw, ub = relax_curve(curve, l64, u64, a64)
+    if lower_margin:
+        lb = lb - lower_margin
+    return finish((lw, lb, uw, ub), l64, u64, fallback, l.dtype, const)
+
+
+def curve_alpha(curve_of: Callable[[RelaxCall], Curve], domain: Callable | None = None) -> AlphaSpec:
+    """alpha-CROWN's parameters for a curve rule: the tangent-point position ``a`` in [0, 1].
+
+    ``init`` reproduces the default relaxation: 1 where one inflection point is inside the interval,
+    1/2 elsewhere.
+    """
+
+    def init(l, u, call: RelaxCall | None = None):
+        curve = curve_of(call if call is not None else RelaxCall())
+        l64 = _finite(l.detach().to(torch.float64))
+        u64 = _finite(u.detach().to(torch.float64))
+        if domain is not None:
+            l64, u64 = domain(l64, u64)
+        sp = split(curve, l64, u64)
+        return torch.where(sp.n_inside == 1, 1.0, 0.5).to(l.dtype)
+
+    def project(alpha, l=None, u=None, call=None):
+        return alpha.clamp(0.0, 1.0)
+
+    return AlphaSpec(init=init, project=project)

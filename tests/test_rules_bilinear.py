@@ -255,39 +255,25 @@ def test_div_by_interval_containing_zero_is_unbounded_not_nan():
             assert not torch.isnan(lA).any() and not torch.isnan(uA).any()
 
 
-@SETTINGS
-@given(st.integers(0, 10_000), st.sampled_from(KINDS), st.sampled_from((1, -1)))
-def test_reciprocal_relaxation_and_interval_on_grid(seed, kind, sign):
-    gen = torch.Generator().manual_seed(seed)
-    box = random_box((16,), gen, kind, sign=sign)
-    iv = bl.reciprocal_interval((box,), {})
-    g = torch.linspace(0, 1, 41, dtype=DT)[:, None]
-    x = box.lower + g * (box.upper - box.lower)
-    r = 1 / x
-    tol = 1e-9 * (1 + r.abs())
-    assert (iv.lower <= r + tol).all() and (iv.upper >= r - tol).all()
-    for direction in ("lower", "upper"):
-        rel = bl.reciprocal_relaxation(box.lower, box.upper, bl.RelaxCall(direction=direction))
-        assert (rel.lw * x + rel.lb <= r + tol).all() and (rel.uw * x + rel.ub >= r - tol).all()
-
-
 # --- matrix products -------------------------------------------------------------------------
 
-MATMUL_CASES = [  # op, x shape, y shape, y batched
-    (aten.bmm.default, (B, 3, 4), (B, 4, 5), True),
-    (aten.matmul.default, (B, 3, 4), (B, 4, 2), True),
-    (aten.matmul.default, (B, 2, 3, 4), (B, 2, 4, 3), True),
-    (aten.matmul.default, (B, 3, 4), (4, 5), False),
-    (aten.matmul.default, (B, 2, 3, 4), (1, 4, 5), False),
-    (aten.matmul.default, (B, 3, 4), (4,), False),
-    (aten.mm.default, (B, 4), (4, 5), False),
+MATMUL_CASES = [  # op, x shape, x batched, y shape, y batched
+    (aten.bmm.default, (B, 3, 4), True, (B, 4, 5), True),
+    (aten.matmul.default, (B, 3, 4), True, (B, 4, 2), True),
+    (aten.matmul.default, (B, 2, 3, 4), True, (B, 2, 4, 3), True),
+    (aten.matmul.default, (B, 3, 4), True, (4, 5), False),
+    (aten.matmul.default, (B, 2, 3, 4), True, (1, 4, 5), False),
+    (aten.matmul.default, (B, 3, 4), True, (4,), False),
+    (aten.matmul.default, (3, 4), False, (B, 4, 5), True),
+    (aten.matmul.default, (4,), False, (B, 4, 5), True),
+    (aten.mm.default, (B, 4), True, (4, 5), False),
 ]
 
 
 @SETTINGS
 @given(st.integers(0, 10_000), st.sampled_from(KINDS), st.sampled_from(MATMUL_CASES), st.booleans())
 def test_matmul_backward_sound(seed, kind, case, use_alpha):
-    op, sx, sy, y_batched = case
+    op, sx, x_batched, sy, y_batched = case
     gen = torch.Generator().manual_seed(seed)
     boxes = {"x": random_box(sx, gen, kind), "y": random_box(sy, gen, kind)}
     out_shape = op(boxes["x"].lower, boxes["y"].lower).shape
@@ -296,10 +282,10 @@ def test_matmul_backward_sound(seed, kind, case, use_alpha):
     if use_alpha and op is aten.bmm.default:
         w = torch.rand(2, B, S, 3, 4, 5, generator=gen, dtype=DT)
         alpha = lambda direction: w
-    args = [var("x", boxes["x"]), var("y", boxes["y"], y_batched)]
-    out = check_bounds(op, args, ["x", "y"], boxes, {"x": True, "y": y_batched}, A, gen, alpha=alpha, n=32)
+    args = [var("x", boxes["x"], x_batched), var("y", boxes["y"], y_batched)]
+    out = check_bounds(op, args, ["x", "y"], boxes, {"x": x_batched, "y": y_batched}, A, gen, alpha=alpha, n=32)
     shapes_out = {name: lA.shape for name, lA, _ in out.A}
-    assert shapes_out["x"] == (B, S, *sx[1:])
+    assert shapes_out["x"] == ((B, S, *sx[1:]) if x_batched else (B, S, *sx))
     assert shapes_out["y"] == ((B, S, *sy[1:]) if y_batched else (B, S, *sy))
 
 
@@ -313,25 +299,27 @@ def test_matmul_with_constant_operand_is_exact():
     assert torch.allclose(lA, uA) and torch.allclose(lA, torch.einsum("bsij,bik->bskj", A, x))
 
 
-LINEAR_CASES = [  # x shape, x perturbed, bias: None / const / perturbed
-    ((B, 4), True, "perturbed"), ((B, 3, 4), True, "const"), ((B, 4), False, "const"), ((B, 2, 3, 4), True, None),
-    ((B, 4), False, "perturbed"),
+LINEAR_CASES = [  # x shape, x perturbed, weight perturbed, bias: None / const / perturbed
+    ((B, 4), True, True, "perturbed"), ((B, 3, 4), True, True, "const"), ((B, 4), False, True, "const"),
+    ((B, 2, 3, 4), True, True, None), ((B, 4), False, True, "perturbed"), ((B, 3, 4), True, False, "perturbed"),
 ]
 
 
 @SETTINGS
 @given(st.integers(0, 10_000), st.sampled_from(KINDS), st.sampled_from(LINEAR_CASES))
-def test_linear_with_perturbed_weight_sound(seed, kind, case):
-    sx, x_perturbed, bias_kind = case
+def test_linear_with_perturbed_weight_or_bias_sound(seed, kind, case):
+    sx, x_perturbed, w_perturbed, bias_kind = case
     gen = torch.Generator().manual_seed(seed)
     boxes = {"x": random_box(sx, gen, kind), "w": random_box((5, 4), gen, kind), "b": random_box((5,), gen, kind)}
     A = torch.randn(B, S, *sx[1:-1], 5, generator=gen, dtype=DT)
     x = var("x", boxes["x"]) if x_perturbed else torch.randn(sx, generator=gen, dtype=DT)
+    w = var("w", boxes["w"], False) if w_perturbed else torch.randn(5, 4, generator=gen, dtype=DT)
     bias = {None: None, "const": torch.randn(5, generator=gen, dtype=DT), "perturbed": var("b", boxes["b"], False)}
-    args = [x, var("w", boxes["w"], False), bias[bias_kind]]
-    names = ["w"] + (["x"] if x_perturbed else []) + (["b"] if bias_kind == "perturbed" else [])
-    out = check_bounds(aten.linear.default, args, names, boxes, {"x": True, "w": False, "b": False}, A, gen, n=32)
-    assert {name: lA.shape for name, lA, _ in out.A}["w"] == (B, S, 5, 4)
+    names = [n for n, on in (("x", x_perturbed), ("w", w_perturbed), ("b", bias_kind == "perturbed")) if on]
+    out = check_bounds(aten.linear.default, [x, w, bias[bias_kind]], names, boxes, {"x": True, "w": False, "b": False},
+                       A, gen, n=32)
+    shapes = {name: lA.shape for name, lA, _ in out.A}
+    assert shapes.get("w", (B, S, 5, 4)) == (B, S, 5, 4) and shapes.get("b", (B, S, 5)) == (B, S, 5)
 
 
 @SETTINGS

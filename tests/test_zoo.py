@@ -249,3 +249,33 @@ def test_bounds_differentiable_in_parameters(name, method):
     assert weights
     for n, g in weights.items():
         assert g is not None and bool((g != 0).any()), f"{method}: no gradient reaches {n}"
+
+
+# --------------------------------------------------------------------------------------------
+# nn.LSTM itself
+
+
+@functools.cache
+def native_lstm():
+    from boundprop.zoo import lstm
+
+    model = lstm(native=True)
+    return model, raw_capture(model, (inputs("lstm", 1),))
+
+
+def test_native_lstm_graph_matches_model():
+    model, graph = native_lstm()
+    x = inputs("lstm", 3)
+    with torch.no_grad():
+        torch.testing.assert_close(evaluate(graph, (x,))[graph.output], model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.xfail(raises=RuntimeError, strict=False,
+                   reason="nn.LSTM's captured graph is time-major inside (permute to (T, batch, d)): nodes "
+                          "whose dim 0 is not the batch break the linear (backward/forward) walks")
+@pytest.mark.parametrize("method", ("CROWN", "forward"))
+def test_native_lstm_sound(method):
+    model, graph = native_lstm()
+    or_xfail(lambda: check_supported(graph, boundprop.is_supported))
+    or_xfail(lambda: assert_sound(model, inputs("lstm", 2), eps=EPS, methods=(method,), graph=graph,
+                                  n_random=64))

@@ -322,21 +322,44 @@ def transformer(tokens: int = 3, d: int = 4, heads: int = 1, ffn: int = 8, out: 
 
 
 class TinyLSTM(nn.Module):
-    """``nn.LSTM`` (one layer, batch first) over ``(batch, T, d)``; linear head on the last state."""
+    """An LSTM over ``(batch, T, d)`` with a linear head on the last hidden state.
 
-    def __init__(self, d: int, hidden: int, out: int) -> None:
+    By default the cell is unrolled explicitly (gates ``i, f, g, o`` from ``nn.Linear`` layers,
+    ``c_t = f * c_{t-1} + i * g``, ``h_t = o * tanh(c_t)``, ``h_0 = c_0 = 0``), so every
+    intermediate tensor keeps the batch first. ``native=True`` uses ``nn.LSTM`` (batch first)
+    instead, whose captured graph works time-major internally.
+    """
+
+    def __init__(self, d: int, hidden: int, out: int, native: bool = False) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(d, hidden, batch_first=True)
+        self.native = native
+        if native:
+            self.lstm = nn.LSTM(d, hidden, batch_first=True)
+        else:
+            self.ih = nn.Linear(d, 4 * hidden)
+            self.hh = nn.Linear(hidden, 4 * hidden, bias=False)
         self.head = nn.Linear(hidden, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seq, _ = self.lstm(x)
-        return self.head(seq[:, -1])
+        if self.native:
+            seq, _ = self.lstm(x)
+            return self.head(seq[:, -1])
+        h = c = None
+        for t in range(x.shape[1]):
+            gates = self.ih(x[:, t])
+            if h is not None:
+                gates = gates + self.hh(h)
+            i, f, g, o = gates.chunk(4, dim=1)
+            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+            c = i * g if c is None else f * c + i * g
+            h = o * torch.tanh(c)
+        return self.head(h)
 
 
-def lstm(tokens: int = 3, d: int = 4, hidden: int = 6, out: int = 3, seed: int = 0) -> nn.Module:
-    """An LSTM classifier (``nn.LSTM`` unrolled over ``tokens`` steps by capture); input ``(tokens, d)``."""
-    return _finish(TinyLSTM(d, hidden, out), seed)
+def lstm(tokens: int = 3, d: int = 4, hidden: int = 6, out: int = 3, native: bool = False,
+         seed: int = 0) -> nn.Module:
+    """An LSTM classifier unrolled over ``tokens`` steps (``native=True``: ``nn.LSTM``); input ``(tokens, d)``."""
+    return _finish(TinyLSTM(d, hidden, out, native), seed)
 
 
 def gelu_layernorm_mlp(in_dim: int = 8, hidden: int = 16, out: int = 3, depth: int = 2,

@@ -146,7 +146,10 @@ class AlphaSet:
             index = self._refined_index(start)
             first = self._index.setdefault(start, index)
             if index.numel() != first.numel():
-                rows = torch.searchsorted(first, index)
+                rows = torch.searchsorted(first, index).clamp(max=first.numel() - 1)
+                if not bool((first[rows] == index).all()):
+                    raise RuntimeError(f"alpha-CROWN: {start} has unstable neurons that were stable under looser "
+                                       "bounds (an `unstable` rule that is not monotone in the interval)")
         return lambda node, direction: self._get(start, node, direction, rows)
 
     def spec_size(self, start: str) -> int:

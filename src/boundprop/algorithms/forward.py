@@ -32,13 +32,14 @@ from dataclasses import dataclass
 import torch
 
 from ..domains import Interval
-from ..domains.linear_forms import LinearForms, compose
+from ..domains.linear_forms import LinearForms, add_to_last_row, compose
 from ..graph.ir import Node
 from ..rules import Var
-from ..rules.affine_forward import NONNEGATIVE_AFFINE
+from ..rules.affine_forward import is_nonnegative
 from ..rules.generic import AffinePushforward, collect_vars
 from ..rules.registry import ForwardCall
 from .backward import backward, propagate_node, relaxation_of
+from .crown import unstable_mask
 from .ibp import interval_of, leaf_intervals
 from .state import PropagationState
 
@@ -69,34 +70,68 @@ def leaf_layout(state: PropagationState, names: set[str]) -> list[LeafSlot]:
 
 
 def leaf_forms(state: PropagationState, slot: LeafSlot, dim: int) -> LinearForms:
-    """Exact forms ``x_leaf = I . x``: rows ``(batch, D + 1, *leaf_shape)``."""
+    """Exact forms ``x_leaf = I . x``, shared by the batch: rows ``(1, D + 1, *leaf_shape)``."""
     value = state.values[slot.name]
-    rows = value.new_zeros(value.shape[0], dim + 1, slot.size)
-    rows[:, slot.offset:slot.offset + slot.size] = torch.eye(slot.size, dtype=value.dtype, device=value.device)
-    return LinearForms.exact(rows.reshape(value.shape[0], dim + 1, *value.shape[1:]))
+    rows = value.new_zeros(1, dim + 1, slot.size)
+    rows[0, slot.offset:slot.offset + slot.size] = torch.eye(slot.size, dtype=value.dtype, device=value.device)
+    return LinearForms.exact(rows.reshape(1, dim + 1, *value.shape[1:]))
 
 
 def concretize_rows(state: PropagationState, layout: list[LeafSlot], rows: torch.Tensor, sign: int) -> torch.Tensor:
     """Min (``sign=-1``) or max (``+1``) of ``rows . [x; 1]`` over the perturbation set.
 
-    ``rows``: ``(batch, D + 1, m)`` -> ``(batch, m)``.
+    ``rows``: ``(batch or 1, D + 1, m)`` -> ``(batch, m)``.
     """
     out = rows[:, -1]
-    batch, m = rows.shape[0], rows.shape[2]
+    shared, m = rows.shape[0], rows.shape[2]
     for slot in layout:
         x = state.values[slot.name]
-        A = rows[:, slot.offset:slot.offset + slot.size].transpose(1, 2).reshape(batch, m, *x.shape[1:])
+        A = rows[:, slot.offset:slot.offset + slot.size].transpose(1, 2).reshape(shared, m, *x.shape[1:])
         out = out + state.perturbations[slot.name].concretize(x, A, sign)
     return out
 
 
-def interval_of_forms(state: PropagationState, layout: list[LeafSlot], forms: LinearForms) -> Interval:
-    """The interval a node's forms imply, node-shaped."""
-    shape = forms.lower.shape
-    flat = lambda t: t.reshape(shape[0], shape[1], -1)
-    lower = concretize_rows(state, layout, flat(forms.lower), -1).reshape(shape[:1] + shape[2:])
-    upper = concretize_rows(state, layout, flat(forms.upper), +1).reshape(shape[:1] + shape[2:])
-    return Interval(lower, upper)
+def interval_of_forms(state: PropagationState, layout: list[LeafSlot], forms: LinearForms,
+                      columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper ends the forms imply, ``(batch, m)`` over the node's flattened entries (only
+    the entries in ``columns`` when given: ``(batch, len(columns))``)."""
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(t.shape[0], t.shape[1], -1)
+        return t if columns is None else t[:, :, columns]
+
+    lower = concretize_rows(state, layout, flat(forms.lower), -1)
+    upper = concretize_rows(state, layout, flat(forms.upper), +1)
+    return lower, upper
+
+
+def _refine_interval(state: PropagationState, name: str, layout: list[LeafSlot], forms: LinearForms,
+                     ibp_box: Interval, old: Interval | None) -> Interval:
+    """The node's interval from its forms, intersected with IBP's (default) or only with ``old``.
+
+    With IBP intersected, entries whose relaxation IBP already makes exact (``unstable`` of every
+    consumer false, e.g. ReLU inputs of one sign) are not concretised.
+    """
+    batch = ibp_box.lower.shape[0]
+    flat_l, flat_u = ibp_box.lower.reshape(batch, -1), ibp_box.upper.reshape(batch, -1)
+    if state.opts.get("forward_intersect_ibp", True):
+        columns = unstable_mask(state, name).reshape(batch, -1).any(0).nonzero().flatten()
+        if columns.numel() == 0:
+            return ibp_box
+        if columns.numel() == flat_l.shape[1]:
+            lower, upper = interval_of_forms(state, layout, forms)
+            new_l, new_u = torch.maximum(lower, flat_l), torch.minimum(upper, flat_u)
+        else:
+            lower, upper = interval_of_forms(state, layout, forms, columns)
+            new_l, new_u = flat_l.clone(), flat_u.clone()
+            new_l[:, columns] = torch.maximum(lower, flat_l[:, columns])
+            new_u[:, columns] = torch.minimum(upper, flat_u[:, columns])
+    else:
+        new_l, new_u = interval_of_forms(state, layout, forms)
+        if old is not None:
+            new_l = torch.maximum(new_l, old.lower.reshape(batch, -1))
+            new_u = torch.minimum(new_u, old.upper.reshape(batch, -1))
+    new_u = torch.maximum(new_u, new_l)  # rounding: keep lower <= upper
+    return Interval(new_l.reshape(ibp_box.lower.shape), new_u.reshape(ibp_box.upper.shape))
 
 
 # --- one node ------------------------------------------------------------------------------------
@@ -118,7 +153,9 @@ def _apply_affine(state: PropagationState, node: Node, args, kwargs, tangents, a
         if out is not None:
             return out
     push = _pushforward(state, node)
-    if absolute and node.target not in NONNEGATIVE_AFFINE:
+    batch = state.values[node.name].shape[0]
+    tangents = [t if t is None or t.shape[0] == batch else t.expand(batch, *t.shape[1:]) for t in tangents]
+    if absolute and not is_nonnegative(node.target, args, kwargs):
         return push.absolute(tangents)
     return push.forward(tangents)
 
@@ -127,23 +164,24 @@ def affine_forms(state: PropagationState, node: Node, forms: dict[str, LinearFor
     """Forms of an affine node: ``J mid +- |J| rad + c`` (``J T + c`` while exact)."""
     args, kwargs = state.resolve_for_linear(node)
     ins = [forms[v.name] for v in collect_vars((args, kwargs))]
-    value = state.values[node.name]
-    batch, rows = value.shape[0], ins[0].lower.shape[1]
-    fit = lambda t: t if t.shape[2:] == value.shape[1:] else t.expand(batch, rows, *value.shape[1:])
+    out_shape = state.values[node.name].shape[1:]
+    fit = lambda t: t if t.shape[2:] == out_shape else t.expand(*t.shape[:2], *out_shape)
+    apply = lambda ts, absolute=False: fit(_apply_affine(state, node, args, kwargs, ts, absolute))
     if all(f.is_exact for f in ins):
         tangents = [f.lower for f in ins]
-        rows = fit(_apply_affine(state, node, args, kwargs, tangents, False))
+        rows = apply(tangents)
         out, fresh = LinearForms.exact(rows), _is_fresh(rows, tangents)
-    elif node.target in NONNEGATIVE_AFFINE:  # J >= 0: lower to lower, upper to upper
-        lower = fit(_apply_affine(state, node, args, kwargs, [f.lower for f in ins], False))
-        upper = fit(_apply_affine(state, node, args, kwargs, [f.upper for f in ins], False))
-        out, fresh = LinearForms(lower, upper), False
+    elif is_nonnegative(node.target, args, kwargs):  # J >= 0: lower to lower, upper to upper
+        lower, upper = apply([f.lower for f in ins]), apply([f.upper for f in ins])
+        out, fresh = LinearForms(lower, upper), _is_fresh(lower, [f.lower for f in ins]) and _is_fresh(
+            upper, [f.upper for f in ins])
     else:
         mids = [f.lower if f.is_exact else torch.add(f.lower, f.upper).mul_(0.5) for f in ins]
         rads = [None if f.is_exact else torch.sub(f.upper, f.lower).mul_(0.5) for f in ins]
-        mid = fit(_apply_affine(state, node, args, kwargs, mids, False))
-        rad = fit(_apply_affine(state, node, args, kwargs, rads, True))
-        out, fresh = LinearForms(mid - rad, mid + rad), True
+        mid, rad = apply(mids), apply(rads, True)
+        lower = mid - rad
+        upper = mid.add_(rad) if _is_fresh(mid, mids) else mid + rad
+        out, fresh = LinearForms(lower, upper), True
     if state.rules(node).homogeneous:
         return out
     constant = _pushforward(state, node).constant
@@ -220,7 +258,6 @@ def forward_walk(state: PropagationState, target: str, keep: set[str], layout: l
     for slot in layout:
         if slot.name in with_forms:
             forms[slot.name] = leaf_forms(state, slot, dim)
-    intersect_ibp = bool(state.opts.get("forward_intersect_ibp", True))
     needed = graph.ancestors(target)
     for node in graph.nodes:
         name = node.name
@@ -234,12 +271,7 @@ def forward_walk(state: PropagationState, target: str, keep: set[str], layout: l
             continue
         forms[name] = node_forms(state, node, forms)
         if name in wanted:
-            box = interval_of_forms(state, layout, forms[name])
-            if intersect_ibp:
-                box = box.intersect(ibp_box)
-            elif old is not None:
-                box = box.intersect(old)
-            state.intervals[name] = Interval(box.lower, torch.maximum(box.upper, box.lower))
+            state.intervals[name] = _refine_interval(state, name, layout, forms[name], ibp_box, old)
             state.refined.add(name)
             for user in graph.users(name):
                 state.cache.pop(("relax", user), None)
@@ -259,9 +291,8 @@ def spec_rows(A: torch.Tensor, forms: LinearForms, side: str) -> torch.Tensor:
 
     ``A``: ``(batch or 1, spec, *y)``; ``forms``: ``(batch, D + 1, *y)``.
     """
-    batch, rows = forms.lower.shape[:2]
     A = A.reshape(A.shape[0], A.shape[1], -1).transpose(1, 2)
-    flat = lambda t: t.reshape(batch, rows, -1)
+    flat = lambda t: t.reshape(t.shape[0], t.shape[1], -1)
     if forms.is_exact:
         return flat(forms.lower) @ A
     first, second = (forms.lower, forms.upper) if side == "lower" else (forms.upper, forms.lower)
@@ -316,16 +347,14 @@ def forward_bounds(state: PropagationState, target: str, C: torch.Tensor, lower:
             results.append(None)
             continue
         rows = sum(spec_rows(term[pick], term[0], side) for term in terms)
-        if torch.is_tensor(bias) or bias != 0:
-            rows = torch.cat([rows[:, :-1], (rows[:, -1] + bias).unsqueeze(1)], dim=1)
+        rows = add_to_last_row(rows, bias)
         results.append(concretize_rows(state, layout, rows, sign))
         for slot in layout:
             if keep_A and slot.name in keep_A:
                 x = state.values[slot.name]
                 coeffs = rows[:, slot.offset:slot.offset + slot.size].transpose(1, 2)
                 entry = A_out.setdefault(slot.name, [None, None, 0.0, 0.0])
-                entry[pick - 1] = coeffs.reshape(batch, rows.shape[2], *x.shape[1:])
-                entry[pick + 1] = rows[:, -1]
-    if C.shape[0] == 1 and batch > 1:
-        results = [r.expand(batch, -1) if r is not None and r.shape[0] == 1 else r for r in results]
+                entry[pick - 1] = coeffs.reshape(coeffs.shape[0], coeffs.shape[1], *x.shape[1:]).expand(
+                    batch, *coeffs.shape[1:2], *x.shape[1:])
+                entry[pick + 1] = rows[:, -1].expand(batch, rows.shape[2])
     return results[0], results[1], {name: tuple(v) for name, v in A_out.items()}

@@ -58,7 +58,7 @@ def plot_first_sample(path: str, methods: Sequence[str], outcomes: Sequence, nom
     ax.set_xticklabels(ticks)
     ax.set_ylabel(ylabel)
     ax.set_title(f"sample 0: bounds under an L{norm} ball of radius {eps:g}")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", ncol=len(shown) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -7,7 +7,9 @@ entries ``x`` (``D`` of them per example) of every perturbed input::
 
 The constant term is stored as one extra row after the ``D`` coefficient rows, so an affine
 layer transforms coefficients and constant in a single call: ``lower``/``upper`` have shape
-``(batch, D + 1, *shape)`` and ``lw = lower[:, :D]``, ``lb = lower[:, D]``.
+``(batch, D + 1, *shape)`` and ``lw = lower[:, :D]``, ``lb = lower[:, D]``. The batch dimension
+may be 1 for forms shared by every example (the inputs' identity and the affine layers after it):
+they broadcast against per-example tensors.
 
 Forms are *exact* when the lower and the upper form are the same tensor (every node before the
 first relaxation): affine layers then transform one tensor instead of two.
@@ -73,10 +75,20 @@ class LinearForms:
 
 
 def add_to_last_row(rows: torch.Tensor, c: torch.Tensor | float, fresh: bool = False) -> torch.Tensor:
-    """``rows`` with ``c`` added to the constant row; ``fresh``: ``rows`` is a new tensor nobody else
-    holds (then it is updated in place, which autograd allows for outputs of matmul/add/mul)."""
-    if not torch.is_tensor(c) and c == 0:
-        return rows
+    """``rows`` with ``c`` added to the constant row.
+
+    ``c`` broadcasts against ``(batch, *shape)``; rows shared by the whole batch (batch dimension 1)
+    are expanded when ``c`` differs between examples. ``fresh``: ``rows`` is a new tensor nobody
+    else holds, so it is updated in place (autograd allows it for outputs of matmul/add/mul).
+    """
+    if not torch.is_tensor(c):
+        if c == 0:
+            return rows
+    elif c.dim() == rows.dim() - 1 and c.shape[0] > rows.shape[0]:
+        if torch.equal(c, c[:1].expand_as(c)):
+            c = c[:1]
+        else:
+            rows, fresh = rows.expand(c.shape[0], *rows.shape[1:]), False
     if fresh:
         rows[:, -1] += c
         return rows

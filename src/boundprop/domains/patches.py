@@ -92,16 +92,27 @@ class Patches:
 
         ``t``: ``(b, C, H, W)`` (one value per neuron) or ``(b, R, C, H, W)`` (one per row and
         neuron) -> ``(b, R, C, kh, kw)``.
+
+        For ``(b, C, H, W)``: ``unfold`` extracts the window of every grid position in the rows'
+        bounding box (many rows share a position: one per channel of the start map), then each
+        row picks its position's window.
         """
+        if t.dim() == 4:
+            (kh, kw), (sh, sw), (ph, pw), (H, W) = self.kernel, self.stride, self.padding, self.size
+            h0, h1, w0, w1 = self.row_range
+            top, left = ph - h0 * sh, pw - w0 * sw  # negative: crop
+            bottom, right = (h1 - h0) * sh + kh - H - top, (w1 - w0) * sw + kw - W - left
+            windows = F.unfold(F.pad(t, (left, right, top, bottom)), (kh, kw), stride=(sh, sw))
+            position = (self.rows_h - h0) * (w1 - w0 + 1) + (self.rows_w - w0)
+            picked = windows.transpose(1, 2).index_select(1, position)  # (b, R, C * kh * kw)
+            return picked.view(t.shape[0], self.spec, t.shape[1], kh, kw)
         top, bottom, left, right = self._extent()
         if top or bottom or left or right:
             t = F.pad(t, (left, right, top, bottom))
         ih, iw = self._windows(top, left)
-        ih, iw = ih[:, :, None], iw[:, None, :]
-        if t.dim() == 4:
-            return t[:, :, ih, iw].transpose(1, 2)  # (b, C, R, kh, kw) -> (b, R, C, kh, kw)
         rows = torch.arange(self.spec, device=t.device)[:, None, None]
-        return t[:, rows, :, ih, iw].permute(3, 0, 4, 1, 2)  # (R, kh, kw, b, C) -> (b, R, C, kh, kw)
+        picked = t[:, rows, :, ih[:, :, None], iw[:, None, :]]  # (R, kh, kw, b, C)
+        return picked.permute(3, 0, 4, 1, 2)
 
     def outside_mask(self) -> torch.Tensor | None:
         """``(R, 1, kh, kw)``: 1 on window entries inside the node, 0 outside; None if all inside."""

@@ -34,6 +34,46 @@ aten = torch.ops.aten
 #: Affine ops whose Jacobian is entry-wise non-negative: ``|J| T = J T``.
 NONNEGATIVE_AFFINE = frozenset(MOVEMENT_OPS + SUMMING_OPS)
 
+#: Ops that only reshape (row-major order and batch dimension kept): ``J T`` is a reshape of ``T``.
+RESHAPE_OPS = (
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
+    aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
+    aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default,
+    aten.lift_fresh_copy.default,
+)
+
+
+def is_nonnegative(target, args: tuple, kwargs: dict) -> bool:
+    """Whether the affine op's Jacobian is entry-wise non-negative (so lower maps to lower)."""
+    if target in NONNEGATIVE_AFFINE:
+        return True
+    if target in (aten.add.Tensor, aten.add.Scalar):
+        return not isinstance(args[1], Var) or kwargs.get("alpha", 1) >= 0
+    if target in (aten.sub.Tensor, aten.sub.Scalar):
+        return not isinstance(args[1], Var) or kwargs.get("alpha", 1) <= 0
+    if target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+        const = args[1] if isinstance(args[0], Var) else args[0]
+        return not isinstance(const, Var) and bool((torch.as_tensor(const) >= 0).all())
+    return False
+
+
+def _reshape_forward(op):
+    def rule(tangents, args, kwargs, absolute):
+        (t,) = tangents
+        var = next(a for a in args if isinstance(a, Var))
+        values = tuple(a.value if isinstance(a, Var) else a for a in args)
+        out = op(*values, **kwargs).shape
+        if len(out) == 0 or out[0] != var.value.shape[0] or out.numel() != var.value.numel():
+            return None
+        return t.reshape(t.shape[0], t.shape[1], *out[1:])
+
+    rule.__doc__ = f"{op}: ``J T`` is ``T`` reshaped to the output's per-example shape (shared rows too)."
+    return rule
+
+
+for _op in RESHAPE_OPS:
+    affine_forward_rule(_op)(_reshape_forward(_op))
+
 
 def _abs(c, absolute: bool):
     if not absolute:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from ..domains import Interval
-from .registry import affine_ops, interval_rule, is_perturbed
+from .registry import Var, affine_backward_rule, affine_ops, interval_rule, is_perturbed
+from .shape import sum_to_shape
 
 aten = torch.ops.aten
 
@@ -87,3 +88,67 @@ affine_ops(aten.neg.default, homogeneous=True)
 affine_ops(aten.mul.Tensor, aten.mul.Scalar, homogeneous=True,
            when=lambda args: not (is_perturbed(args[0]) and is_perturbed(args[1])))
 affine_ops(aten.div.Tensor, aten.div.Scalar, homogeneous=True, when=lambda args: not is_perturbed(args[1]))
+
+
+# --- fast backward paths: coefficients A (batch, spec, *out) ------------------------------------
+
+
+def _batched_shape(value) -> tuple[int, ...]:
+    return tuple(value.shape[1:])
+
+
+def _align(c, A):
+    """A constant broadcastable to the output ``(batch, *out)`` -> broadcastable to ``A`` (batch, spec, *out)."""
+    if torch.is_tensor(c) and c.dim() == A.dim() - 1:
+        return c.unsqueeze(1)
+    return c
+
+
+def _const_term(A, c) -> torch.Tensor | float:
+    if not torch.is_tensor(c):
+        return A.flatten(2).sum(-1) * c if c != 0 else 0.0
+    return (A * _align(c, A)).flatten(2).sum(-1)
+
+
+def _add_sub_back(sign: float):
+    def rule(A, args, kwargs):
+        a, b = args[0], args[1]
+        alpha = kwargs.get("alpha", 1)
+        coeffs, bias = [], 0.0
+        for operand, scale in ((a, 1.0), (b, sign * alpha)):
+            if isinstance(operand, Var):
+                if operand.value.dim() == 0:
+                    return None
+                part = sum_to_shape(A, _batched_shape(operand.value))
+                coeffs.append(part if scale == 1.0 else part * scale)
+            else:
+                bias = bias + _const_term(A, operand) * scale if torch.is_tensor(operand) or operand != 0 else bias
+        return coeffs, bias
+
+    rule.__doc__ = "``A . (a + s b) = A . a + s A . b`` (summed over broadcast dimensions)."
+    return rule
+
+
+def _scale_back(divide: bool):
+    def rule(A, args, kwargs):
+        x, c = (args[0], args[1]) if isinstance(args[0], Var) else (args[1], args[0])
+        if divide and not isinstance(args[0], Var):
+            return None
+        if x.value.dim() == 0:
+            return None
+        factor = (1.0 / c if not torch.is_tensor(c) else torch.reciprocal(c)) if divide else c
+        return [sum_to_shape(A * _align(factor, A), _batched_shape(x.value))], 0.0
+
+    rule.__doc__ = "``A . (c x) = (c A) . x`` element-wise (summed over broadcast dimensions)."
+    return rule
+
+
+affine_backward_rule(aten.add.Tensor, aten.add.Scalar)(_add_sub_back(1.0))
+affine_backward_rule(aten.sub.Tensor, aten.sub.Scalar)(_add_sub_back(-1.0))
+affine_backward_rule(aten.mul.Tensor, aten.mul.Scalar)(_scale_back(False))
+affine_backward_rule(aten.div.Tensor, aten.div.Scalar)(_scale_back(True))
+
+
+@affine_backward_rule(aten.neg.default)
+def _neg_back(A, args, kwargs):
+    return [-A], 0.0

@@ -26,8 +26,8 @@ looser than IBP. ``"fixed"`` is auto_LiRPA's default
 
     2 z x - z^2  <=  x^2  <=  (l + u) x - l u
 
-**Division** ``a / b`` (``b`` perturbed): ``r = 1/b`` is bounded by the reciprocal relaxation
-``lw b + lb <= r <= uw b + ub`` on ``r in [1/u, 1/l]``, and ``a r`` by McCormick on ``(a, r)``; the
+**Division** ``a / b`` (``b`` perturbed): ``r = 1/b`` is bounded by the reciprocal relaxation of
+:mod:`.convex`, ``lw b + lb <= r <= uw b + ub``, on ``r in [1/u, 1/l]``, and ``a r`` by McCormick on ``(a, r)``; the
 coefficient of ``r`` (summed over broadcast copies) is passed on through the relaxation. If
 ``[l, u]`` contains 0 the quotient is unbounded: infinite bounds.
 
@@ -58,54 +58,15 @@ from dataclasses import dataclass
 import torch
 
 from ..domains import Interval, Relaxation
+from .convex import reciprocal_interval, reciprocal_relaxation  # 1/x belongs to the convex family
 from .registry import RelaxCall, Var, backward_rule
 
 aten = torch.ops.aten
 _INF = float("inf")
 
 
-# --- reciprocal ------------------------------------------------------------------------------
-
-
-def _own_reciprocal_interval(args, kwargs) -> Interval:
-    """``1/b`` on ``[l, u]``: ``[1/u, 1/l]`` when ``0 < l`` or ``u < 0``; ``(-inf, inf)`` otherwise."""
-    b = args[0]
-    ok = _sign_definite(b.lower, b.upper)
-    one = torch.ones_like(b.lower)
-    lo = torch.where(ok, torch.reciprocal(torch.where(ok, b.upper, one)), -_INF)
-    hi = torch.where(ok, torch.reciprocal(torch.where(ok, b.lower, one)), _INF)
-    return Interval(lo, hi)
-
-
-def _own_reciprocal_relaxation(lo: torch.Tensor, hi: torch.Tensor, call: RelaxCall) -> Relaxation:
-    """Linear bounds of ``1/x`` on a sign-definite ``[l, u]`` (convex for ``x > 0``, concave for ``x < 0``).
-
-    Chord ``-x/(l u) + 1/l + 1/u`` (above for ``x > 0``, below for ``x < 0``) and the tangent at the
-    geometric mean ``m = sign * sqrt(l u)``: ``-x/m^2 + 2/m`` (the other side). No division by the width.
-    """
-    ok = _sign_definite(lo, hi)
-    one = torch.ones_like(lo)
-    l_, u_ = torch.where(ok, lo, one), torch.where(ok, hi, one)
-    chord_w, chord_b = -1.0 / (l_ * u_), 1.0 / l_ + 1.0 / u_
-    m = torch.sign(l_) * torch.sqrt(l_ * u_)
-    tan_w, tan_b = -1.0 / (m * m), 2.0 / m
-    pos = l_ > 0
-    lw, lb = torch.where(pos, tan_w, chord_w), torch.where(pos, tan_b, chord_b)
-    uw, ub = torch.where(pos, chord_w, tan_w), torch.where(pos, chord_b, tan_b)
-    zero = torch.zeros_like(lo)
-    return Relaxation(torch.where(ok, lw, zero), torch.where(ok, lb, -_INF),
-                      torch.where(ok, uw, zero), torch.where(ok, ub, _INF))
-
-
 def _sign_definite(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return ((lo > 0) | (hi < 0)) & torch.isfinite(lo) & torch.isfinite(hi)
-
-
-try:  # the convex-function family owns 1/x once it exists
-    from .convex import reciprocal_interval, reciprocal_relaxation
-except ImportError:  # pragma: no cover - depends on the tree's state
-    reciprocal_interval = _own_reciprocal_interval
-    reciprocal_relaxation = _own_reciprocal_relaxation
 
 
 # --- McCormick planes ------------------------------------------------------------------------
@@ -214,7 +175,7 @@ def _factor(arg, rank: int, view: Callable | None = None, restore: Callable | No
 
 
 def _sum_to(G: torch.Tensor, shape) -> torch.Tensor:
-    """Sum ``G`` ``(batch, spec, *out)`` over the dims where the canonical ``shape`` (rank of ``(batch, *out)``) is 1.
+    """Sum ``G`` ``(batch, spec, *out)`` over the dims where a canonical ``shape`` (``(1 or batch, *)``) is 1.
 
     The batch dimension is never summed: a parameter's coefficient keeps one row per batch element.
     """
@@ -229,7 +190,7 @@ def _coefficient(G: torch.Tensor, f: _Factor) -> torch.Tensor:
     return f.restore(_sum_to(G, f.value.shape))
 
 
-def _lift(t: torch.Tensor, A: torch.Tensor, rank: int) -> torch.Tensor:
+def _lift(t: torch.Tensor, rank: int) -> torch.Tensor:
     """A relaxation field of rank ``rank`` (no spec dim) -> insert the spec dim; with spec: as is."""
     return t.unsqueeze(1) if t.dim() == rank else t
 
@@ -288,18 +249,18 @@ def _elementwise_side(A, sign, X: _Factor, Y: _Factor, call, direction):
     """Coefficients ``(G_x, G_y)`` (on the output's shape) and bias of one side of ``A . (x * y)``."""
     rank = A.dim() - 1
     if X.const or Y.const:
-        G = A * _lift(X.value if X.const else Y.value, A, rank)
+        G = A * _lift(X.value if X.const else Y.value, rank)
         return (None, G) if X.const else (G, None), 0.0
     t, s, spec = _alpha(call, direction, rank, _mode(call.opts), X.lower, X.upper, Y.lower, Y.upper)
     bounds = [X.lower, X.upper, Y.lower, Y.upper]
     if spec:
         bounds = [b.unsqueeze(1) for b in bounds]
     lo, up, bad = mccormick_planes(*bounds, t, s)
-    mul = lambda field: lambda part, plane: part * _lift(getattr(plane, field), A, rank)
+    mul = lambda field: lambda part, plane: part * _lift(getattr(plane, field), rank)
     gx = _signed_sum(A, sign, lo, up, mul("ax"))
     gy = _signed_sum(A, sign, lo, up, mul("ay"))
     cb = _signed_sum(A, sign, lo, up, mul("c"))
-    return (gx, gy), _infinite_bias(cb, A, _lift(bad, A, rank), sign)
+    return (gx, gy), _infinite_bias(cb, A, _lift(bad, rank), sign)
 
 
 def _square_side(A, sign, X: _Factor, call, direction):
@@ -324,10 +285,10 @@ def _square_side(A, sign, X: _Factor, call, direction):
         bad = bad | overflow
         tangent, chord = (Plane(torch.where(bad, 0.0, p.ax), None, torch.where(bad, 0.0, p.c))
                           for p in (tangent, chord))
-    mul = lambda field: lambda part, plane: part * _lift(getattr(plane, field), A, rank)
+    mul = lambda field: lambda part, plane: part * _lift(getattr(plane, field), rank)
     g = _signed_sum(A, sign, tangent, chord, mul("ax"))
     cb = _signed_sum(A, sign, tangent, chord, mul("c"))
-    return g, _infinite_bias(cb, A, _lift(bad, A, rank), sign)
+    return g, _infinite_bias(cb, A, _lift(bad, rank), sign)
 
 
 def square_alpha_init(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -367,7 +328,7 @@ def _through_relaxation(G: torch.Tensor, relax: Relaxation, sign: int, rank: int
     Terms with a zero coefficient contribute nothing, even where the relaxation is infinite.
     """
     pos, neg = G.clamp(min=0), G.clamp(max=0)
-    lw, lb, uw, ub = (_lift(f, G, rank) for f in (relax.lw, relax.lb, relax.uw, relax.ub))
+    lw, lb, uw, ub = (_lift(f, rank) for f in (relax.lw, relax.lb, relax.uw, relax.ub))
     if sign < 0:
         w_pos, b_pos, w_neg, b_neg = lw, lb, uw, ub
     else:
@@ -436,9 +397,9 @@ def _matmul_side(A, sign, X: _Factor, Y: _Factor, call, direction):
     contract = lambda which, field: lambda part, plane: torch.einsum(_EQ[which, spec], part, getattr(plane, field))
     gx = _signed_sum(A, sign, lo, up, contract("x", "ax"))
     gy = _signed_sum(A, sign, lo, up, contract("y", "ay"))
-    bias_of = lambda part, plane: part * _lift(plane.c.sum(-2), A, rank)
+    bias_of = lambda part, plane: part * _lift(plane.c.sum(-2), rank)
     cb = _signed_sum(A, sign, lo, up, bias_of)
-    return (gx, gy), _infinite_bias(cb, A, _lift(bad.any(-2), A, rank), sign)
+    return (gx, gy), _infinite_bias(cb, A, _lift(bad.any(-2), rank), sign)
 
 
 def _value(arg) -> torch.Tensor:

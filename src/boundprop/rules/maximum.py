@@ -11,9 +11,11 @@ All are ``y = max_k x_k`` over a set of ``K`` candidates (``min`` is ``-max(-x)`
   Proof: if ``x_j`` is the maximum, ``x_j - u_j + w_j (u_j - l_j) <= w_j (x_j - l_j)``
   (``(1 - w_j)(x_j - u_j) <= 0``) and every other term ``w_k (x_k - l_k)`` is ``>= 0``.
   The weights used are ``w_k = clip((u_k - T) / (u_k - l_k), 0, 1)`` with the threshold ``T`` in
-  ``[max l, max u]`` chosen by bisection so that ``sum_k w_k = 1`` (a convex combination; for two
-  candidates the facet of the concave envelope). When one candidate dominates
-  (``l_{k*} >= u_j`` for all ``j != k*``), ``T = l_{k*}`` and the bound is ``y <= x_{k*}``: exact.
+  ``[max l, max u]`` chosen by bisection so that ``sum_k w_k = 1`` (a convex combination, between
+  the two extreme members of the family: ``T = max l``, weight 1 on ``k*``, and ``T = max u``, the
+  constant ``max u``). When one candidate dominates (``l_{k*} >= u_j`` for all ``j != k*``),
+  ``T = l_{k*}`` and the bound is ``y <= x_{k*}``: exact. With a constant candidate 0 it is ReLU's
+  chord.
 
 Candidates with an infinite end make the upper bound the constant ``max_k u_k``. Shapes: the
 relaxation works on ``(..., K)`` with the candidates last.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..domains import Interval
-from .registry import affine_ops, interval_rule
+from .registry import affine_backward_rule, affine_ops, interval_rule
 
 aten = torch.ops.aten
 
@@ -64,3 +64,64 @@ for _op in MOVEMENT_OPS + SUMMING_OPS:
     interval_rule(_op)(monotone_interval(_op))
 affine_ops(*(op for op in MOVEMENT_OPS + SUMMING_OPS if op != aten.constant_pad_nd.default), homogeneous=True)
 affine_ops(aten.constant_pad_nd.default)  # the pad value is a constant term
+
+
+# --- fast backward paths: coefficients A (batch, spec, *out) -> (batch, spec, *in) ---------------
+
+
+def _in_shape(var) -> tuple[int, ...]:
+    return tuple(var.value.shape[1:])
+
+
+def _reshape_back(A, args, kwargs):
+    """Views and reshapes only re-index entries: reshape the coefficients back."""
+    return [A.reshape(A.shape[0], A.shape[1], *_in_shape(args[0]))], 0.0
+
+
+def _permute_back(A, args, kwargs):
+    """``y = permute(x, p)`` with the batch kept first: ``A_x = permute(A, inverse(p))``."""
+    perm = list(args[1])
+    rank = len(perm)
+    perm = [p % rank for p in perm]
+    if perm[0] != 0:
+        return None
+    inverse = [0] * rank
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return [A.permute(0, 1, *[i + 1 for i in inverse[1:]])], 0.0
+
+
+def _transpose_back(A, args, kwargs):
+    x, d0, d1 = args[0], args[1], args[2]
+    rank = x.value.dim()
+    d0, d1 = d0 % rank, d1 % rank
+    if 0 in (d0, d1):
+        return None
+    return [A.transpose(d0 + 1, d1 + 1)], 0.0
+
+
+def sum_to_shape(A: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Sum coefficients ``(batch, spec, *out)`` over the dimensions an operand of ``shape`` (no batch)
+    was broadcast along, giving ``(batch, spec, *shape)``."""
+    out = A.shape[2:]
+    lead = len(out) - len(shape)
+    if lead > 0:
+        A = A.sum(dim=tuple(range(2, 2 + lead)))
+    dims = tuple(i + 2 for i, (s, o) in enumerate(zip(shape, A.shape[2:])) if s == 1 and o != 1)
+    if dims:
+        A = A.sum(dim=dims, keepdim=True)
+    return A
+
+
+def _expand_back(A, args, kwargs):
+    return [sum_to_shape(A, _in_shape(args[0]))], 0.0
+
+
+for _op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
+            aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
+            aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default,
+            aten.lift_fresh_copy.default, aten._to_copy.default):
+    affine_backward_rule(_op)(_reshape_back)
+affine_backward_rule(aten.permute.default)(_permute_back)
+affine_backward_rule(aten.transpose.int)(_transpose_back)
+affine_backward_rule(aten.expand.default)(_expand_back)

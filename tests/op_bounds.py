@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from boundprop import PerturbationLpNorm, compute_bounds
-from boundprop.graph.ir import Graph, Node, ParamSource, Ref
+from boundprop.graph.ir import Graph, Node, ParamSource
 
 
 def one_node_graph(target, args: tuple, params: dict[str, torch.Tensor] | None = None) -> Graph:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..domains import Interval
-from ..domains.linear_forms import LinearForms, add_to_last_row, compose
+from ..domains.linear_forms import LinearForms, add_to_last_row, compose, vacuous_rows, vacuous_where_infinite
 from ..graph.ir import Node
 from ..rules import Var
 from ..rules.affine_forward import is_nonnegative
@@ -238,7 +238,8 @@ def bound_nodes(state: PropagationState, target: str) -> set[str]:
     return found
 
 
-def forward_walk(state: PropagationState, target: str, keep: set[str], layout: list[LeafSlot]) -> dict[str, LinearForms]:
+def forward_walk(state: PropagationState, target: str, keep: set[str],
+                 layout: list[LeafSlot]) -> dict[str, LinearForms]:
     """Forms of the nodes in ``keep``; on the way, intervals of every node up to ``target``.
 
     Each node's interval is its IBP rule on the current intervals (intersected with any known
@@ -269,7 +270,7 @@ def forward_walk(state: PropagationState, target: str, keep: set[str], layout: l
         state.intervals[name] = ibp_box
         if name not in with_forms:
             continue
-        forms[name] = node_forms(state, node, forms)
+        forms[name] = vacuous_where_infinite(node_forms(state, node, forms))
         if name in wanted:
             state.intervals[name] = _refine_interval(state, name, layout, forms[name], ibp_box, old)
             state.refined.add(name)
@@ -347,7 +348,7 @@ def forward_bounds(state: PropagationState, target: str, C: torch.Tensor, lower:
             results.append(None)
             continue
         rows = sum(spec_rows(term[pick], term[0], side) for term in terms)
-        rows = add_to_last_row(rows, bias)
+        rows = vacuous_rows(add_to_last_row(rows, bias), float(sign))
         results.append(concretize_rows(state, layout, rows, sign))
         for slot in layout:
             if keep_A and slot.name in keep_A:

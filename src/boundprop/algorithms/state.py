@@ -75,18 +75,35 @@ class PropagationState:
         return map_refs(node.args, resolve), map_refs(dict(node.kwargs), resolve)
 
     def is_affine_here(self, node: Node) -> bool:
-        """Whether the node is affine in its perturbed arguments in this call."""
+        """Whether the node is affine in its perturbed arguments in this call (cached per call)."""
+        key = ("affine", node.name)
+        if key not in self.cache:
+            self.cache[key] = self._is_affine(node)
+        return self.cache[key]
+
+    def _is_affine(self, node: Node) -> bool:
         entry = self.rules(node)
         if not entry.affine:
             return False
-        if entry.affine_when is None:
+        if entry.affine_when is None and entry.backward is None:
             return True
-        args, _ = self.resolve_for_linear(node)
-        return bool(entry.affine_when(args))
+        args, kwargs = self.resolve_for_linear(node)
+        if entry.backward is not None and any(
+                isinstance(a, Var) and not a.batched for a in _flat_args((args, kwargs))):
+            return False  # a perturbed parameter (no batch dimension): the op's own rule handles it
+        return entry.affine_when is None or bool(entry.affine_when(args))
 
     def needs_input_bounds(self, node: Node) -> bool:
         entry = self.rules(node)
         return entry.needs_bounds and not self.is_affine_here(node)
+
+
+def _flat_args(obj) -> list:
+    if isinstance(obj, (list, tuple)):
+        return [item for sub in obj for item in _flat_args(sub)]
+    if isinstance(obj, dict):
+        return [item for sub in obj.values() for item in _flat_args(sub)]
+    return [obj]
 
 
 def make_state(graph: Graph, inputs: tuple[torch.Tensor, ...], perturbations: Mapping[str, Perturbation],

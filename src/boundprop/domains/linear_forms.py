@@ -74,6 +74,29 @@ class LinearForms:
         return LinearForms(new_l, add_to_last_row(self.upper, upper, fresh))
 
 
+def vacuous_where_infinite(forms: LinearForms) -> LinearForms:
+    """Entries whose constant is not finite (an unbounded relaxation, or ``inf - inf`` downstream
+    of one) become the vacuous forms ``-inf <= y <= +inf`` with zero coefficients, so that no NaN
+    spreads through later layers. Only the constant rows are inspected (coefficients stay finite)."""
+    lower = vacuous_rows(forms.lower, -1.0)
+    upper = lower if forms.is_exact and lower is forms.lower else vacuous_rows(forms.upper, 1.0)
+    if lower is forms.lower and upper is forms.upper:
+        return forms
+    return LinearForms(lower, upper)
+
+
+def vacuous_rows(rows: torch.Tensor, sign: float) -> torch.Tensor:
+    """``rows`` (``(batch, D + 1, ...)``) with zero coefficients and constant ``sign * inf`` wherever the
+    constant is not finite."""
+    bad = ~torch.isfinite(rows[:, -1])
+    if not bool(bad.any()):
+        return rows
+    bad = bad.unsqueeze(1)
+    coeffs = torch.where(bad, torch.zeros((), dtype=rows.dtype, device=rows.device), rows[:, :-1])
+    bias = torch.where(bad, torch.full((), sign * torch.inf, dtype=rows.dtype, device=rows.device), rows[:, -1:])
+    return torch.cat([coeffs, bias], dim=1)
+
+
 def add_to_last_row(rows: torch.Tensor, c: torch.Tensor | float, fresh: bool = False) -> torch.Tensor:
     """``rows`` with ``c`` added to the constant row.
 

@@ -232,14 +232,11 @@ def _out(A_list, lbias, ubias):
     return BackwardOut(A_list, lbias, ubias)
 
 
-def _merge(entries: list[tuple[str | None, list]], sides: dict) -> list:
-    """[(name, lA, uA)] for the named factors from per-side coefficient lists."""
-    out = []
-    for index, (name, _) in enumerate(entries):
-        if name is not None:
-            out.append((name, sides.get("lower", [None] * len(entries))[index],
-                        sides.get("upper", [None] * len(entries))[index]))
-    return out
+def _named(names: list[str | None], sides: dict) -> list:
+    """``[(name, lA, uA)]`` for the perturbed factors, from per-side coefficient lists (None: constant)."""
+    none = [None] * len(names)
+    return [(name, sides.get("lower", none)[i], sides.get("upper", none)[i])
+            for i, name in enumerate(names) if name is not None]
 
 
 # --- element-wise products -------------------------------------------------------------------
@@ -316,7 +313,7 @@ def mul_backward(call):
     for A, sign, direction in _sides(call):
         (gx, gy), bias[direction] = _elementwise_side(A, sign, X, Y, call, direction)
         sides[direction] = [_coefficient(gx, X) if X.name else None, _coefficient(gy, Y) if Y.name else None]
-    return _out(_merge([(X.name, None), (Y.name, None)], sides), bias["lower"], bias["upper"])
+    return _out(_named([X.name, Y.name], sides), bias["lower"], bias["upper"])
 
 
 # --- division -------------------------------------------------------------------------------
@@ -371,7 +368,7 @@ def div_backward(call):
         gb, relax_bias = _through_relaxation(gr, relax, sign, rank)
         bias[direction] = product_bias + relax_bias
         sides[direction] = [_coefficient(gx, X) if X.name else None, Bf.restore(gb)]
-    return _out(_merge([(X.name, None), (Bf.name, None)], sides), bias["lower"], bias["upper"])
+    return _out(_named([X.name, Bf.name], sides), bias["lower"], bias["upper"])
 
 
 # --- matrix products -------------------------------------------------------------------------
@@ -452,7 +449,7 @@ def matmul_backward(call):
     return _with_bias(call, X, Y, lambda A: _matmul_canonical(x, y, A)[2], None)
 
 
-def _bias_term(call, bias, A: torch.Tensor, scale=1.0):
+def _bias_term(bias, A: torch.Tensor, scale=1.0):
     """``scale * bias`` added to the output: its coefficient (perturbed) or its constant term."""
     if bias is None:
         return None, None, 0.0
@@ -464,16 +461,17 @@ def _bias_term(call, bias, A: torch.Tensor, scale=1.0):
     return None, None, (A * b).flatten(2).sum(-1)
 
 
-def _with_bias(call, X, Y, canon_A, bias, scale=1.0):
+def _with_bias(call, X: _Factor, Y: _Factor, canon_A: Callable, bias, scale=1.0):
+    """``A . (X @ Y + scale * bias)`` for each side; ``canon_A`` maps ``A`` to the canonical product shape."""
     sides, biases, extra = {}, {"lower": 0.0, "upper": 0.0}, {}
     for A, sign, direction in _sides(call):
         (gx, gy), biases[direction] = _matmul_side(canon_A(A), sign, X, Y, call, direction)
         sides[direction] = [_coefficient(gx, X) if X.name else None, _coefficient(gy, Y) if Y.name else None]
-        name, coeff, constant = _bias_term(call, bias, A, scale)
+        name, coeff, constant = _bias_term(bias, A, scale)
         biases[direction] = biases[direction] + constant
         if name is not None:
             extra[direction] = coeff
-    A_list = _merge([(X.name, None), (Y.name, None)], sides)
+    A_list = _named([X.name, Y.name], sides)
     if extra:
         A_list.append((bias.name, extra.get("lower"), extra.get("upper")))
     return _out(A_list, biases["lower"], biases["upper"])

@@ -50,8 +50,9 @@ Fn = Callable[[torch.Tensor], torch.Tensor]
 #: whether ``f`` is convex left of the first one (everywhere, without cuts).
 Regions = Callable[[torch.Tensor, torch.Tensor], tuple[list, torch.Tensor]]
 
-#: Bisection steps for tangent points and stationary points (float64; 2**-40 of the bracket).
-BISECTION_STEPS = 40
+#: Root search for tangent and stationary points: bisection steps, then false-position steps.
+BISECTION_STEPS = 14
+FALSE_POSITION_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -149,13 +150,30 @@ def split(curve: Curve, l: torch.Tensor, u: torch.Tensor) -> _Split:
                   torch.where(n_inside == 1, cut_in, l))
 
 
-def _bisect(g: Fn, lo: torch.Tensor, hi: torch.Tensor, go_right: Callable, steps: int) -> tuple:
-    """Shrink ``[lo, hi]`` ``steps`` times: keep the right half where ``go_right(g(mid))``."""
-    for _ in range(steps):
+def _root(h: Fn, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink a bracket ``[lo, hi]`` of the root of a non-decreasing ``h`` (``h(lo) <= 0 < h(hi)``).
+
+    :data:`BISECTION_STEPS` halvings, then :data:`FALSE_POSITION_STEPS` steps of false position
+    (Illinois variant) inside the small bracket left, where ``h`` is nearly linear. Each step keeps
+    ``h(lo) <= 0 < h(hi)``; the result only decides tightness, never soundness.
+    """
+    for _ in range(BISECTION_STEPS):
         mid = (lo + hi) / 2
-        right = go_right(g(mid))
-        lo = torch.where(right, mid, lo)
-        hi = torch.where(right, hi, mid)
+        right = h(mid) <= 0
+        lo, hi = torch.where(right, mid, lo), torch.where(right, hi, mid)
+    h_lo, h_hi = h(lo), h(hi)
+    last = torch.zeros_like(lo)
+    for _ in range(FALSE_POSITION_STEPS):
+        den = h_hi - h_lo
+        x = lo - h_lo * (hi - lo) / torch.where(den > 0, den, torch.ones_like(den))
+        x = torch.where((den > 0) & torch.isfinite(x) & (x > lo) & (x < hi), x, (lo + hi) / 2)
+        hx = h(x)
+        right = hx <= 0
+        h_hi = torch.where(right & (last > 0), h_hi / 2, h_hi)
+        h_lo = torch.where(~right & (last < 0), h_lo / 2, h_lo)
+        lo, h_lo = torch.where(right, x, lo), torch.where(right, hx, h_lo)
+        hi, h_hi = torch.where(right, hi, x), torch.where(right, h_hi, hx)
+        last = torch.where(right, 1.0, -1.0).to(lo.dtype)
     return lo, hi
 
 
@@ -173,8 +191,7 @@ def _min_offset(curve: Curve, s: torch.Tensor, sp: _Split, hint: torch.Tensor, s
         x = torch.minimum(torch.maximum(hint, a), b)
         if bool((search & convex & (b > a)).any()):
             with torch.no_grad():
-                lo, hi = _bisect(lambda t: df(t) - s, a.detach() + 0 * s, b.detach() + 0 * s,
-                                 lambda g: g < 0, BISECTION_STEPS)
+                lo, hi = _root(lambda t: df(t) - s, a.detach() + 0 * s, b.detach() + 0 * s)
             x = torch.where(search, (lo + hi) / 2, x)
         slope = df(x) - s
         h_tan = f(x) - s * x + torch.minimum(_safe_mul(slope, a - x), _safe_mul(slope, b - x))
@@ -212,7 +229,8 @@ def lower_line(curve: Curve, sp: _Split, alpha: torch.Tensor | None) -> tuple[to
                 g = lambda t: f(t) + df(t) * (far - t) - f_far  # noqa: E731 - tangent at t minus f, at far
                 lo = torch.where(cl, l, sp.cut).detach()
                 hi = torch.where(cl, sp.cut, u).detach()
-                lo, hi = _bisect(g, lo, hi, lambda gm: torch.where(cl, gm <= 0, gm > 0), BISECTION_STEPS)
+                sign = torch.where(cl, 1.0, -1.0).to(l.dtype)
+                lo, hi = _root(lambda t: sign * g(t), lo, hi)
                 t = torch.where(cl, lo, hi)  # the valid end of the bracket
             d_two = torch.where(cl, l + a_two * (t - l), u - a_two * (u - t))
             d_two = torch.where(need, d_two, l)
@@ -247,8 +265,7 @@ def _three_region_line(curve: Curve, sp: _Split, k: torch.Tensor) -> tuple[torch
             for far, valid_left in ((u, True), (l, False)):
                 f_far = f(far)
                 g = lambda t: f(t) + df(t) * (far - t) - f_far  # noqa: E731, B023
-                lo, hi = _bisect(g, a, b, (lambda gm: gm <= 0) if valid_left else (lambda gm: gm > 0),
-                                 BISECTION_STEPS)
+                lo, hi = _root((lambda t: g(t)) if valid_left else (lambda t: -g(t)), a, b)
                 t = lo if valid_left else hi
                 s = _finite(df(t))
                 off = _min_offset(curve, s, sp, t, torch.zeros_like(three))

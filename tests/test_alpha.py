@@ -51,8 +51,8 @@ NETS = {
     "mlp2": (lambda: mlp([4, 16, 16, 3]), (3, 4), 0.3),
     "mlp4": (lambda: mlp([3, 10, 12, 10, 8, 2]), (2, 3), 0.4),
     "leaky": (lambda: mlp([5, 12, 12, 4], act=lambda: nn.LeakyReLU(0.1)), (2, 5), 0.3),
-    "tanh": (lambda: mlp([4, 12, 12, 3], act=nn.Tanh), (2, 4), 0.5),
-    "cnn": (SmallCNN, (2, 1, 8, 8), 0.1),
+    "tanh": (lambda: mlp([3, 8, 8, 2], act=nn.Tanh), (1, 3), 0.5),
+    "cnn": (SmallCNN, (2, 1, 10, 10), 0.1),
 }
 
 
@@ -78,7 +78,7 @@ _MLP = mlp([3, 8, 8, 8, 2]).eval()
 _GRAPH = boundprop.capture(_MLP, torch.zeros(2, 3))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10**6), eps=st.floats(0.05, 1.0), batch=st.integers(1, 3))
 def test_random_weights_order_and_soundness(seed, eps, batch):
     torch.manual_seed(seed)
@@ -133,7 +133,7 @@ def test_A_gives_the_returned_bounds(case):
 def test_chunked_intermediate_walks_give_the_same_bounds(case):
     _, graph, x, ptb, C = case
     whole = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", C=C)
-    chunked = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", C=C, opts={"max_coefficient_elements": 64})
+    chunked = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", C=C, opts={"max_coefficient_elements": 200})
     torch.testing.assert_close(chunked.lower, whole.lower, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked.upper, whole.upper, atol=1e-5, rtol=1e-5)
 

@@ -100,7 +100,7 @@ class _Param:
     """One parameter tensor and what projecting it needs (the last interval it was used on)."""
 
     tensor: torch.Tensor
-    spec: Any  # AlphaSpec
+    project: Callable  # project(alpha, l, u, call)
     call: RelaxCall
     lower: torch.Tensor
     upper: torch.Tensor
@@ -179,7 +179,7 @@ class AlphaSet:
                 n = self.spec_size(start)
                 tensor = init.expand(init.shape[0], n, *init.shape[2:]).clone()
             tensor.requires_grad_(True)
-            param = _Param(tensor, spec, call, bounds.lower, bounds.upper)
+            param = _Param(tensor, _projector(spec.project), call, bounds.lower, bounds.upper)
             self.params[key] = param
         param.lower, param.upper = bounds.lower, bounds.upper
         return param.tensor if rows is None else param.tensor.index_select(1, rows)
@@ -191,7 +191,7 @@ class AlphaSet:
     def project(self) -> None:
         for p in self.params.values():
             lo, hi = p.lower.detach().unsqueeze(1), p.upper.detach().unsqueeze(1)
-            p.tensor.copy_(_projector(p.spec.project)(p.tensor, lo, hi, p.call).expand_as(p.tensor))
+            p.tensor.copy_(p.project(p.tensor, lo, hi, p.call).expand_as(p.tensor))
 
 
 @dataclass

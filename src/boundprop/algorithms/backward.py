@@ -101,7 +101,6 @@ class PreparedRelaxation:
     lb: torch.Tensor | None
     db: torch.Tensor | None
     per_spec: bool
-    _stacked: torch.Tensor | None = None
 
     @staticmethod
     def of(relax: Relaxation, shape: torch.Size) -> PreparedRelaxation:
@@ -121,32 +120,27 @@ class PreparedRelaxation:
         return PreparedRelaxation(lw, *(None if not bool(f.any()) else f for f in (d, lb, db)), per_spec)
 
     def windows(self, P: Patches) -> tuple[torch.Tensor | None, ...]:
-        """``(lw, d, lb, db)`` gathered over the windows of ``P`` (one gather for all fields)."""
+        """``(lw, d, lb, db)`` gathered over the windows of ``P`` (None where zero)."""
         fields = [self.lw, self.d, self.lb, self.db]
         present = [f for f in fields if f is not None]
-        dim = 2 if self.per_spec else 1
         if self.per_spec:
             present = [f.expand(f.shape[0], P.spec, *f.shape[2:]) for f in present]
-            stacked = torch.cat(present, dim=dim)
-        else:
-            if self._stacked is None:
-                object.__setattr__(self, "_stacked", torch.cat(present, dim=dim))
-            stacked = self._stacked
-        parts = iter(P.gather(stacked).chunk(len(present), dim=2))
+        parts = iter(P.gather(*present))
         return tuple(next(parts) if f is not None else None for f in fields)
 
 
 def _sum_product(A: torch.Tensor, t: torch.Tensor, per_spec: bool) -> torch.Tensor:
     """``sum over the node of A * t``: ``(batch, spec)``; ``t`` is ``(batch, *shape)`` unless ``per_spec``."""
     if per_spec:
-        return (A * t).flatten(2).sum(-1)
+        return torch.einsum("brn,brn->br", A.flatten(2), t.flatten(2))
     return (A.flatten(2) @ t.reshape(t.shape[0], -1, 1)).squeeze(-1)
 
 
 def _relax_side(A, prep: PreparedRelaxation, upper: bool, windows=None):
     """``(A', bias)`` for one side: ``A lw + S d`` and ``sum(A lb + S db)``, ``S = pos(A)`` or ``neg(A)``.
 
-    ``A`` is a dense tensor, or Patches with ``windows`` the relaxation gathered over them.
+    ``A`` is a dense tensor, or Patches with ``windows`` the relaxation gathered over them (the
+    result is then clean: the windows are zero outside the node).
     """
     patches = isinstance(A, Patches)
     data = A.data if patches else A
@@ -169,7 +163,7 @@ def _relax_side(A, prep: PreparedRelaxation, upper: bool, windows=None):
         bias = _sum_product(data, lb, per_spec)
     if db is not None:
         bias = bias + _sum_product(S, db, per_spec)
-    return (A.with_data(new) if patches else new), bias
+    return (A.with_data(new, dirty=False) if patches else new), bias
 
 
 def apply_relaxation(relax_l: PreparedRelaxation | None, relax_u: PreparedRelaxation | None, lA, uA):
@@ -381,7 +375,7 @@ def backward(state: PropagationState, start: str, C, lower: bool = True, upper: 
         if node.name not in needed or node.name not in coeffs:
             continue
         lA, uA = coeffs.pop(node.name)
-        peak = max(peak, _row_elements(lA) + _row_elements(uA))
+        peak = max(peak, _row_elements(lA), _row_elements(uA))
         if keep_A and node.name in keep_A:
             A_out[node.name] = (_full_batch(state, lA), _full_batch(state, uA), lbias, ubias)
         out = propagate_node(state, node, lA, uA, alpha_for)
@@ -400,7 +394,7 @@ def backward(state: PropagationState, start: str, C, lower: bool = True, upper: 
     low = lbias if lower else None
     up = ubias if upper else None
     for name, (lA, uA) in leaves_seen.items():
-        peak = max(peak, _row_elements(lA) + _row_elements(uA))
+        peak = max(peak, _row_elements(lA), _row_elements(uA))
         if keep_A and name in keep_A:
             A_out[name] = (_full_batch(state, lA), _full_batch(state, uA), lbias, ubias)
         if lower and lA is not None:

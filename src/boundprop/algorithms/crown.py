@@ -8,7 +8,7 @@ everything before it):
   recomputed from the refined intervals before it (as auto_LiRPA's reference bounds), and only
   the neurons a consumer reports as unstable under it (``unstable(l, u)``, e.g. ``l < 0 < u``
   for ReLU) get a backward walk, with a one-hot specification per unstable neuron, in chunks of
-  bounded memory (``opts["max_coefficient_elements"]``, default 2**25 per coefficient tensor);
+  bounded memory (see :func:`coefficient_budget`);
 * a walk from a 2-D feature map starts in patch form (:mod:`boundprop.domains.patches`;
   ``opts["conv_mode"] = "matrix"`` keeps dense one-hot specs);
 * nodes that are element-wise functions or pure data movement of already refined nodes take
@@ -111,9 +111,22 @@ def unstable_mask(state: PropagationState, name: str) -> torch.Tensor:
     return mask if contributed else torch.ones_like(mask)
 
 
-def spec_chunk_size(state: PropagationState, start: str) -> int:
-    """How many one-hot specs to walk back at once so that one coefficient tensor stays small."""
+#: Coefficient tensors are kept below this many bytes when there is a choice: the allocator hands
+#: larger blocks back to the OS on release (glibc: above its 32 MiB mmap ceiling), and faulting
+#: fresh pages in again costs several times the arithmetic done on them.
+FAST_BYTES = 2**24
+
+
+def coefficient_budget(state: PropagationState, dtype: torch.dtype = torch.float32) -> int:
+    """Elements per coefficient tensor: the memory bound ``opts["max_coefficient_elements"]``
+    (default 2**25), lowered to :data:`FAST_BYTES` worth."""
     budget = int(state.opts.get("max_coefficient_elements", 2**25))
+    return max(1, min(budget, FAST_BYTES // torch.empty((), dtype=dtype).element_size()))
+
+
+def spec_chunk_size(state: PropagationState, start: str) -> int:
+    """How many one-hot specs to walk back at once so that one dense coefficient tensor stays small."""
+    budget = coefficient_budget(state, state.values[start].dtype)
     widest = 1
     for name in state.graph.ancestors(start):
         value = state.values.get(name)
@@ -158,7 +171,7 @@ def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None
         return old
     new_l, new_u = flat_l.clone(), flat_u.clone()
     chunk = spec_chunk_size(state, name)
-    budget = int(state.opts.get("max_coefficient_elements", 2**25))
+    budget = coefficient_budget(state, flat_l.dtype)
     record = alpha_for is not None or state.opts.get("intermediate_grad", True)
     start = 0
     while start < index.numel():

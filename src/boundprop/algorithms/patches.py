@@ -59,9 +59,7 @@ def _conv_patches(P: Patches, x: Var, weight, bias, stride, padding, dilation, g
         return None
     moved = P.through_conv2d(weight, _pair(stride), _pair(padding), _pair(dilation), int(groups),
                              tuple(x.value.shape[2:]))
-    bias_term = 0.0
-    if bias is not None:
-        bias_term = P.data.sum((-2, -1)) @ bias
+    bias_term = P.channel_sum() @ bias if bias is not None else 0.0
     return [(x.name, _densify_if_large(moved))], bias_term
 
 
@@ -92,19 +90,19 @@ def _scale(P: Patches, factor, out_shape: torch.Size) -> torch.Tensor | None:
     full = factor.reshape(*[1] * (len(out_shape) - factor.dim()), *factor.shape)
     if full.shape[2:].numel() == 1 and full.shape[0] == 1:  # per channel (or scalar)
         return P.data * full.reshape(1, 1, -1, 1, 1)
-    full = full.expand(full.shape[0], *out_shape[1:])
-    return P.data * P.gather(full)
+    (window,) = P.gather(full.expand(full.shape[0], *out_shape[1:]))
+    return P.data * window
 
 
 def _window_term(P: Patches, const, out_shape: torch.Size):
     """``sum over each window of data * const`` for a constant broadcasting to the node: ``(b, R)``."""
     if not torch.is_tensor(const):
-        return P.data.flatten(2).sum(-1) * const if const != 0 else 0.0
+        return P.channel_sum().sum(-1) * const if const != 0 else 0.0
     if const.dim() > len(out_shape):
         return None
     full = const.reshape(*[1] * (len(out_shape) - const.dim()), *const.shape)
     if full.shape[2:].numel() == 1 and full.shape[0] == 1:
-        return P.data.sum((-2, -1)) @ full.reshape(-1).expand(P.data.shape[2])
+        return P.channel_sum() @ full.reshape(-1).expand(P.data.shape[2])
     return P.window_sum(full.expand(full.shape[0], *out_shape[1:]))
 
 
@@ -112,7 +110,7 @@ def _window_term(P: Patches, const, out_shape: torch.Size):
 def batch_norm_patches(state, node, args, kwargs, P):
     x, weight, bias, mean, var, _momentum, eps = args
     scale, shift = ops.batch_norm_scale_shift(weight, bias, mean, var, eps)
-    return [(x.name, P.with_data(P.data * scale.reshape(1, 1, -1, 1, 1)))], P.data.sum((-2, -1)) @ shift
+    return [(x.name, P.with_data(P.data * scale.reshape(1, 1, -1, 1, 1)))], P.channel_sum() @ shift
 
 
 def _sum_patches(node_shape: torch.Size, P: Patches, terms: list[tuple[object, float]]):

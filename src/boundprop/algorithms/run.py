@@ -103,6 +103,19 @@ def _ibp_with_spec(state: PropagationState, target: str, C: torch.Tensor) -> Int
     return Interval(center - radius, center + radius)
 
 
+def _intersect_with_ibp(state: PropagationState, target: str, C, spec, lower, upper):
+    """Final CROWN bounds never looser than the IBP bounds already computed in the same call."""
+    box = state.intervals[target]
+    if C is None:
+        box = Interval(box.lower.reshape(lower.shape if lower is not None else upper.shape),
+                       box.upper.reshape(lower.shape if lower is not None else upper.shape))
+    else:
+        box = _ibp_with_spec(state, target, spec)
+    lower = torch.maximum(lower, box.lower) if lower is not None else None
+    upper = torch.minimum(upper, box.upper) if upper is not None else None
+    return lower, upper
+
+
 def run_method(state: PropagationState, method: str, target: str, C: torch.Tensor | None, lower: bool,
                upper: bool, keep_A: set[str] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
     """Bounds of ``C y`` (y = ``target``) by ``method`` on a prepared state."""
@@ -120,7 +133,9 @@ def run_method(state: PropagationState, method: str, target: str, C: torch.Tenso
         if method == "crown":
             refine_intermediate(state, target)
         res = backward(state, target, spec, lower, upper, keep_A=keep_A)
-        return res.lower, res.upper, res.A
+        if keep_A:
+            return res.lower, res.upper, res.A  # the bounds the returned coefficients imply
+        return (*_intersect_with_ibp(state, target, C, spec, res.lower, res.upper), res.A)
     if method in ("forward", "forward+backward"):
         from .forward import forward_bounds
 

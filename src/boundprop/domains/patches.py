@@ -9,8 +9,9 @@ positions. A :class:`Patches` stores just those windows::
     top_r  = h_r * stride_h - padding_h,      left_r = w_r * stride_w - padding_w
 
 All rows share the window size ``(kh, kw)``, ``stride`` and ``padding``; they differ only in
-their anchor ``(h_r, w_r)`` in the start map. Window entries outside ``[0, H) x [0, W)`` (the
-zero padding of a convolution) are kept at zero, so that sums over a window never see them.
+their anchor ``(h_r, w_r)`` in the start map. Window entries outside ``[0, H) x [0, W)`` stand for
+the zero padding of a convolution and multiply nothing; they are zero unless ``dirty`` (then
+:meth:`Patches.clean` zeroes them; ops that would read them call it first).
 
 Memory per row is ``batch * C * kh * kw`` instead of ``batch * C * H * W``; a convolution maps
 a window through ``conv_transpose2d`` of the window alone (``(kh - 1) s + d (k - 1) + 1`` wide
@@ -39,6 +40,7 @@ class Patches:
         stride, padding: window of row ``r`` starts at ``rows * stride - padding`` (per axis).
         size: ``(H, W)`` of the node the coefficients multiply.
         row_range: ``(min h, max h, min w, max w)`` of the rows (Python ints, to size paddings).
+        dirty: window entries outside the node may be nonzero (meaningless; see :meth:`clean`).
     """
 
     data: torch.Tensor
@@ -48,6 +50,7 @@ class Patches:
     padding: tuple[int, int]
     size: tuple[int, int]
     row_range: tuple[int, int, int, int]
+    dirty: bool = False
 
     @staticmethod
     def identity(index: torch.Tensor, shape: tuple[int, int, int], dtype: torch.dtype) -> Patches:
@@ -67,8 +70,8 @@ class Patches:
     def spec(self) -> int:
         return self.data.shape[1]
 
-    def with_data(self, data: torch.Tensor) -> Patches:
-        return replace(self, data=data)
+    def with_data(self, data: torch.Tensor, dirty: bool | None = None) -> Patches:
+        return replace(self, data=data, dirty=self.dirty if dirty is None else dirty)
 
     # --- window geometry -------------------------------------------------------------------
 
@@ -87,25 +90,34 @@ class Patches:
         iw = (self.rows_w * sw - pw + left).unsqueeze(1) + torch.arange(kw, device=dev)
         return ih, iw
 
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """The windows of a node-shaped tensor, zero outside the node.
+    def gather(self, *maps: torch.Tensor) -> list[torch.Tensor]:
+        """The windows of node-shaped tensors, zero outside the node.
 
-        ``t``: ``(b, C, H, W)`` (one value per neuron) or ``(b, R, C, H, W)`` (one per row and
-        neuron) -> ``(b, R, C, kh, kw)``.
+        Each map is ``(b, C, H, W)`` (one value per neuron) or ``(b, R, C, H, W)`` (one per row
+        and neuron); each result is ``(b, R, C, kh, kw)``.
 
-        For ``(b, C, H, W)``: ``unfold`` extracts the window of every grid position in the rows'
-        bounding box (many rows share a position: one per channel of the start map), then each
-        row picks its position's window.
+        For ``(b, C, H, W)`` maps: ``unfold`` extracts the window of every grid position in the
+        rows' bounding box (many rows share a position, one per channel of the start map), then
+        each row picks its position's window.
         """
-        if t.dim() == 4:
-            (kh, kw), (sh, sw), (ph, pw), (H, W) = self.kernel, self.stride, self.padding, self.size
-            h0, h1, w0, w1 = self.row_range
-            top, left = ph - h0 * sh, pw - w0 * sw  # negative: crop
-            bottom, right = (h1 - h0) * sh + kh - H - top, (w1 - w0) * sw + kw - W - left
+        (kh, kw), (sh, sw), (ph, pw), (H, W) = self.kernel, self.stride, self.padding, self.size
+        h0, h1, w0, w1 = self.row_range
+        top, left = ph - h0 * sh, pw - w0 * sw  # negative: crop
+        bottom, right = (h1 - h0) * sh + kh - H - top, (w1 - w0) * sw + kw - W - left
+        position = None
+        out = []
+        for t in maps:
+            if t.dim() == 5:
+                out.append(self._gather_per_row(t))
+                continue
+            if position is None:
+                position = (self.rows_h - h0) * (w1 - w0 + 1) + (self.rows_w - w0)
             windows = F.unfold(F.pad(t, (left, right, top, bottom)), (kh, kw), stride=(sh, sw))
-            position = (self.rows_h - h0) * (w1 - w0 + 1) + (self.rows_w - w0)
             picked = windows.transpose(1, 2).index_select(1, position)  # (b, R, C * kh * kw)
-            return picked.view(t.shape[0], self.spec, t.shape[1], kh, kw)
+            out.append(picked.view(t.shape[0], self.spec, t.shape[1], kh, kw))
+        return out
+
+    def _gather_per_row(self, t: torch.Tensor) -> torch.Tensor:
         top, bottom, left, right = self._extent()
         if top or bottom or left or right:
             t = F.pad(t, (left, right, top, bottom))
@@ -114,16 +126,18 @@ class Patches:
         picked = t[:, rows, :, ih[:, :, None], iw[:, None, :]]  # (R, kh, kw, b, C)
         return picked.permute(3, 0, 4, 1, 2)
 
-    def outside_mask(self) -> torch.Tensor | None:
-        """``(R, 1, kh, kw)``: 1 on window entries inside the node, 0 outside; None if all inside."""
+    def clean(self) -> Patches:
+        """The same coefficients with every window entry outside the node set to zero."""
+        if not self.dirty:
+            return self
         if not any(self._extent()):
-            return None
+            return self.with_data(self.data, dirty=False)
         (H, W) = self.size
         ih, iw = self._windows(0, 0)
         inside = ((ih >= 0) & (ih < H))[:, :, None] & ((iw >= 0) & (iw < W))[:, None, :]
-        return inside.unsqueeze(1).to(self.data.dtype)
+        return self.with_data(self.data * inside.unsqueeze(1).to(self.data.dtype), dirty=False)
 
-    def to_dense(self, channels: int | None = None) -> torch.Tensor:
+    def to_dense(self) -> torch.Tensor:
         """The coefficients as a dense ``(b, R, C, H, W)`` tensor."""
         b, R, C, kh, kw = self.data.shape
         H, W = self.size
@@ -142,63 +156,82 @@ class Patches:
 
         Each window goes through ``conv_transpose2d`` on its own (no padding): the new window is
         ``(kh - 1) * s + d * (k - 1) + 1`` wide and starts at ``top * s - p``, i.e. the new
-        stride is ``stride * s`` and the new padding ``padding * s + p``.
+        stride is ``stride * s`` and the new padding ``padding * s + p``. Entries that land on
+        ``x``'s zero padding are left in place (``dirty``).
         """
-        b, R, C, kh, kw = self.data.shape
-        out = F.conv_transpose2d(self.data.reshape(b * R, C, kh, kw), weight, None, stride, 0, 0, groups, dilation)
-        out = out.reshape(b, R, *out.shape[1:])
-        moved = Patches(out, self.rows_h, self.rows_w,
-                        (self.stride[0] * stride[0], self.stride[1] * stride[1]),
-                        (self.padding[0] * stride[0] + padding[0], self.padding[1] * stride[1] + padding[1]),
-                        in_size, self.row_range)
-        mask = moved.outside_mask()
-        return moved if mask is None else moved.with_data(out * mask)
+        data = self.clean().data
+        b, R, C, kh, kw = data.shape
+        out = F.conv_transpose2d(data.reshape(b * R, C, kh, kw), weight, None, stride, 0, 0, groups, dilation)
+        return Patches(out.reshape(b, R, *out.shape[1:]), self.rows_h, self.rows_w,
+                       (self.stride[0] * stride[0], self.stride[1] * stride[1]),
+                       (self.padding[0] * stride[0] + padding[0], self.padding[1] * stride[1] + padding[1]),
+                       in_size, self.row_range, dirty=True)
+
+    def channel_sum(self) -> torch.Tensor:
+        """``sum over each window of data`` per channel: ``(b, R, C)`` (for per-channel constants)."""
+        return self.clean().data.sum((-2, -1))
 
     def window_sum(self, t: torch.Tensor) -> torch.Tensor:
         """``sum over each row's window of data * t`` for a node-shaped ``t`` -> ``(b, R)``."""
-        return (self.data * self.gather(t)).flatten(2).sum(-1)
+        (window,) = self.gather(t)
+        return _dot(self.data, window)
 
     def concretize_box(self, center: torch.Tensor, radius: torch.Tensor, sign: int) -> torch.Tensor:
-        """``min`` (sign -1) or ``max`` (+1) of each row over the box ``center +- radius``: ``(b, R)``."""
-        c, r = self.gather(center), self.gather(radius)
-        return (self.data * c).flatten(2).sum(-1) + sign * (self.data.abs() * r).flatten(2).sum(-1)
+        """``min`` (sign -1) or ``max`` (+1) of each row over the box ``center +- radius``: ``(b, R)``.
+
+        Entries outside the node meet zero center and radius (gathered with zero padding).
+        """
+        c, r = self.gather(center, radius)
+        return _dot(self.data, c) + sign * _dot(self.data.abs(), r)
 
 
-def aligned(a: Patches, b: Patches) -> tuple[torch.Tensor, torch.Tensor, Patches] | None:
-    """Both patches' data on a common window (the union of theirs), or None if not possible.
-
-    Possible when both describe the same rows on the same node with the same stride: the windows
-    then differ only by a fixed offset and size, and each is padded with zeros to the union.
-    """
-    if (a.stride != b.stride or a.size != b.size or a.rows_h is not b.rows_h and not (
-            torch.equal(a.rows_h, b.rows_h) and torch.equal(a.rows_w, b.rows_w))):
-        return None
-    if a.padding == b.padding and a.kernel == b.kernel:
-        return a.data, b.data, a
-    ph, pw = max(a.padding[0], b.padding[0]), max(a.padding[1], b.padding[1])
-    kh = max(p.kernel[0] + ph - p.padding[0] for p in (a, b))
-    kw = max(p.kernel[1] + pw - p.padding[1] for p in (a, b))
-
-    def grow(p: Patches) -> torch.Tensor:
-        top, left = ph - p.padding[0], pw - p.padding[1]
-        return F.pad(p.data, (left, kw - left - p.kernel[1], top, kh - top - p.kernel[0]))
-
-    return grow(a), grow(b), replace(a, padding=(ph, pw), data=a.data[..., :0, :0])
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row dot products of two ``(b, R, ...)`` tensors (batch dimensions broadcast): ``(b, R)``."""
+    return torch.einsum("brn,brn->br", a.flatten(2), b.flatten(2))
 
 
 def add_coefficients(a, b):
-    """Sum of two coefficient sets (Tensor or Patches, None meaning zero)."""
+    """Sum of two coefficient sets (Tensor or Patches, None meaning zero).
+
+    Patches of the same rows, node and stride are added on the union of their windows; anything
+    else is added densely.
+    """
     if a is None:
         return b
     if b is None:
         return a
     if isinstance(a, Patches) and isinstance(b, Patches):
-        common = aligned(a, b)
-        if common is not None:
-            da, db, geometry = common
-            return geometry.with_data(da + db)
+        total = _add_patches(a, b)
+        if total is not None:
+            return total
     if isinstance(a, Patches):
         a = a.to_dense()
     if isinstance(b, Patches):
         b = b.to_dense()
     return a + b
+
+
+def _add_patches(a: Patches, b: Patches) -> Patches | None:
+    if (a.stride != b.stride or a.size != b.size or a.rows_h is not b.rows_h and not (
+            torch.equal(a.rows_h, b.rows_h) and torch.equal(a.rows_w, b.rows_w))):
+        return None
+    dirty = a.dirty or b.dirty
+    if a.padding == b.padding and a.kernel == b.kernel:
+        return a.with_data(a.data + b.data, dirty)
+    ph, pw = max(a.padding[0], b.padding[0]), max(a.padding[1], b.padding[1])
+    kh = max(p.kernel[0] + ph - p.padding[0] for p in (a, b))
+    kw = max(p.kernel[1] + pw - p.padding[1] for p in (a, b))
+    if (b.padding, b.kernel) == ((ph, pw), (kh, kw)):
+        a, b = b, a
+    if (a.padding, a.kernel) == ((ph, pw), (kh, kw)):  # a's window holds b's: add b into a slice
+        top, left = ph - b.padding[0], pw - b.padding[1]
+        shape = torch.broadcast_shapes(a.data.shape, b.data.shape[:3] + a.data.shape[3:])
+        data = a.data.expand(shape).clone()
+        data[..., top:top + b.kernel[0], left:left + b.kernel[1]] += b.data
+        return a.with_data(data, dirty)
+
+    def grow(p: Patches) -> torch.Tensor:
+        top, left = ph - p.padding[0], pw - p.padding[1]
+        return F.pad(p.data, (left, kw - left - p.kernel[1], top, kh - top - p.kernel[0]))
+
+    return replace(a, data=grow(a) + grow(b), padding=(ph, pw), dirty=dirty)

@@ -51,8 +51,8 @@ Fn = Callable[[torch.Tensor], torch.Tensor]
 Regions = Callable[[torch.Tensor, torch.Tensor], tuple[list, torch.Tensor]]
 
 #: Root search for tangent and stationary points: bisection steps, then false-position steps.
-BISECTION_STEPS = 14
-FALSE_POSITION_STEPS = 8
+BISECTION_STEPS = 16
+FALSE_POSITION_STEPS = 3
 
 
 @dataclass(frozen=True)

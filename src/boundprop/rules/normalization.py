@@ -9,10 +9,13 @@ IBP:
 
 * ``c``: centre/radius through ``P`` (exact per entry): ``c_c = P x_c``,
   ``c_r = (1 - 2/N) x_r + sum(x_r)/N``;
-* ``v in [mean(sq_L), mean(sq_U)]`` from the interval squares of ``c``; ``r`` from ``v`` (decreasing);
+* ``v <= mean(sq_U)`` from the interval squares of ``c``; ``v >= v_L``, the larger of
+  ``mean(sq_L)`` and the box minimum of the variance (:func:`variance_lower`, nearly exact: a 1-D
+  convex problem); ``r`` from ``v`` (decreasing);
 * ``n``: the interval product of ``c`` and ``r``, intersected with a bound that uses the coupling
-  of ``c_i`` and ``v``: since ``sum_j c_j = 0``, ``v >= V_i(c_i) = max(c_i^2/(N-1), (c_i^2 + Q_i)/N)``
-  with ``Q_i = sum_{j != i} sq_L_j``, so ``|n_i| <= h_i(|c_i|)`` where
+  of ``c_i`` and ``v``: since ``sum_j c_j = 0``,
+  ``v >= V_i(c_i) = max(c_i^2/(N-1), (c_i^2 + Q_i)/N, v_L)`` with ``Q_i = sum_{j != i} sq_L_j``,
+  so ``|n_i| <= h_i(|c_i|)`` where
   ``h_i(t) = t / sqrt(V_i(t) + eps)`` increases in ``t >= 0`` (hence ``|n_i| <= sqrt(N - 1)``).
 
 Backward (CROWN): ``n_i = c_i r`` is a product of two bounded quantities; McCormick's planes
@@ -25,8 +28,13 @@ in ``c`` and ``r``; ``r`` is then bounded linearly in ``c``:
 * ``r <= h(v_L) + s (vt(c) - v_L)``: the chord of ``h`` on ``[v_L, v_U]`` (slope ``s <= 0``) above
   ``h``, and ``v >= vt(c) = mean(c0^2) + (2/N) c0 . (c - c0)`` (tangent of the convex ``v``).
 
-Coefficients of ``c`` map back to ``x`` through ``P`` (symmetric). Groups with an infinite input
-bound pass constant IBP bounds. Shapes: ``x`` ``(batch, *lead, *normalized_shape)``; coefficients
+A plane (per entry) or a bound of ``r`` (per group) whose worst value over the box is more than
+one IBP width beyond the constant IBP bound is replaced by that constant (with a small
+``eps`` and a box containing near-constant vectors, ``r_U = eps^(-1/2)`` makes the planes useless,
+while the coupled IBP bound stays within ``sqrt(N - 1)``). Coefficients of ``c`` map back to ``x``
+through ``P`` (symmetric). Groups with an infinite input bound pass constant IBP bounds.
+
+Shapes: ``x`` ``(batch, *lead, *normalized_shape)``; coefficients
 ``(batch, spec, *lead, *normalized_shape)``.
 """
 
@@ -262,7 +270,7 @@ def relax(lower: torch.Tensor, upper: torch.Tensor, eps: float) -> LayerNormRela
     plane_l, plane_u = mccormick(g, c0, r0)
     r_lower, r_upper = r_relaxation(g, c0, eps)
     plane_l, plane_u, r_lower, r_upper = _or_constant(g, plane_l, plane_u, r_lower, r_upper)
-    full = group_bounds(lower, upper, eps)
+    full = g if bool(ok.all()) else group_bounds(lower, upper, eps)
     return LayerNormRelaxation(plane_l, plane_u, r_lower, r_upper, ok, full.n_l, full.n_u)
 
 

@@ -158,6 +158,14 @@ def test_options(case):
     assert any("no_such_key" in str(w.message) for w in caught)
     assert not any("lr_beta" in str(w.message) for w in caught)
     assert (res.lower >= crown.lower).all() and (res.upper <= crown.upper).all()
+    # None stands for auto_LiRPA's default functions (the compat layer passes them so)
+    res = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", C=C, opts={"optimize_bound_args": {
+        "iteration": 3, "loss_reduction_func": None, "stop_criterion_func": None}})
+    assert (res.lower >= crown.lower).all()
+    # a criterion met at once stops after the first evaluation (CROWN's slopes): CROWN's bounds
+    res = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", C=C, opts={"optimize_bound_args": {
+        "stop_criterion_func": lambda bound: torch.ones_like(bound, dtype=torch.bool)}})
+    torch.testing.assert_close(res.lower, crown.lower.detach())
     with pytest.raises(ValueError, match="optimizer"):
         compute_bounds(graph, (x,), ptb, method="alpha-CROWN", opts={"optimize_bound_args": {"optimizer": "lbfgs"}})
 

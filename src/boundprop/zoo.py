@@ -47,8 +47,8 @@ def _finish(model: nn.Module, seed: int) -> nn.Module:
                 module.weight.copy_(0.8 + 0.4 * torch.rand(module.weight.shape, generator=gen))
                 module.bias.copy_((torch.rand(module.bias.shape, generator=gen) - 0.5) * 0.2)
             elif isinstance(module, nn.LSTM):
-                for name, p in module.named_parameters():
-                    bound = 1.0 / math.sqrt(module.hidden_size)
+                bound = 1.0 / math.sqrt(module.hidden_size)
+                for p in module.parameters():
                     p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
     return model.eval()
 

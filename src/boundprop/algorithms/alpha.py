@@ -15,14 +15,18 @@ Procedure (one call):
        alpha[start, node, direction]   shape (batch, spec_of_start, *node.shape)
 
    one tensor per *start* of a backward walk (the output with its ``C``, and every intermediate
-   node that CROWN refines, whose spec is its set of unstable neurons under the CROWN bounds),
-   per relaxation node on that walk, per direction (the walk's lower or upper bound). The
-   intermediate intervals are recomputed with their own parameters at every evaluation and
-   intersected with the CROWN ones (unless they were given by the user and
-   ``fix_interm_bounds`` holds), so they are optimised jointly with the output bound.
+   node that CROWN refines, whose spec is its set of unstable neurons when first met), per
+   relaxation node on that walk, per direction (the walk's lower or upper bound). The
+   intermediate intervals are recomputed with their own parameters at every evaluation (unless
+   they were given by the user and ``fix_interm_bounds`` holds), so they are optimised jointly
+   with the output bound. Each evaluation starts from the tightest intervals found so far (at
+   first CROWN's) and intersects the new ones with them; the gradient passes straight through that
+   intersection to the new bounds (as auto_LiRPA does with reference bounds). Intervals only
+   shrink, so later walks refine a subset of the first unstable set and use the matching rows.
    Loss: ``-sum(lower)`` (or ``sum(upper)``); Adam (``lr_alpha``), ``ExponentialLR(lr_decay)``;
    after each step the parameters are projected back into their valid set
-   (``AlphaSpec.project``). The last evaluation takes no step.
+   (``AlphaSpec.project``). The last evaluation takes no step. The upper side, optimised second,
+   starts from the intervals the lower side found.
 3. Best-so-far per element of the output bound (and the rows of any requested ``A`` that
    produced it); the intermediate intervals returned in ``state.intervals`` are the
    intersection of all intervals met (each is sound).
@@ -90,6 +94,9 @@ def alpha_options(opts: dict) -> dict[str, Any]:
         if key not in DEFAULTS:
             warnings.warn(f"optimize_bound_args: unknown key {key!r} ignored", stacklevel=3)
         out[key] = value
+    for key in ("loss_reduction_func", "stop_criterion_func"):
+        if out[key] is None:  # None stands for the default (as the compat layer passes it)
+            out[key] = DEFAULTS[key]
     if out["optimizer"] not in ("adam", "sgd"):
         raise ValueError(f"optimize_bound_args['optimizer']={out['optimizer']!r}: choose 'adam' or 'sgd'")
     return out
@@ -196,7 +203,8 @@ class AlphaSet:
 
 @dataclass
 class _Start:
-    """What each evaluation restarts from: the CROWN intervals and the nodes kept fixed."""
+    """What each evaluation restarts from: the tightest intervals so far (at first CROWN's), the
+    nodes kept fixed, and the caches that stay valid."""
 
     intervals: dict[str, Interval]
     fixed: set[str]
@@ -208,8 +216,18 @@ class _Start:
         state.cache = dict(self.cache)
 
 
+#: per-call caches that do not depend on intervals (kept across evaluations; any other is dropped)
+_STATIC_CACHE = {"pullback", "affine", "box"}
+
+
 def _detach(iv: Interval) -> Interval:
     return Interval(iv.lower.detach(), iv.upper.detach())
+
+
+def _dense(coeff: Any) -> torch.Tensor | None:
+    if coeff is None:
+        return None
+    return (coeff.to_dense() if hasattr(coeff, "to_dense") and not torch.is_tensor(coeff) else coeff).detach()
 
 
 def _bias_tensor(b: Any, like: torch.Tensor) -> torch.Tensor:
@@ -231,7 +249,7 @@ class _Best:
         self.A = {}
         for name, entry in A.items():
             coeff, bias = entry[side], entry[2 + side]
-            self.A[name] = (coeff.detach() if coeff is not None else None, _bias_tensor(bias, self.bound))
+            self.A[name] = (_dense(coeff), _bias_tensor(bias, self.bound))
 
     def better(self, bound: torch.Tensor) -> torch.Tensor:
         return bound > self.bound if self.side == 0 else bound < self.bound
@@ -244,7 +262,7 @@ class _Best:
         self.bound = torch.where(mask, bound, self.bound)
         for name, (coeff, bias) in self.A.items():
             entry = A[name]
-            new_coeff, new_bias = entry[self.side], _bias_tensor(entry[2 + self.side], self.bound)
+            new_coeff, new_bias = _dense(entry[self.side]), _bias_tensor(entry[2 + self.side], self.bound)
             self.A[name] = (_pick_rows(mask, new_coeff, coeff) if coeff is not None else None,
                             torch.where(mask, new_bias, bias))
         return True
@@ -344,10 +362,11 @@ def alpha_crown(state: PropagationState, target: str, C: torch.Tensor, lower: bo
         # intervals no parameter can change (only affine ops behind them) stay as CROWN found them
         fixed |= {n for n in refined if _affine_only(state, n)}
     start = _Start({n: _detach(iv) for n, iv in state.intervals.items()}, fixed,
-                   {k: v for k, v in state.cache.items() if isinstance(k, tuple) and k and k[0] == "pullback"})
+                   {k: v for k, v in state.cache.items() if isinstance(k, tuple) and k and k[0] in _STATIC_CACHE})
     low = crown.lower.detach() if lower else None
     up = crown.upper.detach() if upper else None
-    A = {name: tuple(t.detach() if torch.is_tensor(t) else t for t in entry) for name, entry in crown.A.items()}
+    A = {name: (_dense(entry[0]), _dense(entry[1]), *(t.detach() if torch.is_tensor(t) else t for t in entry[2:]))
+         for name, entry in crown.A.items()}
     if not o["enable_alpha_crown"] or int(o["iteration"]) <= 0:
         return low, up, A
     tightest = start.intervals  # later evaluations restart from the tightest intervals so far

@@ -185,7 +185,9 @@ def affine_forms(state: PropagationState, node: Node, forms: dict[str, LinearFor
     if state.rules(node).homogeneous:
         return out
     constant = _pushforward(state, node).constant
-    return out.add_constant(constant, fresh=fresh) if constant is not None else out
+    if constant is None or not bool((constant != 0).any()):  # e.g. the sum of two perturbed tensors
+        return out
+    return out.add_constant(constant, fresh=fresh)
 
 
 def _is_fresh(out: torch.Tensor, inputs: list[torch.Tensor]) -> bool:

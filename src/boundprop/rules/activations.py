@@ -24,7 +24,7 @@ import math
 import torch
 
 from ..domains import Interval, Relaxation
-from .curves import Curve, convex_curve, curve_alpha, curve_relaxation, fixed_regions
+from .curves import Curve, checked, convex_curve, curve_alpha, curve_relaxation, fixed_regions
 from .registry import RelaxCall, interval_rule, relaxation_rule
 
 aten = torch.ops.aten
@@ -45,12 +45,12 @@ def _lowered(value: float, dtype: torch.dtype) -> float:
     return value - 4 * torch.finfo(dtype).eps * abs(value) - torch.finfo(dtype).tiny
 
 
-def valley_bounds(f, l: torch.Tensor, u: torch.Tensor, minimum: tuple[float, float]) -> Interval:
+def valley_bounds(f, low: torch.Tensor, high: torch.Tensor, minimum: tuple[float, float]) -> Interval:
     """IBP of a function decreasing up to ``minimum[0]`` and increasing after it, tending to 0 at -inf."""
-    fl, fu = (torch.where(t == -math.inf, torch.zeros_like(t), f(t)) for t in (l, u))
-    holds = (l <= minimum[0]) & (u >= minimum[0])
-    low = torch.full_like(fl, _lowered(minimum[1], fl.dtype))
-    return Interval(torch.where(holds, low, torch.minimum(fl, fu)), torch.maximum(fl, fu))
+    fl, fu = (torch.where(t == -math.inf, torch.zeros_like(t), f(t)) for t in (low, high))
+    holds = (low <= minimum[0]) & (high >= minimum[0])
+    floor_value = torch.full_like(fl, _lowered(minimum[1], fl.dtype))
+    return Interval(torch.where(holds, floor_value, torch.minimum(fl, fu)), torch.maximum(fl, fu))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,9 +90,9 @@ def _gelu_parts(approximate: str) -> tuple:
     raise NotImplementedError(f"gelu with approximate={approximate!r}")
 
 
-def gelu_bounds(l, u, approximate: str = "none") -> Interval:
+def gelu_bounds(low, high, approximate: str = "none") -> Interval:
     _, minimum = _gelu_parts(approximate)
-    return valley_bounds(lambda t: torch.nn.functional.gelu(t, approximate=approximate), l, u, minimum)
+    return valley_bounds(lambda t: torch.nn.functional.gelu(t, approximate=approximate), low, high, minimum)
 
 
 @interval_rule(aten.gelu.default)
@@ -102,12 +102,17 @@ def gelu_interval(args, kwargs) -> Interval:
     return gelu_bounds(x.lower, x.upper, _approximate(kwargs, args[1:]))
 
 
-@relaxation_rule(aten.gelu.default, alpha=curve_alpha(lambda call: _gelu_parts(_approximate(call.kwargs, call.args))[0]))
-def gelu_relaxation(l, u, call: RelaxCall) -> Relaxation:
+def _gelu_curve_of(call: RelaxCall) -> Curve:
+    return _gelu_parts(_approximate(call.kwargs, call.args))[0]
+
+
+@relaxation_rule(aten.gelu.default, alpha=curve_alpha(_gelu_curve_of))
+@checked("aten.gelu.default")
+def gelu_relaxation(low, high, call: RelaxCall) -> Relaxation:
     """Curvature-region lines of GELU (module doc)."""
     approximate = _approximate(call.kwargs, call.args)
     curve, _ = _gelu_parts(approximate)
-    return curve_relaxation(curve, l, u, call, lambda lo, hi: gelu_bounds(lo, hi, approximate))
+    return curve_relaxation(curve, low, high, call, lambda lo, hi: gelu_bounds(lo, hi, approximate))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,8 +127,8 @@ def _dsilu(x):
 SILU = Curve(lambda x: x * torch.sigmoid(x), _dsilu, fixed_regions((-SILU_INFLECTION, SILU_INFLECTION), False))
 
 
-def silu_bounds(l, u) -> Interval:
-    return valley_bounds(torch.nn.functional.silu, l, u, SILU_MIN)
+def silu_bounds(low, high) -> Interval:
+    return valley_bounds(torch.nn.functional.silu, low, high, SILU_MIN)
 
 
 @interval_rule(aten.silu.default)
@@ -134,9 +139,10 @@ def silu_interval(args, kwargs) -> Interval:
 
 
 @relaxation_rule(aten.silu.default, alpha=curve_alpha(lambda call: SILU))
-def silu_relaxation(l, u, call: RelaxCall) -> Relaxation:
+@checked("aten.silu.default")
+def silu_relaxation(low, high, call: RelaxCall) -> Relaxation:
     """Curvature-region lines of SiLU (module doc)."""
-    return curve_relaxation(SILU, l, u, call, silu_bounds)
+    return curve_relaxation(SILU, low, high, call, silu_bounds)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,15 +163,15 @@ def softplus_curve(beta: float) -> Curve:
                         lambda x: torch.sigmoid(beta * x))
 
 
-def softplus_bounds(l, u, beta: float, threshold: float) -> Interval:
+def softplus_bounds(low, high, beta: float, threshold: float) -> Interval:
     """torch's softplus is increasing on each side of ``x = threshold / beta``, where it drops to ``x``."""
-    fl, fu = (torch.nn.functional.softplus(t, beta, threshold) for t in (l, u))
+    fl, fu = (torch.nn.functional.softplus(t, beta, threshold) for t in (low, high))
     switch = threshold / beta
-    crosses = (l * beta <= threshold) & (u * beta > threshold)
+    crosses = (low * beta <= threshold) & (high * beta > threshold)
     smooth_at_switch = math.log1p(math.exp(threshold)) / beta if threshold < 700 else switch
-    high = _lowered(-smooth_at_switch, fu.dtype) * -1
+    peak = -_lowered(-smooth_at_switch, fu.dtype)
     lower = torch.where(crosses, torch.minimum(fl, torch.full_like(fl, switch)), fl)
-    upper = torch.where(crosses, torch.maximum(fu, torch.full_like(fu, high)), fu)
+    upper = torch.where(crosses, torch.maximum(fu, torch.full_like(fu, peak)), fu)
     return Interval(lower, upper)
 
 
@@ -178,12 +184,13 @@ def softplus_interval(args, kwargs) -> Interval:
 
 @relaxation_rule(aten.softplus.default,
                  alpha=curve_alpha(lambda call: softplus_curve(_softplus_params(call.args, call.kwargs)[0])))
-def softplus_relaxation(l, u, call: RelaxCall) -> Relaxation:
+@checked("aten.softplus.default")
+def softplus_relaxation(low, high, call: RelaxCall) -> Relaxation:
     """Tangent below, chord above (convex); lower offsets less torch's threshold gap."""
     beta, threshold = _softplus_params(call.args, call.kwargs)
     gap = math.log1p(math.exp(-threshold)) / beta if threshold > -700 else float("inf")
-    return curve_relaxation(softplus_curve(beta), l, u, call, lambda lo, hi: softplus_bounds(lo, hi, beta, threshold),
-                            lower_margin=gap)
+    bounds = lambda lo, hi: softplus_bounds(lo, hi, beta, threshold)  # noqa: E731
+    return curve_relaxation(softplus_curve(beta), low, high, call, bounds, lower_margin=gap)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,8 +218,8 @@ def elu_curve(alpha: float, scale: float, input_scale: float) -> Curve:
     return Curve(f, df, fixed_regions((0.0,), True) if kinked else fixed_regions((), True))
 
 
-def elu_bounds(l, u, alpha, scale, input_scale) -> Interval:
-    return Interval(*(torch.ops.aten.elu.default(t, alpha, scale, input_scale) for t in (l, u)))
+def elu_bounds(low, high, alpha, scale, input_scale) -> Interval:
+    return Interval(*(torch.ops.aten.elu.default(t, alpha, scale, input_scale) for t in (low, high)))
 
 
 @interval_rule(aten.elu.default)
@@ -223,7 +230,8 @@ def elu_interval(args, kwargs) -> Interval:
 
 
 @relaxation_rule(aten.elu.default, alpha=curve_alpha(lambda call: elu_curve(*_elu_params(call.args, call.kwargs))))
-def elu_relaxation(l, u, call: RelaxCall) -> Relaxation:
+@checked("aten.elu.default")
+def elu_relaxation(low, high, call: RelaxCall) -> Relaxation:
     """Convex (ELU) or convex-then-linear (SELU) lines (module doc)."""
     params = _elu_params(call.args, call.kwargs)
-    return curve_relaxation(elu_curve(*params), l, u, call, lambda lo, hi: elu_bounds(lo, hi, *params))
+    return curve_relaxation(elu_curve(*params), low, high, call, lambda lo, hi: elu_bounds(lo, hi, *params))

@@ -16,8 +16,10 @@ lower bound, tangent (midpoint by default, alpha-CROWN's ``alpha`` moves it) on 
 Domains: ``log``, ``sqrt``, ``rsqrt`` and real powers are bounded on the part of the interval in
 their domain (points outside it give NaN, which no bound covers); where the function is unbounded on
 the interval (a pole or ``log 0``), the bound on that side is infinite: IBP returns ``-inf``/``inf``
-and the relaxation the constant line ``0 x -+ inf``. ``reciprocal`` (and negative integer powers) on
-an interval containing 0 (as an end included) get ``[-inf, inf]`` (even powers: ``[min, inf]``).
+and the relaxation functions the constant line ``0 x -+ inf``, which the registered rules refuse with
+NotImplementedError (:func:`~boundprop.rules.curves.require_bounded`). ``reciprocal`` (and negative
+integer powers) on an interval containing 0 (as an end included) get ``[-inf, inf]`` (even powers:
+``[min, inf]``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..domains import Interval, Relaxation
-from .curves import Curve, concave_curve, convex_curve, curve_alpha, curve_relaxation, fixed_regions
+from .curves import Curve, checked, concave_curve, convex_curve, curve_alpha, curve_relaxation, fixed_regions
 from .registry import RelaxCall, interval_rule, relaxation_rule
 
 aten = torch.ops.aten
@@ -37,8 +39,8 @@ def _inf_like(t: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
     return torch.full_like(t, sign * INF)
 
 
-def _nonneg(l, u):
-    return l.clamp_min(0.0), u.clamp_min(0.0)
+def _nonneg(low, high):
+    return low.clamp_min(0.0), high.clamp_min(0.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -52,49 +54,51 @@ SQRT = concave_curve(torch.sqrt, lambda x: 0.5 / torch.sqrt(x))
 RSQRT = convex_curve(torch.rsqrt, lambda x: -0.5 * torch.rsqrt(x) / x)
 
 
-def exp_bounds(l, u) -> Interval:
-    return Interval(torch.exp(l), torch.exp(u))
+def exp_bounds(low, high) -> Interval:
+    return Interval(torch.exp(low), torch.exp(high))
 
 
-def expm1_bounds(l, u) -> Interval:
-    return Interval(torch.expm1(l), torch.expm1(u))
+def expm1_bounds(low, high) -> Interval:
+    return Interval(torch.expm1(low), torch.expm1(high))
 
 
-def log_bounds(l, u) -> Interval:
+def log_bounds(low, high) -> Interval:
     """``log`` on ``[l, u] & (0, inf)``: ``-inf`` below when ``l <= 0``; nothing known when ``u < 0``."""
-    return Interval(torch.where(l > 0, torch.log(l), _inf_like(l, -1)), torch.where(u < 0, _inf_like(u), torch.log(u)))
+    return Interval(torch.where(low > 0, torch.log(low), _inf_like(low, -1)),
+                    torch.where(high < 0, _inf_like(high), torch.log(high)))
 
 
-def log1p_bounds(l, u) -> Interval:
-    return Interval(torch.where(l > -1, torch.log1p(l), _inf_like(l, -1)),
-                    torch.where(u < -1, _inf_like(u), torch.log1p(u)))
+def log1p_bounds(low, high) -> Interval:
+    return Interval(torch.where(low > -1, torch.log1p(low), _inf_like(low, -1)),
+                    torch.where(high < -1, _inf_like(high), torch.log1p(high)))
 
 
-def sqrt_bounds(l, u) -> Interval:
-    return Interval(torch.sqrt(l.clamp_min(0)), torch.sqrt(u.clamp_min(0)))
+def sqrt_bounds(low, high) -> Interval:
+    return Interval(torch.sqrt(low.clamp_min(0)), torch.sqrt(high.clamp_min(0)))
 
 
-def rsqrt_bounds(l, u) -> Interval:
+def rsqrt_bounds(low, high) -> Interval:
     """Decreasing on ``x > 0``; ``inf`` above when ``l <= 0``."""
-    return Interval(torch.where(u > 0, torch.rsqrt(u), _inf_like(u, -1)), torch.where(l > 0, torch.rsqrt(l), _inf_like(l)))
+    return Interval(torch.where(high > 0, torch.rsqrt(high), _inf_like(high, -1)),
+                    torch.where(low > 0, torch.rsqrt(low), _inf_like(low)))
 
 
-def reciprocal_bounds(l, u) -> Interval:
+def reciprocal_bounds(low, high) -> Interval:
     """``[1/u, 1/l]`` on sign-definite intervals, ``[-inf, inf]`` when ``l <= 0 <= u``."""
-    definite = (l > 0) | (u < 0)
-    return Interval(torch.where(definite, torch.reciprocal(u), _inf_like(u, -1)),
-                    torch.where(definite, torch.reciprocal(l), _inf_like(l)))
+    definite = (low > 0) | (high < 0)
+    return Interval(torch.where(definite, torch.reciprocal(high), _inf_like(high, -1)),
+                    torch.where(definite, torch.reciprocal(low), _inf_like(low)))
 
 
 _SIMPLE = {
     # op: (curve, bounds, domain, constant, safe)
     aten.exp.default: (EXP, exp_bounds, None, None, 0.0),
     aten.expm1.default: (EXPM1, expm1_bounds, None, None, 0.0),
-    aten.log.default: (LOG, log_bounds, _nonneg, lambda l, u: u <= 0, 1.0),
-    aten.log1p.default: (LOG1P, log1p_bounds, lambda l, u: (l.clamp_min(-1.0), u.clamp_min(-1.0)),
-                         lambda l, u: u <= -1, 0.0),
-    aten.sqrt.default: (SQRT, sqrt_bounds, _nonneg, lambda l, u: u <= 0, 1.0),
-    aten.rsqrt.default: (RSQRT, rsqrt_bounds, _nonneg, lambda l, u: u <= 0, 1.0),
+    aten.log.default: (LOG, log_bounds, _nonneg, lambda low, high: high <= 0, 1.0),
+    aten.log1p.default: (LOG1P, log1p_bounds, lambda low, high: (low.clamp_min(-1.0), high.clamp_min(-1.0)),
+                         lambda low, high: high <= -1, 0.0),
+    aten.sqrt.default: (SQRT, sqrt_bounds, _nonneg, lambda low, high: high <= 0, 1.0),
+    aten.rsqrt.default: (RSQRT, rsqrt_bounds, _nonneg, lambda low, high: high <= 0, 1.0),
 }
 
 
@@ -105,8 +109,9 @@ def _register_simple(op, curve, bounds, domain, constant, safe) -> None:
         return bounds(x.lower, x.upper)
 
     @relaxation_rule(op, alpha=curve_alpha(lambda call: curve, domain))
-    def simple_relaxation(l, u, call: RelaxCall) -> Relaxation:
-        return curve_relaxation(curve, l, u, call, bounds, domain, constant, safe=safe)
+    @checked(str(op))
+    def simple_relaxation(low, high, call: RelaxCall) -> Relaxation:
+        return curve_relaxation(curve, low, high, call, bounds, domain, constant, safe=safe)
 
     simple_interval.__doc__ = f"IBP of {op}: {bounds.__doc__ or 'the function at the ends (monotone)'}"
     simple_relaxation.__doc__ = f"Chord and tangent lines of {op} (module doc)."
@@ -120,11 +125,11 @@ for _op, _spec in _SIMPLE.items():
 # reciprocal (shared with the division rule)
 
 RECIPROCAL = Curve(torch.reciprocal, lambda x: -1 / (x * x),
-                   lambda l, u: ([], l > 0))  # convex on x > 0, concave on x < 0
+                   lambda low, high: ([], low > 0))  # convex on x > 0, concave on x < 0
 
 
-def _contains_zero(l, u):
-    return (l <= 0) & (u >= 0)
+def _contains_zero(low, high):
+    return (low <= 0) & (high >= 0)
 
 
 @interval_rule(aten.reciprocal.default)
@@ -134,11 +139,15 @@ def reciprocal_interval(args, kwargs) -> Interval:
     return reciprocal_bounds(x.lower, x.upper)
 
 
-@relaxation_rule(aten.reciprocal.default, alpha=curve_alpha(lambda call: RECIPROCAL))
-def reciprocal_relaxation(l: torch.Tensor, u: torch.Tensor, call: RelaxCall) -> Relaxation:
+def reciprocal_relaxation(low: torch.Tensor, high: torch.Tensor, call: RelaxCall) -> Relaxation:
     """``1/x`` on ``[l, u]``: on ``l > 0`` tangent below, chord above; on ``u < 0`` chord below,
-    tangent above; when ``l <= 0 <= u`` the constant lines ``-inf <= 1/x <= inf``."""
-    return curve_relaxation(RECIPROCAL, l, u, call, reciprocal_bounds, constant=_contains_zero, safe=1.0)
+    tangent above; when ``l <= 0 <= u`` the constant lines ``-inf <= 1/x <= inf`` (no finite bound
+    exists; the registered rule refuses those, this function, used by the division rule, does not)."""
+    return curve_relaxation(RECIPROCAL, low, high, call, reciprocal_bounds, constant=_contains_zero, safe=1.0)
+
+
+relaxation_rule(aten.reciprocal.default, alpha=curve_alpha(lambda call: RECIPROCAL))(
+    checked("aten.reciprocal.default")(reciprocal_relaxation))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,27 +163,27 @@ def _is_int(p: float) -> bool:
     return float(p).is_integer()
 
 
-def pow_bounds(l: torch.Tensor, u: torch.Tensor, p: float) -> Interval:
+def pow_bounds(low: torch.Tensor, high: torch.Tensor, p: float) -> Interval:
     """IBP of ``x ** p`` (see the module doc for the cases)."""
     if p == 0:
-        return Interval(torch.ones_like(l), torch.ones_like(u))
-    fl, fu = torch.pow(l, p), torch.pow(u, p)
+        return Interval(torch.ones_like(low), torch.ones_like(high))
+    fl, fu = torch.pow(low, p), torch.pow(high, p)
     if _is_int(p) and p > 0:
         if int(p) % 2 == 1:
             return Interval(fl, fu)
-        mixed = (l <= 0) & (u >= 0)
+        mixed = (low <= 0) & (high >= 0)
         return Interval(torch.where(mixed, torch.zeros_like(fl), torch.minimum(fl, fu)), torch.maximum(fl, fu))
     if _is_int(p):  # negative integer
-        pos, neg = l > 0, u < 0
+        pos, neg = low > 0, high < 0
         if int(p) % 2 == 0:  # x^p = |x|^p: decreasing in |x|
             lower = torch.where(pos, fu, torch.where(neg, fl, torch.minimum(fl, fu)))
-            upper = torch.where(pos, fl, torch.where(neg, fu, _inf_like(u)))
+            upper = torch.where(pos, fl, torch.where(neg, fu, _inf_like(high)))
             return Interval(lower, upper)
         definite = pos | neg
-        return Interval(torch.where(definite, fu, _inf_like(u, -1)), torch.where(definite, fl, _inf_like(l)))
+        return Interval(torch.where(definite, fu, _inf_like(high, -1)), torch.where(definite, fl, _inf_like(low)))
     if p > 0:  # real exponent, domain x >= 0
-        return Interval(torch.pow(l.clamp_min(0), p), torch.pow(u.clamp_min(0), p))
-    return Interval(torch.where(u > 0, fu, _inf_like(u, -1)), torch.where(l > 0, fl, _inf_like(l)))
+        return Interval(torch.pow(low.clamp_min(0), p), torch.pow(high.clamp_min(0), p))
+    return Interval(torch.where(high > 0, fu, _inf_like(high, -1)), torch.where(low > 0, fl, _inf_like(low)))
 
 
 def pow_curve(p: float) -> Curve:
@@ -184,7 +193,7 @@ def pow_curve(p: float) -> Curve:
         return Curve(f, df, fixed_regions((0.0,), False) if int(p) % 2 == 1 else fixed_regions((), True))
     if _is_int(p):
         even = int(p) % 2 == 0
-        return Curve(f, df, lambda l, u: ([], (l > 0) | (torch.full_like(l, even, dtype=torch.bool) & (u < 0))))
+        return Curve(f, df, lambda low, high: ([], (low > 0) | ((high < 0) & even)))
     return Curve(f, df, fixed_regions((), not 0 < p < 1))
 
 
@@ -194,21 +203,21 @@ def _pow_setup(p: float) -> tuple:
         return None, None, 0.0
     if _is_int(p):
         return None, _contains_zero, 1.0
-    return _nonneg, lambda l, u: u <= 0, 1.0
+    return _nonneg, lambda low, high: high <= 0, 1.0
 
 
-def _exact(l, u, w: float, b: float) -> Relaxation:
-    lw, lb = torch.full_like(l, w), torch.full_like(l, b)
+def _exact(low, high, w: float, b: float) -> Relaxation:
+    lw, lb = torch.full_like(low, w), torch.full_like(low, b)
     return Relaxation(lw, lb, lw, lb)
 
 
-def pow_relaxation_p(l: torch.Tensor, u: torch.Tensor, p: float, call: RelaxCall) -> Relaxation:
+def pow_relaxation_p(low: torch.Tensor, high: torch.Tensor, p: float, call: RelaxCall) -> Relaxation:
     if p == 0:
-        return _exact(l, u, 0.0, 1.0)
+        return _exact(low, high, 0.0, 1.0)
     if p == 1:
-        return _exact(l, u, 1.0, 0.0)
+        return _exact(low, high, 1.0, 0.0)
     domain, constant, safe = _pow_setup(p)
-    return curve_relaxation(pow_curve(p), l, u, call, lambda lo, hi: pow_bounds(lo, hi, p), domain, constant,
+    return curve_relaxation(pow_curve(p), low, high, call, lambda lo, hi: pow_bounds(lo, hi, p), domain, constant,
                             safe=safe)
 
 
@@ -225,9 +234,10 @@ def pow_interval(args, kwargs) -> Interval:
 
 
 @relaxation_rule(aten.pow.Tensor_Scalar, alpha=curve_alpha(_pow_alpha_curve))
-def pow_relaxation(l, u, call: RelaxCall) -> Relaxation:
+@checked("aten.pow.Tensor_Scalar")
+def pow_relaxation(low, high, call: RelaxCall) -> Relaxation:
     """Chord/tangent lines of ``x ** p`` by the curvature of each case (module doc)."""
-    return pow_relaxation_p(l, u, _exponent(call.args, call.kwargs), call)
+    return pow_relaxation_p(low, high, _exponent(call.args, call.kwargs), call)
 
 
 @interval_rule(aten.square.default)
@@ -238,6 +248,7 @@ def square_interval(args, kwargs) -> Interval:
 
 
 @relaxation_rule(aten.square.default, alpha=curve_alpha(lambda call: pow_curve(2.0)))
-def square_relaxation(l, u, call: RelaxCall) -> Relaxation:
+@checked("aten.square.default")
+def square_relaxation(low, high, call: RelaxCall) -> Relaxation:
     """``x * x``: tangent below, chord above."""
-    return pow_relaxation_p(l, u, 2.0, call)
+    return pow_relaxation_p(low, high, 2.0, call)

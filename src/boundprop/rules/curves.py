@@ -29,7 +29,8 @@ one (the upper one is minus the lower line of ``-f``), on ``[l, u]``:
    place of the output dtype, relative to ``|w| max(|l|, |u|) + |b|`` (plus the smallest normal
    number), and cast back. A line that is
    not finite (an infinite end of the interval, overflow, a pole) becomes the constant given by the
-   interval rule (``w = 0``, ``b`` = the IBP bound, which may be infinite).
+   interval rule (``w = 0``, ``b`` = the IBP bound). Where that bound is infinite no finite line
+   exists; the registered rules then raise NotImplementedError (:func:`require_bounded`).
 
 Shapes: ``l``, ``u`` are ``(batch, *shape)``; with an alpha of shape ``(batch, spec, *shape)`` the
 interval is lifted to ``(batch, 1, *shape)`` and the lines come out ``(batch, spec, *shape)``.
@@ -37,6 +38,7 @@ interval is lifted to ``(batch, 1, *shape)`` and the lines come out ``(batch, sp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,14 +47,14 @@ import torch
 from ..domains import Interval, Relaxation
 from .registry import AlphaSpec, RelaxCall
 
+INF = float("inf")
 Fn = Callable[[torch.Tensor], torch.Tensor]
 #: ``regions(l, u) -> (cuts, convex_first)``: inflection points (ascending tensors or floats) and
 #: whether ``f`` is convex left of the first one (everywhere, without cuts).
 Regions = Callable[[torch.Tensor, torch.Tensor], tuple[list, torch.Tensor]]
 
 #: Root search for tangent and stationary points: bisection steps, then false-position steps.
-BISECTION_STEPS = 16
-FALSE_POSITION_STEPS = 3
+BISECTION_STEPS = 24
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,8 @@ class Curve:
     def negated(self) -> Curve:
         f, df, regions = self.f, self.df, self.regions
 
-        def flipped(l, u):
-            cuts, convex = regions(l, u)
+        def flipped(low, high):
+            cuts, convex = regions(low, high)
             return cuts, ~convex
 
         return Curve(lambda x: -f(x), lambda x: -df(x), flipped)
@@ -80,8 +82,8 @@ class Curve:
 def fixed_regions(cuts: tuple[float, ...] = (), convex_first: bool = True) -> Regions:
     """Regions of a function whose inflection points do not depend on the interval."""
 
-    def regions(l, u):
-        return list(cuts), torch.full_like(l, convex_first, dtype=torch.bool)
+    def regions(low, high):
+        return list(cuts), torch.full_like(low, convex_first, dtype=torch.bool)
 
     return regions
 
@@ -111,8 +113,8 @@ def _safe_mul(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 class _Split:
     """``[l, u]`` cut at the inflection points inside it."""
 
-    l: torch.Tensor
-    u: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
     points: list[torch.Tensor]  # l, cuts clamped into [l, u], u
     convex: list[torch.Tensor]  # per region
     inside: list[torch.Tensor]  # per cut: strictly inside (l, u)
@@ -122,58 +124,42 @@ class _Split:
     cut: torch.Tensor  # the single inside cut (l elsewhere)
 
     def flipped(self) -> _Split:
-        return _Split(self.l, self.u, self.points, [~c for c in self.convex], self.inside, self.n_inside,
+        return _Split(self.low, self.high, self.points, [~c for c in self.convex], self.inside, self.n_inside,
                       ~self.convex_whole, ~self.convex_left, self.cut)
 
 
-def split(curve: Curve, l: torch.Tensor, u: torch.Tensor) -> _Split:
-    cuts, convex0 = curve.regions(l, u)
-    convex0 = torch.broadcast_to(convex0, torch.broadcast_shapes(convex0.shape, l.shape, u.shape))
-    points, convex, inside = [l], [convex0], []
+def split(curve: Curve, low: torch.Tensor, high: torch.Tensor) -> _Split:
+    cuts, convex0 = curve.regions(low, high)
+    convex0 = torch.broadcast_to(convex0, torch.broadcast_shapes(convex0.shape, low.shape, high.shape))
+    points, convex, inside = [low], [convex0], []
     n_inside = torch.zeros_like(convex0, dtype=torch.int64)
     below = torch.zeros_like(n_inside)
-    convex_left, cut_in = convex0.clone(), torch.zeros_like(l + u)
+    convex_left, cut_in = convex0.clone(), torch.zeros_like(low + high)
     for i, c in enumerate(cuts):
-        c = torch.as_tensor(c, dtype=l.dtype, device=l.device)
-        points.append(torch.minimum(torch.maximum(c, l), u))
+        c = torch.as_tensor(c, dtype=low.dtype, device=low.device)
+        points.append(torch.minimum(torch.maximum(c, low), high))
         region_convex = convex0 if i % 2 == 0 else ~convex0
         convex.append(~region_convex)
-        is_in = (c > l) & (c < u)
+        is_in = (c > low) & (c < high)
         inside.append(is_in)
         n_inside = n_inside + is_in
-        below = below + (c <= l)
+        below = below + (c <= low)
         convex_left = torch.where(is_in, region_convex, convex_left)
         cut_in = torch.where(is_in, c, cut_in)
-    points.append(u)
+    points.append(high)
     convex_whole = convex0 ^ (below % 2 == 1)
-    return _Split(l, u, points, convex, inside, n_inside, convex_whole, convex_left,
-                  torch.where(n_inside == 1, cut_in, l))
+    return _Split(low, high, points, convex, inside, n_inside, convex_whole, convex_left,
+                  torch.where(n_inside == 1, cut_in, low))
 
 
 def _root(h: Fn, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shrink a bracket ``[lo, hi]`` of the root of a non-decreasing ``h`` (``h(lo) <= 0 < h(hi)``).
-
-    :data:`BISECTION_STEPS` halvings, then :data:`FALSE_POSITION_STEPS` steps of false position
-    (Illinois variant) inside the small bracket left, where ``h`` is nearly linear. Each step keeps
-    ``h(lo) <= 0 < h(hi)``; the result only decides tightness, never soundness.
-    """
+    """Shrink a bracket ``[lo, hi]`` of the root of a non-decreasing ``h`` (``h(lo) <= 0 < h(hi)``)
+    by :data:`BISECTION_STEPS` halvings, keeping that sign pattern. The result only decides
+    tightness (a relative loss of about ``2**-24``), never soundness."""
     for _ in range(BISECTION_STEPS):
         mid = (lo + hi) / 2
         right = h(mid) <= 0
         lo, hi = torch.where(right, mid, lo), torch.where(right, hi, mid)
-    h_lo, h_hi = h(lo), h(hi)
-    last = torch.zeros_like(lo)
-    for _ in range(FALSE_POSITION_STEPS):
-        den = h_hi - h_lo
-        x = lo - h_lo * (hi - lo) / torch.where(den > 0, den, torch.ones_like(den))
-        x = torch.where((den > 0) & torch.isfinite(x) & (x > lo) & (x < hi), x, (lo + hi) / 2)
-        hx = h(x)
-        right = hx <= 0
-        h_hi = torch.where(right & (last > 0), h_hi / 2, h_hi)
-        h_lo = torch.where(~right & (last < 0), h_lo / 2, h_lo)
-        lo, h_lo = torch.where(right, x, lo), torch.where(right, hx, h_lo)
-        hi, h_hi = torch.where(right, hi, x), torch.where(right, h_hi, hx)
-        last = torch.where(right, 1.0, -1.0).to(lo.dtype)
     return lo, hi
 
 
@@ -203,41 +189,39 @@ def _min_offset(curve: Curve, s: torch.Tensor, sp: _Split, hint: torch.Tensor, s
 def lower_line(curve: Curve, sp: _Split, alpha: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Slope and offset of the lower line of ``curve`` on the split interval (steps 2 and 3)."""
     f, df = curve.f, curve.df
-    l, u = sp.l, sp.u
-    width = u - l
+    low, high = sp.low, sp.high
+    width = high - low
     wide = width > 0
-    k = torch.where(wide, (f(u) - f(l)) / torch.where(wide, width, torch.ones_like(width)), df(l))
+    k = torch.where(wide, (f(high) - f(low)) / torch.where(wide, width, torch.ones_like(width)), df(low))
     k = _finite(k)
-    one_region, two_regions = sp.n_inside == 0, sp.n_inside == 1
-    a_one = torch.full_like(l, 0.5) if alpha is None else alpha
-    a_two = torch.ones_like(l) if alpha is None else alpha
+    two_regions = sp.n_inside == 1
+    a_one = torch.full_like(low, 0.5) if alpha is None else alpha
+    a_two = torch.ones_like(low) if alpha is None else alpha
 
     # one region: tangent (convex) or chord (concave)
-    d_one = l + a_one * width
+    d_one = low + a_one * width
     slope = torch.where(sp.convex_whole, df(d_one), k)
-    hint = torch.where(sp.convex_whole, d_one, l)
+    hint = torch.where(sp.convex_whole, d_one, low)
 
     # two regions: chord, or tangent between the near endpoint and t
     if bool(two_regions.any()):
         cl = sp.convex_left
-        chord_ok = torch.where(cl, df(l) >= k, df(u) <= k)
-        far = torch.where(cl, u, l)
-        f_far = f(far)
+        chord_ok = torch.where(cl, df(low) >= k, df(high) <= k)
         need = two_regions & ~chord_ok
         if bool(need.any()):
             with torch.no_grad():
-                g = lambda t: f(t) + df(t) * (far - t) - f_far  # noqa: E731 - tangent at t minus f, at far
-                lo = torch.where(cl, l, sp.cut).detach()
-                hi = torch.where(cl, sp.cut, u).detach()
-                sign = torch.where(cl, 1.0, -1.0).to(l.dtype)
-                lo, hi = _root(lambda t: sign * g(t), lo, hi)
+                far = torch.where(cl, high, low).detach()
+                sign = torch.where(cl, 1.0, -1.0).to(low.dtype)
+                lo = torch.where(cl, low, sp.cut).detach()
+                hi = torch.where(cl, sp.cut, high).detach()
+                lo, hi = _root(_tangent_gap(f, df, far, sign), lo, hi)
                 t = torch.where(cl, lo, hi)  # the valid end of the bracket
-            d_two = torch.where(cl, l + a_two * (t - l), u - a_two * (u - t))
-            d_two = torch.where(need, d_two, l)
+            d_two = torch.where(cl, low + a_two * (t - low), high - a_two * (high - t))
+            d_two = torch.where(need, d_two, low)
         else:
-            d_two = l + 0 * a_two
+            d_two = low + 0 * a_two
         slope = torch.where(two_regions, torch.where(chord_ok, k, df(d_two)), slope)
-        hint = torch.where(two_regions, torch.where(chord_ok, torch.where(cl, l, u), d_two), hint)
+        hint = torch.where(two_regions, torch.where(chord_ok, torch.where(cl, low, high), d_two), hint)
 
     slope = _finite(slope)
     offset = _min_offset(curve, slope, sp, hint, torch.zeros_like(two_regions))
@@ -248,25 +232,29 @@ def lower_line(curve: Curve, sp: _Split, alpha: torch.Tensor | None) -> tuple[to
     return slope, offset
 
 
+def _tangent_gap(f: Fn, df: Fn, far: torch.Tensor, sign) -> Fn:
+    """``t -> sign * (tangent of f at t, evaluated at far, minus f(far))``."""
+    f_far = f(far)
+    return lambda t: sign * (f(t) + df(t) * (far - t) - f_far)
+
+
 def _three_region_line(curve: Curve, sp: _Split, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower line when two inflection points are inside: the best (highest at the midpoint, i.e. the
     least area between line and ``f``) of the chord slope and, when the middle region is convex,
     the tangents there through ``(u, f(u))`` and through ``(l, f(l))``."""
     f, df = curve.f, curve.df
-    l, u = sp.l, sp.u
-    mid = (l + u) / 2
+    low, high = sp.low, sp.high
+    mid = (low + high) / 2
     three = sp.n_inside >= 2
     best_s = k
-    best_b = _min_offset(curve, k, sp, l, three)
+    best_b = _min_offset(curve, k, sp, low, three)
     middle_convex = three & sp.convex[1]
     if bool(middle_convex.any()):
         a, b = sp.points[1].detach(), sp.points[2].detach()
         with torch.no_grad():
-            for far, valid_left in ((u, True), (l, False)):
-                f_far = f(far)
-                g = lambda t: f(t) + df(t) * (far - t) - f_far  # noqa: E731, B023
-                lo, hi = _root((lambda t: g(t)) if valid_left else (lambda t: -g(t)), a, b)
-                t = lo if valid_left else hi
+            for far, sign in ((high, 1.0), (low, -1.0)):
+                lo, hi = _root(_tangent_gap(f, df, far, sign), a, b)
+                t = lo if sign > 0 else hi
                 s = _finite(df(t))
                 off = _min_offset(curve, s, sp, t, torch.zeros_like(three))
                 better = middle_convex & (s * mid + off > best_s * mid + best_b)
@@ -274,9 +262,9 @@ def _three_region_line(curve: Curve, sp: _Split, k: torch.Tensor) -> tuple[torch
     return best_s, best_b
 
 
-def relax_curve(curve: Curve, l: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor | None = None) -> tuple:
+def relax_curve(curve: Curve, low: torch.Tensor, high: torch.Tensor, alpha: torch.Tensor | None = None) -> tuple:
     """``(lw, lb, uw, ub)`` of ``curve`` on finite float64 ``[l, u]`` (before rounding guards)."""
-    sp = split(curve, l, u)
+    sp = split(curve, low, high)
     lw, lb = lower_line(curve, sp, alpha)
     nw, nb = lower_line(curve.negated(), sp.flipped(), alpha)
     return lw, lb, -nw, -nb
@@ -287,15 +275,51 @@ def slack_factor(dtype: torch.dtype) -> float:
     return 4 * torch.finfo(dtype).eps + 64 * torch.finfo(torch.float64).eps
 
 
-def finish(lines: tuple, l: torch.Tensor, u: torch.Tensor, fallback: Interval, dtype: torch.dtype,
+#: Whether registered relaxation rules refuse intervals on which a side has no finite linear bound.
+#: The walks multiply every offset by a coefficient that may be 0 (``0 * inf = NaN``), so they need
+#: finite offsets; set to False once they treat ``0 * inf`` as 0, and such sides come out as the
+#: constant lines ``0 x -+ inf``.
+RAISE_ON_UNBOUNDED = True
+
+
+def require_bounded(relax: Relaxation, low: torch.Tensor, high: torch.Tensor, what: str) -> Relaxation:
+    """``relax`` if all its offsets are finite, else NotImplementedError (see :data:`RAISE_ON_UNBOUNDED`)."""
+    if not RAISE_ON_UNBOUNDED or bool(torch.isfinite(relax.lb).all() & torch.isfinite(relax.ub).all()):
+        return relax
+    bad = ~(torch.isfinite(relax.lb) & torch.isfinite(relax.ub))
+    bad = torch.broadcast_to(bad, torch.broadcast_shapes(bad.shape, low.shape))
+    index = bad.nonzero()[0]
+    where = tuple(int(i) for i in index[:low.dim()])
+    lo_x, hi_x = torch.broadcast_to(low, bad.shape)[tuple(index)], torch.broadcast_to(high, bad.shape)[tuple(index)]
+    raise NotImplementedError(
+        f"{what}: no finite linear bound exists on the input interval [{float(lo_x)}, {float(hi_x)}] "
+        f"(element {where}): the function is unbounded there (a pole, log 0, overflow, or an infinite "
+        f"input bound). Linear bound propagation needs finite relaxation offsets; use IBP, or tighten "
+        f"the input set or the model (e.g. keep divisors and log/rsqrt arguments away from 0).")
+
+
+def checked(what: str) -> Callable:
+    """Decorator for registered relaxation rules: :func:`require_bounded` on their result."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def rule(low: torch.Tensor, high: torch.Tensor, call: RelaxCall) -> Relaxation:
+            return require_bounded(fn(low, high, call), low, high, what)
+
+        return rule
+
+    return wrap
+
+
+def finish(lines: tuple, low: torch.Tensor, high: torch.Tensor, fallback: Interval, dtype: torch.dtype,
            constant: torch.Tensor | None = None) -> Relaxation:
     """Round float64 lines outwards, cast to ``dtype``; non-finite lines (or ``constant``) -> IBP constants.
 
-    ``l``, ``u``: the finite float64 interval the lines were made on; ``fallback``: the interval rule's
-    bounds in ``dtype``.
+    ``low``, ``high``: the finite float64 interval the lines were made on; ``fallback``: the interval
+    rule's bounds in ``dtype`` (possibly infinite: an unbounded side).
     """
     lw, lb, uw, ub = lines
-    reach = torch.maximum(l.abs(), u.abs())
+    reach = torch.maximum(low.abs(), high.abs())
     eps, tiny = slack_factor(dtype), torch.finfo(dtype).tiny
     lb = lb - eps * (_safe_mul(lw.abs(), reach) + lb.abs()) - tiny
     ub = ub + eps * (_safe_mul(uw.abs(), reach) + ub.abs()) + tiny
@@ -305,18 +329,20 @@ def finish(lines: tuple, l: torch.Tensor, u: torch.Tensor, fallback: Interval, d
     if constant is not None:
         bad_l, bad_u = bad_l | constant, bad_u | constant
     zero = torch.zeros((), dtype=dtype, device=lw.device)
-    return Relaxation(torch.where(bad_l, zero, lw), torch.where(bad_l, fallback.lower.to(dtype), lb),
-                      torch.where(bad_u, zero, uw), torch.where(bad_u, fallback.upper.to(dtype), ub))
+    lb = torch.where(bad_l, fallback.lower.to(dtype), lb)
+    ub = torch.where(bad_u, fallback.upper.to(dtype), ub)
+    lb, ub = torch.where(torch.isnan(lb), -INF, lb), torch.where(torch.isnan(ub), INF, ub)
+    return Relaxation(torch.where(bad_l, zero, lw), lb, torch.where(bad_u, zero, uw), ub)
 
 
-def lift(l: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def lift(low: torch.Tensor, high: torch.Tensor, alpha: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(batch, *shape)`` -> ``(batch, 1, *shape)`` when alpha carries a spec dimension."""
-    if alpha is not None and alpha.dim() > l.dim():
-        return l.unsqueeze(1), u.unsqueeze(1)
-    return l, u
+    if alpha is not None and alpha.dim() > low.dim():
+        return low.unsqueeze(1), high.unsqueeze(1)
+    return low, high
 
 
-def curve_relaxation(curve: Curve, l: torch.Tensor, u: torch.Tensor, call: RelaxCall,
+def curve_relaxation(curve: Curve, low: torch.Tensor, high: torch.Tensor, call: RelaxCall,
                      bounds: Callable[[torch.Tensor, torch.Tensor], Interval],
                      domain: Callable | None = None, constant: Callable | None = None,
                      lower_margin: float = 0.0, safe: float = 0.0) -> Relaxation:
@@ -332,20 +358,20 @@ def curve_relaxation(curve: Curve, l: torch.Tensor, u: torch.Tensor, call: Relax
             discarded lines, and their gradients, finite).
     """
     alpha = call.alpha
-    l, u = lift(l, u, alpha)
-    fallback = bounds(l, u)
-    finite = torch.isfinite(l) & torch.isfinite(u)
-    const = ~finite if constant is None else (~finite | constant(l, u))
-    stand_in = torch.full((), safe, dtype=torch.float64, device=l.device)
-    l64 = torch.where(const, stand_in, l.to(torch.float64))
-    u64 = torch.where(const, stand_in, u.to(torch.float64))
+    low, high = lift(low, high, alpha)
+    fallback = bounds(low, high)
+    finite = torch.isfinite(low) & torch.isfinite(high)
+    const = ~finite if constant is None else (~finite | constant(low, high))
+    stand_in = torch.full((), safe, dtype=torch.float64, device=low.device)
+    l64 = torch.where(const, stand_in, low.to(torch.float64))
+    u64 = torch.where(const, stand_in, high.to(torch.float64))
     if domain is not None:
         l64, u64 = domain(l64, u64)
     a64 = None if alpha is None else torch.nan_to_num(alpha.to(torch.float64), nan=0.5).clamp(0.0, 1.0)
     lw, lb, uw, ub = relax_curve(curve, l64, u64, a64)
     if lower_margin:
         lb = lb - lower_margin
-    return finish((lw, lb, uw, ub), l64, u64, fallback, l.dtype, const)
+    return finish((lw, lb, uw, ub), l64, u64, fallback, low.dtype, const)
 
 
 def curve_alpha(curve_of: Callable[[RelaxCall], Curve], domain: Callable | None = None) -> AlphaSpec:
@@ -355,16 +381,16 @@ def curve_alpha(curve_of: Callable[[RelaxCall], Curve], domain: Callable | None 
     1/2 elsewhere.
     """
 
-    def init(l, u, call: RelaxCall | None = None):
+    def init(low, high, call: RelaxCall | None = None):
         curve = curve_of(call if call is not None else RelaxCall())
-        l64 = _finite(l.detach().to(torch.float64))
-        u64 = _finite(u.detach().to(torch.float64))
+        l64 = _finite(low.detach().to(torch.float64))
+        u64 = _finite(high.detach().to(torch.float64))
         if domain is not None:
             l64, u64 = domain(l64, u64)
         sp = split(curve, l64, u64)
-        return torch.where(sp.n_inside == 1, 1.0, 0.5).to(l.dtype)
+        return torch.where(sp.n_inside == 1, 1.0, 0.5).to(low.dtype)
 
-    def project(alpha, l=None, u=None, call=None):
+    def project(alpha, low=None, high=None, call=None):
         return alpha.clamp(0.0, 1.0)
 
     return AlphaSpec(init=init, project=project)

@@ -19,7 +19,7 @@ import math
 import torch
 
 from ..domains import Interval, Relaxation
-from .curves import Curve, curve_alpha, curve_relaxation
+from .curves import Curve, checked, curve_alpha, curve_relaxation
 from .registry import RelaxCall, interval_rule, relaxation_rule
 
 aten = torch.ops.aten
@@ -27,15 +27,15 @@ aten = torch.ops.aten
 PI = math.pi
 
 
-def _next_at_or_after(l: torch.Tensor, phase: float, period: float) -> torch.Tensor:
+def _next_at_or_after(low: torch.Tensor, phase: float, period: float) -> torch.Tensor:
     """The first point ``phase + n period`` (integer n) that is ``>= l`` (float64)."""
-    return phase + period * torch.ceil((l - phase) / period)
+    return phase + period * torch.ceil((low - phase) / period)
 
 
-def periodic_bounds(fn, l: torch.Tensor, u: torch.Tensor, peak: float) -> Interval:
+def periodic_bounds(fn, low: torch.Tensor, high: torch.Tensor, peak: float) -> Interval:
     """IBP of ``sin`` (``peak = pi/2``) or ``cos`` (``peak = 0``): maxima at ``peak + 2 k pi``."""
-    fl, fu = fn(l), fn(u)
-    l64, u64 = l.to(torch.float64), u.to(torch.float64)
+    fl, fu = fn(low), fn(high)
+    l64, u64 = low.to(torch.float64), high.to(torch.float64)
     finite = torch.isfinite(l64) & torch.isfinite(u64)
     l64, u64 = torch.where(finite, l64, 0.0), torch.where(finite, u64, 0.0)
     margin = 1e-12 * (1 + u64.abs())
@@ -48,8 +48,8 @@ def periodic_bounds(fn, l: torch.Tensor, u: torch.Tensor, peak: float) -> Interv
 def _regions(first_inflection: float, convex_when_even: bool):
     """Inflection points ``first_inflection + k pi``: the two at or after ``l``, and the curvature left of them."""
 
-    def regions(l, u):
-        k = torch.ceil((l - first_inflection) / PI)
+    def regions(low, high):
+        k = torch.ceil((low - first_inflection) / PI)
         c1 = first_inflection + PI * k
         even = torch.remainder(k, 2) == 0
         return [c1, c1 + PI], even if convex_when_even else ~even
@@ -58,8 +58,8 @@ def _regions(first_inflection: float, convex_when_even: bool):
 
 
 def _too_wide(first_inflection: float):
-    def constant(l, u):
-        l64, u64 = l.to(torch.float64), u.to(torch.float64)
+    def constant(low, high):
+        l64, u64 = low.to(torch.float64), high.to(torch.float64)
         return _next_at_or_after(l64, first_inflection, PI) + 2 * PI < u64
 
     return constant
@@ -77,7 +77,7 @@ _PERIODIC = {
 
 
 def _register(op, curve, fn, peak, first_inflection) -> None:
-    bounds = lambda l, u: periodic_bounds(fn, l, u, peak)  # noqa: E731
+    bounds = lambda low, high: periodic_bounds(fn, low, high, peak)  # noqa: E731
     too_wide = _too_wide(first_inflection)
 
     @interval_rule(op)
@@ -87,9 +87,10 @@ def _register(op, curve, fn, peak, first_inflection) -> None:
         return bounds(x.lower, x.upper)
 
     @relaxation_rule(op, alpha=curve_alpha(lambda call: curve))
-    def periodic_relaxation(l, u, call: RelaxCall) -> Relaxation:
+    @checked(str(op))
+    def periodic_relaxation(low, high, call: RelaxCall) -> Relaxation:
         """Curvature-region lines on intervals with at most two inflection points, else constants."""
-        return curve_relaxation(curve, l, u, call, bounds, constant=too_wide)
+        return curve_relaxation(curve, low, high, call, bounds, constant=too_wide)
 
 
 for _op, _spec in _PERIODIC.items():

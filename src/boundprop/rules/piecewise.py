@@ -22,7 +22,8 @@ On ``[l, u]`` (lines ``lw x + lb <= f(x) <= uw x + ub``):
 
 Slopes and offsets of inexact lines are computed in float64 and their offsets moved outwards by a few
 ulps of the output dtype; exact lines are exact. Intervals with an infinite end crossing a
-breakpoint get the IBP constants.
+breakpoint get the IBP constants; where one is infinite (no finite line exists) the rules raise
+NotImplementedError (:func:`~boundprop.rules.curves.require_bounded`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from ..domains import Interval, Relaxation
-from .curves import lift, slack_factor
+from .curves import checked, lift, slack_factor
 from .registry import AlphaSpec, RelaxCall, interval_rule, is_perturbed, relaxation_rule
 
 aten = torch.ops.aten
@@ -45,9 +46,9 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
 
 
-def _outward(lw, lb, uw, ub, l, u, inexact: torch.Tensor, dtype: torch.dtype) -> Relaxation:
+def _outward(lw, lb, uw, ub, low, high, inexact: torch.Tensor, dtype: torch.dtype) -> Relaxation:
     """Round float64 lines outwards where ``inexact`` and cast to ``dtype``."""
-    reach = torch.maximum(l.abs(), u.abs())
+    reach = torch.maximum(low.abs(), high.abs())
     reach = torch.where(torch.isfinite(reach), reach, torch.zeros_like(reach))
     eps = slack_factor(dtype)
     zero = torch.zeros_like(lb)
@@ -60,12 +61,12 @@ def _outward(lw, lb, uw, ub, l, u, inexact: torch.Tensor, dtype: torch.dtype) ->
 # abs
 
 
-def _abs_default(l, u):
-    return torch.where(u + l >= 0, torch.ones_like(l), -torch.ones_like(l))
+def _abs_default(low, high):
+    return torch.where(high + low >= 0, torch.ones_like(low), -torch.ones_like(low))
 
 
-def abs_unstable(l, u):
-    return (l < 0) & (u > 0)
+def abs_unstable(low, high):
+    return (low < 0) & (high > 0)
 
 
 @interval_rule(aten.abs.default)
@@ -78,13 +79,14 @@ def abs_interval(args, kwargs) -> Interval:
 
 
 @relaxation_rule(aten.abs.default, unstable=abs_unstable,
-                 alpha=AlphaSpec(init=lambda l, u, call=None: _abs_default(l, u),
-                                 project=lambda alpha, l, u, call=None: alpha.clamp(-1.0, 1.0)))
-def abs_relaxation(l, u, call: RelaxCall) -> Relaxation:
+                 alpha=AlphaSpec(init=lambda low, high, call=None: _abs_default(low, high),
+                                 project=lambda alpha, low, high, call=None: alpha.clamp(-1.0, 1.0)))
+@checked("aten.abs.default")
+def abs_relaxation(low, high, call: RelaxCall) -> Relaxation:
     """Exact on sign-definite intervals; chord above and ``a x`` below on mixed ones."""
-    dtype = l.dtype
-    l, u = lift(l, u, call.alpha)
-    l64, u64 = l.to(torch.float64), u.to(torch.float64)
+    dtype = low.dtype
+    low, high = lift(low, high, call.alpha)
+    l64, u64 = low.to(torch.float64), high.to(torch.float64)
     mixed = abs_unstable(l64, u64)
     finite = torch.isfinite(l64) & torch.isfinite(u64)
     sign = torch.where(l64 >= 0, 1.0, -1.0).to(torch.float64)  # exact slope off the mixed case
@@ -107,11 +109,12 @@ def sign_interval(args, kwargs) -> Interval:
     return args[0].map(torch.sign)
 
 
-@relaxation_rule(aten.sign.default, unstable=lambda l, u: (l <= 0) & (u >= 0) & (u > l))
-def sign_relaxation(l, u, call: RelaxCall) -> Relaxation:
+@relaxation_rule(aten.sign.default, unstable=lambda low, high: (low <= 0) & (high >= 0) & (high > low))
+@checked("aten.sign.default")
+def sign_relaxation(low, high, call: RelaxCall) -> Relaxation:
     """Constants, or the lines through ``(0, -1)``/``(u, 1)`` and ``(l, -1)``/``(0, 1)`` (module doc)."""
-    dtype = l.dtype
-    l64, u64 = l.to(torch.float64), u.to(torch.float64)
+    dtype = low.dtype
+    l64, u64 = low.to(torch.float64), high.to(torch.float64)
     sloped = call.opts.get("sign_bound_option", "constant") == "sloped"
     one, zero = torch.ones_like(l64), torch.zeros_like(l64)
     lo_const = torch.sign(l64)  # valid constant lower bound
@@ -160,9 +163,9 @@ def _limits_of(op, args: tuple, kwargs: dict) -> tuple:
     return lo, hi
 
 
-def _lifted(t: torch.Tensor, l: torch.Tensor, alpha) -> torch.Tensor:
+def _lifted(t: torch.Tensor, low: torch.Tensor, alpha) -> torch.Tensor:
     """A constant with a batch dimension follows ``l`` when the interval was lifted for alpha."""
-    if alpha is not None and alpha.dim() == l.dim() and t.dim() == l.dim() - 1:
+    if alpha is not None and alpha.dim() == low.dim() and t.dim() == low.dim() - 1:
         return t.unsqueeze(1)
     return t
 
@@ -173,28 +176,28 @@ def _ends(value, x):
     return value, value
 
 
-def clamp_bounds(l, u, lo, hi) -> Interval:
+def clamp_bounds(low, high, lo, hi) -> Interval:
     """IBP of ``clamp``: non-decreasing in the input and in both limits."""
-    lo_l, lo_u = _ends(lo, l)
-    hi_l, hi_u = _ends(hi, l)
-    lower = torch.clamp(l, min=lo_l, max=hi_l) if (lo_l is not None or hi_l is not None) else l
-    upper = torch.clamp(u, min=lo_u, max=hi_u) if (lo_u is not None or hi_u is not None) else u
+    lo_l, lo_u = _ends(lo, low)
+    hi_l, hi_u = _ends(hi, low)
+    lower = torch.clamp(low, min=lo_l, max=hi_l) if (lo_l is not None or hi_l is not None) else low
+    upper = torch.clamp(high, min=lo_u, max=hi_u) if (lo_u is not None or hi_u is not None) else high
     return Interval(lower, upper)
 
 
-def _crossings(l, u, lo, hi):
+def _crossings(low, high, lo, hi):
     lo = torch.minimum(lo, hi)
-    return lo, (l < lo) & (u > lo), (l < hi) & (u > hi)
+    return lo, (low < lo) & (high > lo), (low < hi) & (high > hi)
 
 
-def clamp_relaxation(l: torch.Tensor, u: torch.Tensor, lo, hi, call: RelaxCall) -> Relaxation:
+def clamp_relaxation(low: torch.Tensor, high: torch.Tensor, lo, hi, call: RelaxCall) -> Relaxation:
     """Lines of ``clamp(x, lo, hi)`` on ``[l, u]`` (module doc); ``lo``/``hi`` constants or None."""
-    dtype = l.dtype
+    dtype = low.dtype
     alpha = call.alpha
-    l, u = lift(l, u, alpha)
-    lo = _lifted(_limit(lo, -1.0).to(l.device), l, alpha)
-    hi = _lifted(_limit(hi, 1.0).to(l.device), l, alpha)
-    l64, u64 = l.to(torch.float64), u.to(torch.float64)
+    low, high = lift(low, high, alpha)
+    lo = _lifted(_limit(lo, -1.0).to(low.device), low, alpha)
+    hi = _lifted(_limit(hi, 1.0).to(low.device), low, alpha)
+    l64, u64 = low.to(torch.float64), high.to(torch.float64)
     lo, cross_lo, cross_hi = _crossings(l64, u64, lo, hi)
     lo, hi = torch.broadcast_tensors(lo, hi)
     f_l = torch.minimum(torch.maximum(l64, lo), hi)
@@ -234,23 +237,23 @@ def clamp_relaxation(l: torch.Tensor, u: torch.Tensor, lo, hi, call: RelaxCall) 
 
 
 def _clamp_alpha_init(op):
-    def init(l, u, call: RelaxCall | None = None):
+    def init(low, high, call: RelaxCall | None = None):
         call = call or RelaxCall()
         lo, hi = _limits_of(op, call.args, call.kwargs)
-        l64, u64 = l.to(torch.float64), u.to(torch.float64)
+        l64, u64 = low.to(torch.float64), high.to(torch.float64)
         lo_t, cross_lo, cross_hi = _crossings(l64, u64, _limit(lo, -1.0), _limit(hi, 1.0))
         hi_t = _limit(hi, 1.0)
         lower_default = (u64 - lo_t > lo_t - l64).to(torch.float64)
         upper_default = (hi_t - l64 > u64 - hi_t).to(torch.float64)
         init = torch.where(cross_lo & ~cross_hi, lower_default, torch.where(cross_hi & ~cross_lo, upper_default, 0.0))
-        return init.to(l.dtype)
+        return init.to(low.dtype)
 
     return init
 
 
 def _clamp_unstable(op):
-    def unstable(l, u):
-        return torch.ones_like(l, dtype=torch.bool)  # limits are per node; see the relaxation
+    def unstable(low, high):
+        return torch.ones_like(low, dtype=torch.bool)  # limits are per node; see the relaxation
 
     return unstable
 
@@ -264,11 +267,12 @@ def _register_clamp(op) -> None:
         return clamp_bounds(x.lower, x.upper, lo, hi)
 
     @relaxation_rule(op, alpha=AlphaSpec(init=_clamp_alpha_init(op),
-                                         project=lambda alpha, l, u, call=None: alpha.clamp(0.0, 1.0)))
-    def clamp_relax(l, u, call: RelaxCall) -> Relaxation:
+                                         project=lambda alpha, low, high, call=None: alpha.clamp(0.0, 1.0)))
+    @checked(str(op))
+    def clamp_relax(low, high, call: RelaxCall) -> Relaxation:
         """Exact off the limits; lines through the crossed limit points (module doc)."""
         lo, hi = _limits_of(op, call.args, call.kwargs)
-        return clamp_relaxation(l, u, lo, hi, call)
+        return clamp_relaxation(low, high, lo, hi, call)
 
 
 CLAMP_OPS = (aten.hardtanh.default, aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default,

@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..domains import Interval, Relaxation
-from .curves import Curve, curve_alpha, curve_relaxation, fixed_regions
+from .curves import Curve, checked, curve_alpha, curve_relaxation, fixed_regions
 from .registry import RelaxCall, interval_rule, relaxation_rule
 
 aten = torch.ops.aten
@@ -50,8 +50,8 @@ S_SHAPED = {
 def _register(op, f, df) -> None:
     curve = Curve(f, df, _S_REGIONS)
 
-    def bounds(l: torch.Tensor, u: torch.Tensor) -> Interval:
-        return Interval(f(l), f(u))
+    def bounds(low: torch.Tensor, high: torch.Tensor) -> Interval:
+        return Interval(f(low), f(high))
 
     @interval_rule(op)
     def s_interval(args, kwargs) -> Interval:
@@ -59,9 +59,10 @@ def _register(op, f, df) -> None:
         return args[0].map(f)
 
     @relaxation_rule(op, alpha=curve_alpha(lambda call: curve))
-    def s_relaxation(l, u, call: RelaxCall) -> Relaxation:
+    @checked(str(op))
+    def s_relaxation(low, high, call: RelaxCall) -> Relaxation:
         """Chord / tangent / tangent-through-endpoint lines of an S-shaped function (module doc)."""
-        return curve_relaxation(curve, l, u, call, bounds)
+        return curve_relaxation(curve, low, high, call, bounds)
 
 
 for _op, (_f, _df) in S_SHAPED.items():

@@ -239,15 +239,14 @@ def test_alpha_crown_reaches_lp_with_fixed_intermediate_bounds():
 # --- linear models: closed forms -------------------------------------------------------------
 
 
-@pytest.mark.xfail(reason="IBP bounds a linear layer of an Lp-ball input through the ball's box; auto_LiRPA "
-                          "uses the dual norm there (x0 W^T + b -/+ eps ||W_row||_q)", strict=False)
-def test_ibp_linear_layer_on_lp_ball_uses_dual_norm():
+@pytest.mark.parametrize("norm", [2.0, 1.0])
+def test_ibp_linear_layer_on_lp_ball_uses_dual_norm(norm):
     torch.manual_seed(0)
     model = nn.Linear(6, 3).double().eval()
     x = torch.randn(2, 6, dtype=torch.float64)
     graph = boundprop.capture(model, x)
-    res = compute_bounds(graph, (x,), {graph.inputs[0]: PerturbationLpNorm(0.5, 2.0)}, method="IBP")
-    lo, hi = closed_form([model.weight.detach()], [model.bias.detach()], x, 0.5, 2.0)
+    res = compute_bounds(graph, (x,), {graph.inputs[0]: PerturbationLpNorm(0.5, norm)}, method="IBP")
+    lo, hi = closed_form([model.weight.detach()], [model.bias.detach()], x, 0.5, norm)
     torch.testing.assert_close(res.lower.detach(), lo)
     torch.testing.assert_close(res.upper.detach(), hi)
 

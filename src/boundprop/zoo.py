@@ -15,6 +15,7 @@ random state (they draw from their own generator).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -24,6 +25,17 @@ import torch.nn.functional as F
 
 # --------------------------------------------------------------------------------------------
 # helpers
+
+
+def _factory(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Run a factory without touching the global random state (layer constructors draw from it)."""
+
+    @functools.wraps(fn)
+    def build(*args, **kwargs) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+
+    return build
 
 
 def _finish(model: nn.Module, seed: int) -> nn.Module:
@@ -62,6 +74,7 @@ def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) 
 # fully connected and plain convolutional
 
 
+@_factory
 def mlp(in_dim: int = 8, hidden: int = 16, out: int = 3, depth: int = 2, seed: int = 0) -> nn.Module:
     """``in_dim -> (hidden, ReLU) x depth -> out``; input ``(in_dim,)``."""
     layers: list[nn.Module] = []
@@ -73,6 +86,7 @@ def mlp(in_dim: int = 8, hidden: int = 16, out: int = 3, depth: int = 2, seed: i
     return _finish(nn.Sequential(*layers), seed)
 
 
+@_factory
 def cnn(channels: int = 1, width: int = 4, size: int = 8, out: int = 10, seed: int = 0) -> nn.Module:
     """Conv(3x3)-ReLU, Conv(3x3, stride 2)-ReLU, Flatten, Linear; input ``(channels, size, size)``."""
     half = (size + 1) // 2
@@ -82,6 +96,7 @@ def cnn(channels: int = 1, width: int = 4, size: int = 8, out: int = 10, seed: i
         nn.Flatten(), nn.Linear(2 * width * half * half, out)), seed)
 
 
+@_factory
 def cnn7_bn(channels: int = 3, width: int = 4, size: int = 8, fc: int = 32, out: int = 10,
             seed: int = 0) -> nn.Module:
     """CNN-7 of the auto_LiRPA/CROWN-IBP papers with BatchNorm: 5 conv-BN-ReLU, FC-BN-ReLU, FC.
@@ -101,6 +116,7 @@ def cnn7_bn(channels: int = 3, width: int = 4, size: int = 8, fc: int = 32, out:
         nn.Linear(fc, out)), seed)
 
 
+@_factory
 def bn_pool_cnn(channels: int = 2, width: int = 4, size: int = 8, out: int = 5, seed: int = 0) -> nn.Module:
     """Conv-BN-ReLU-MaxPool(2), Conv-BN-ReLU-AvgPool(2), Flatten, Linear; input ``(channels, size, size)``."""
     quarter = size // 4
@@ -150,6 +166,7 @@ class ResNet(nn.Module):
         return self.fc(self.pool(self.layers(self.stem(x))).flatten(1))
 
 
+@_factory
 def resnet(channels: int = 3, widths: tuple[int, ...] = (4, 8), blocks: int = 1, out: int = 10,
            seed: int = 0) -> nn.Module:
     """A ResNet of basic blocks with BatchNorm; input ``(channels, 8, 8)`` by default."""
@@ -189,6 +206,7 @@ class WideResNet(nn.Module):
         return self.fc(self.pool(F.relu(self.bn(h))).flatten(1))
 
 
+@_factory
 def wide_resnet(channels: int = 3, base: int = 2, widen: int = 2, out: int = 10, seed: int = 0) -> nn.Module:
     """Wide-ResNet with two pre-activation blocks of width ``base * widen`` and ``2 * base * widen``."""
     return _finish(WideResNet(channels, base, widen, out), seed)
@@ -234,6 +252,7 @@ class DenseNet(nn.Module):
         return self.fc(self.pool(F.relu(self.bn(h))).flatten(1))
 
 
+@_factory
 def densenet(channels: int = 3, growth: int = 2, layers: int = 2, out: int = 10, seed: int = 0) -> nn.Module:
     """DenseNet: two dense blocks (concatenation with ``torch.cat``) and a transition layer."""
     return _finish(DenseNet(channels, growth, layers, out), seed)
@@ -268,6 +287,7 @@ class ResNeXt(nn.Module):
         return self.fc(self.pool(self.block2(self.block1(self.stem(x)))).flatten(1))
 
 
+@_factory
 def resnext(channels: int = 3, cardinality: int = 2, group_width: int = 2, out: int = 10,
             seed: int = 0) -> nn.Module:
     """ResNeXt: two bottleneck blocks whose 3x3 conv is grouped (``groups=cardinality``)."""
@@ -315,6 +335,7 @@ class TinyTransformer(nn.Module):
         return self.head(z.mean(dim=1))
 
 
+@_factory
 def transformer(tokens: int = 3, d: int = 4, heads: int = 1, ffn: int = 8, out: int = 3,
                 activation: str = "relu", seed: int = 0) -> nn.Module:
     """A one-layer Transformer encoder with softmax attention and LayerNorm; input ``(tokens, d)``."""
@@ -356,12 +377,14 @@ class TinyLSTM(nn.Module):
         return self.head(h)
 
 
+@_factory
 def lstm(tokens: int = 3, d: int = 4, hidden: int = 6, out: int = 3, native: bool = False,
          seed: int = 0) -> nn.Module:
     """An LSTM classifier unrolled over ``tokens`` steps (``native=True``: ``nn.LSTM``); input ``(tokens, d)``."""
     return _finish(TinyLSTM(d, hidden, out, native), seed)
 
 
+@_factory
 def gelu_layernorm_mlp(in_dim: int = 8, hidden: int = 16, out: int = 3, depth: int = 2,
                        seed: int = 0) -> nn.Module:
     """``(Linear, LayerNorm, GELU) x depth, Linear``; input ``(in_dim,)``."""

@@ -231,7 +231,8 @@ def _dense(coeff: Any) -> torch.Tensor | None:
 
 
 def _bias_tensor(b: Any, like: torch.Tensor) -> torch.Tensor:
-    return (b.detach() if torch.is_tensor(b) else torch.as_tensor(b, dtype=like.dtype)).expand_as(like).clone()
+    t = b.detach() if torch.is_tensor(b) else torch.as_tensor(b, dtype=like.dtype, device=like.device)
+    return t.expand_as(like).clone()
 
 
 def _pick_rows(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

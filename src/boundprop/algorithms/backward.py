@@ -230,10 +230,21 @@ def _fast_affine(state: PropagationState, node: Node, rule, lA, uA) -> BackwardO
     if any(name not in state.batched for name in names):
         return None
     low = rule(lA, args, kwargs) if lA is not None else ([None] * len(names), 0.0)
-    up = rule(uA, args, kwargs) if uA is not None else ([None] * len(names), 0.0)
+    if uA is lA and uA is not None:  # same coefficients on both sides (before the first relaxation)
+        up = low
+    else:
+        up = rule(uA, args, kwargs) if uA is not None else ([None] * len(names), 0.0)
     if low is None or up is None:
         return None
     return BackwardOut(list(zip(names, low[0], up[0])), low[1], up[1])
+
+
+def ancestors(state: PropagationState, name: str) -> set[str]:
+    """``graph.ancestors(name)``, cached for the call."""
+    key = ("ancestors", name)
+    if key not in state.cache:
+        state.cache[key] = state.graph.ancestors(name)
+    return state.cache[key]
 
 
 def prepared_relaxation(state: PropagationState, node: Node, direction: str,
@@ -273,7 +284,7 @@ def _patches_out(state: PropagationState, node: Node, lA, uA, alpha_for: AlphaLo
         return None
     args, kwargs = state.resolve_for_linear(node)
     low = rule(state, node, args, kwargs, lA) if lA is not None else ([], 0.0)
-    up = rule(state, node, args, kwargs, uA) if uA is not None else ([], 0.0)
+    up = low if uA is lA else rule(state, node, args, kwargs, uA) if uA is not None else ([], 0.0)
     if low is None or up is None:
         return None
     names = list(dict.fromkeys([n for n, _ in low[0]] + [n for n, _ in up[0]]))
@@ -303,9 +314,12 @@ def propagate_node(state: PropagationState, node: Node, lA, uA, alpha_for: Alpha
         pb = _pullback(state, node)
         names = [v.name for v in pb.vars]
         lAs = pb.backward(lA) if lA is not None else [None] * len(names)
-        uAs = pb.backward(uA) if uA is not None else [None] * len(names)
         lbias = pb.bias(lA) if lA is not None else 0.0
-        ubias = pb.bias(uA) if uA is not None else 0.0
+        if uA is lA and uA is not None:
+            uAs, ubias = lAs, lbias
+        else:
+            uAs = pb.backward(uA) if uA is not None else [None] * len(names)
+            ubias = pb.bias(uA) if uA is not None else 0.0
         return BackwardOut(list(zip(names, lAs, uAs)), lbias, ubias)
     if entry.relaxation is not None:
         alpha_l = alpha_for(node.name, "lower") if (alpha_for and lA is not None) else None
@@ -361,7 +375,7 @@ def backward(state: PropagationState, start: str, C, lower: bool = True, upper: 
     Returns lower/upper of shape ``(batch, spec)`` (None for a side not asked for).
     """
     graph = state.graph
-    needed = graph.ancestors(start)
+    needed = ancestors(state, start)
     batch = state.batch_size
     spec = C.spec if isinstance(C, Patches) else C.shape[1]
     ref = C.data if isinstance(C, Patches) else C

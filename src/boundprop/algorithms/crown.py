@@ -41,7 +41,7 @@ from ..domains.patches import Patches
 from ..graph import ops
 from ..perturbation import PerturbationLpNorm
 from ..rules.shape import MOVEMENT_OPS
-from .backward import AlphaLookup, backward
+from .backward import AlphaLookup, ancestors, backward
 from .ibp import interval_of
 from .state import PropagationState
 
@@ -52,6 +52,11 @@ _MOVEMENT = set(MOVEMENT_OPS)
 
 
 aten = torch.ops.aten
+
+#: pure reshapes (a box stays the same box)
+_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
+             aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+             aten.unsqueeze.default, aten.clone.default, aten.alias.default, aten.contiguous.default}
 
 #: ops whose IBP rule is exact (centre/radius with ``|W|``) when their input is a box
 _EXACT_ON_BOX = {aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.convolution.default,
@@ -69,9 +74,15 @@ def _ibp_exact(state: PropagationState, name: str) -> bool:
     node = state.graph.node(name)
     if node.target not in _EXACT_ON_BOX or not state.is_affine_here(node):
         return False
-    perturbed = [p for p in node.inputs if p in state.perturbed]
-    if len(perturbed) != 1 or perturbed[0] not in state.perturbations:
-        return False
+    while True:  # the one perturbed input, through pure data movement (e.g. a flatten), to the leaf
+        perturbed = [p for p in node.inputs if p in state.perturbed]
+        if len(perturbed) != 1:
+            return False
+        if perturbed[0] in state.perturbations:
+            break
+        node = state.graph.node(perturbed[0])
+        if node.target not in _RESHAPES:
+            return False
     ptb = state.perturbations[perturbed[0]]
     return isinstance(ptb, PerturbationLpNorm) and (ptb.norm == float("inf") or ptb._box_only())
 
@@ -84,10 +95,10 @@ def refresh_ibp(state: PropagationState, name: str) -> None:
     """
     stamp = len(state.refined)
     seen = state.cache.setdefault("ibp_stamp", {})
-    ancestors = state.graph.ancestors(name)
+    before = ancestors(state, name)
     for node in state.graph.nodes:
         n = node.name
-        if n not in ancestors or n not in state.perturbed or n in state.refined or seen.get(n) == stamp:
+        if n not in before or n not in state.perturbed or n in state.refined or seen.get(n) == stamp:
             continue
         state.intervals[n] = interval_of(state, n).intersect(state.intervals[n])
         seen[n] = stamp
@@ -128,7 +139,7 @@ def spec_chunk_size(state: PropagationState, start: str) -> int:
     """How many one-hot specs to walk back at once so that one dense coefficient tensor stays small."""
     budget = coefficient_budget(state, state.values[start].dtype)
     widest = 1
-    for name in state.graph.ancestors(start):
+    for name in ancestors(state, start):
         value = state.values.get(name)
         if name in state.perturbed and torch.is_tensor(value):
             widest = max(widest, value[0].numel() if name in state.batched else value.numel())

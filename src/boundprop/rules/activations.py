@@ -5,9 +5,10 @@ Curvature (all relaxations from :mod:`.curves`):
 * GELU ``x Phi(x)``: ``f'' = phi(x) (2 - x^2)``: concave, convex on ``[-sqrt 2, sqrt 2]``,
   concave (tanh approximation: inflections at ``+-1.41850...``);
 * SiLU ``x sigmoid(x)``: concave, convex on ``[-2.39936..., 2.39936...]``, concave;
-* softplus ``log(1 + exp(beta x)) / beta``: convex (torch switches to ``x`` above
-  ``beta x > threshold``, at most ``log1p(exp(-threshold)) / beta`` below the smooth function, so
-  lower offsets are moved down by that gap and IBP accounts for the switch);
+* softplus ``log(1 + exp(beta x)) / beta``: convex. torch switches to ``x`` where
+  ``beta x > threshold``, up to ``log1p(exp(-threshold)) / beta`` below the smooth function: the
+  lower line is then also kept below ``x`` on that piece (checked at its two ends), and IBP accounts
+  for the drop at the switch;
 * ELU ``scale * (x if x > 0 else alpha (exp(input_scale x) - 1))``: convex when
   ``alpha input_scale <= 1`` (ELU), else convex on ``x < 0`` and linear after a concave kink at 0
   (SELU), handled as an S-shape with the kink as its inflection point (``f'`` at 0 is the left
@@ -20,6 +21,7 @@ down by a few ulps) where the interval holds the minimiser; softplus and ELU are
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -182,15 +184,32 @@ def softplus_interval(args, kwargs) -> Interval:
     return softplus_bounds(x.lower, x.upper, *_softplus_params(args[1:], kwargs))
 
 
+def _below_torch_linear_piece(beta: float, threshold: float) -> Callable:
+    """Lower the lower line so that it stays below torch's softplus where it is ``x`` (``beta x > threshold``).
+
+    The line is below the smooth softplus already; on ``(threshold / beta, u]`` torch returns ``x``
+    (smaller), and a line is below ``x`` there iff it is at both ends of that piece.
+    """
+    switch = threshold / beta
+
+    def adjust(lw, lb, uw, ub, low, high):
+        crosses = high * beta > threshold
+        start = torch.maximum(low, torch.full_like(low, switch))
+        excess = torch.maximum(lw * start + lb - start, lw * high + lb - high).clamp_min(0)
+        return lw, lb - torch.where(crosses, excess, torch.zeros_like(excess)), uw, ub
+
+    return adjust
+
+
 @relaxation_rule(aten.softplus.default,
                  alpha=curve_alpha(lambda call: softplus_curve(_softplus_params(call.args, call.kwargs)[0])))
 @checked("aten.softplus.default")
 def softplus_relaxation(low, high, call: RelaxCall) -> Relaxation:
-    """Tangent below, chord above (convex); lower offsets less torch's threshold gap."""
+    """Tangent below, chord above (convex), the lower line kept below torch's linear piece."""
     beta, threshold = _softplus_params(call.args, call.kwargs)
-    gap = math.log1p(math.exp(-threshold)) / beta if threshold > -700 else float("inf")
     bounds = lambda lo, hi: softplus_bounds(lo, hi, beta, threshold)  # noqa: E731
-    return curve_relaxation(softplus_curve(beta), low, high, call, bounds, lower_margin=gap)
+    return curve_relaxation(softplus_curve(beta), low, high, call, bounds,
+                            adjust=_below_torch_linear_piece(beta, threshold))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -292,7 +292,7 @@ def require_bounded(relax: Relaxation, low: torch.Tensor, high: torch.Tensor, wh
     where = tuple(int(i) for i in index[:low.dim()])
     lo_x, hi_x = torch.broadcast_to(low, bad.shape)[tuple(index)], torch.broadcast_to(high, bad.shape)[tuple(index)]
     raise NotImplementedError(
-        f"{what}: no finite linear bound exists on the input interval [{float(lo_x)}, {float(hi_x)}] "
+        f"{what}: no finite linear bound exists on the input interval [{lo_x.item()}, {hi_x.item()}] "
         f"(element {where}): the function is unbounded there (a pole, log 0, overflow, or an infinite "
         f"input bound). Linear bound propagation needs finite relaxation offsets; use IBP, or tighten "
         f"the input set or the model (e.g. keep divisors and log/rsqrt arguments away from 0).")
@@ -345,7 +345,7 @@ def lift(low: torch.Tensor, high: torch.Tensor, alpha: torch.Tensor | None) -> t
 def curve_relaxation(curve: Curve, low: torch.Tensor, high: torch.Tensor, call: RelaxCall,
                      bounds: Callable[[torch.Tensor, torch.Tensor], Interval],
                      domain: Callable | None = None, constant: Callable | None = None,
-                     lower_margin: float = 0.0, safe: float = 0.0) -> Relaxation:
+                     adjust: Callable | None = None, safe: float = 0.0) -> Relaxation:
     """The relaxation of an element-wise ``curve`` on ``[l, u]`` (steps 1-4).
 
     Arguments:
@@ -353,7 +353,8 @@ def curve_relaxation(curve: Curve, low: torch.Tensor, high: torch.Tensor, call: 
         domain: maps the float64 interval into the function's domain (e.g. ``max(l, 0)``).
         constant: ``(l, u) -> bool tensor`` of neurons that get the IBP constants regardless
             (e.g. a pole inside the interval); ``l``, ``u`` are passed in their own dtype.
-        lower_margin: subtracted from the lower offset (a known gap between ``f`` and torch's op).
+        adjust: ``(lw, lb, uw, ub, l, u) -> (lw, lb, uw, ub)`` on the float64 lines before rounding
+            (e.g. accounting for a known gap between ``f`` and torch's op).
         safe: a point of the domain standing in for the neurons that get constants (keeps the
             discarded lines, and their gradients, finite).
     """
@@ -369,8 +370,8 @@ def curve_relaxation(curve: Curve, low: torch.Tensor, high: torch.Tensor, call: 
         l64, u64 = domain(l64, u64)
     a64 = None if alpha is None else torch.nan_to_num(alpha.to(torch.float64), nan=0.5).clamp(0.0, 1.0)
     lw, lb, uw, ub = relax_curve(curve, l64, u64, a64)
-    if lower_margin:
-        lb = lb - lower_margin
+    if adjust is not None:
+        lw, lb, uw, ub = adjust(lw, lb, uw, ub, l64, u64)
     return finish((lw, lb, uw, ub), l64, u64, fallback, low.dtype, const)
 
 

@@ -37,11 +37,12 @@ RESULTS = Path(__file__).parent / "results" / "zoo.md"
 
 
 def timed(fn, budget_s: float, min_reps: int = 3, max_reps: int = 20) -> tuple[float, object]:
-    """Median wall time of ``fn()`` after one warm-up call; reps fill about ``budget_s``."""
+    """Median wall time of ``fn()`` after one warm-up call; reps fill about ``budget_s`` (one rep when a
+    call takes over 5 s)."""
     start = time.perf_counter()
     out = fn()
     first = time.perf_counter() - start
-    reps = max(min_reps, min(max_reps, int(budget_s / max(first, 1e-6))))
+    reps = 1 if first > 5 else max(min_reps, min(max_reps, int(budget_s / max(first, 1e-6))))
     times = []
     for _ in range(reps):
         start = time.perf_counter()

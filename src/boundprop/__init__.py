@@ -4,8 +4,9 @@ from .algorithms import BoundResult, compute_bounds
 from .compat import BoundedModule, BoundedParameter, BoundedTensor
 from .domains import Interval
 from .graph import Graph, UnsupportedOperatorError
-from .perturbation import Perturbation, PerturbationLpNorm
+from .perturbation import Perturbation, PerturbationL0Norm, PerturbationLpNorm, PerturbationSynonym, perturb_parameters
 from .rules import is_supported
+from .training.wrappers import CrossEntropyWrapper, CrossEntropyWrapperMultiInput
 
 
 def capture(model, example_inputs) -> Graph:
@@ -25,6 +26,8 @@ def load_onnx(path) -> Graph:
 
 
 __all__ = [
-    "BoundResult", "BoundedModule", "BoundedParameter", "BoundedTensor", "Graph", "Interval", "Perturbation",
+    "BoundResult", "BoundedModule", "BoundedParameter", "BoundedTensor", "CrossEntropyWrapper",
+    "CrossEntropyWrapperMultiInput", "Graph", "Interval", "Perturbation",
     "PerturbationLpNorm", "UnsupportedOperatorError", "capture", "compute_bounds", "load_onnx",
+    "PerturbationL0Norm", "PerturbationSynonym", "perturb_parameters",
 ]

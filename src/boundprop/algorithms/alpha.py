@@ -372,9 +372,10 @@ def alpha_crown(state: PropagationState, target: str, C: torch.Tensor, lower: bo
         return low, up, A
     tightest = start.intervals  # later evaluations restart from the tightest intervals so far
     bests = {}
-    for side, wanted, bound in (("lower", lower, low), ("upper", upper, up)):
-        if wanted:
-            bests[side] = _optimise_side(state, target, C, side, start, bound, A, keep_A, o, tightest)
+    with torch.enable_grad():  # the optimisation needs gradients even when the caller is under no_grad
+        for side, wanted, bound in (("lower", lower, low), ("upper", upper, up)):
+            if wanted:
+                bests[side] = _optimise_side(state, target, C, side, start, bound, A, keep_A, o, tightest)
     state.intervals = tightest
     state.refined = refined | fixed
     state.cache = {}

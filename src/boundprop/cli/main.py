@@ -4,6 +4,8 @@ Subcommands:
 
 * ``bounds``: compare bound methods on a model and inputs (default: the bundled digits
   classifier on real test images), see :mod:`boundprop.cli.bounds`.
+* ``train``: certified (IBP, CROWN-IBP, CROWN), PGD or natural training on the digits, see
+  :mod:`boundprop.cli.train`.
 
 User errors (bad method, missing file, ...) end with one message on stderr and exit status 2.
 """
@@ -14,7 +16,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bounds
+from . import bounds, train
 from .loaders import CliError
 
 
@@ -23,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     bounds.add_parser(sub)
+    train.add_parser(sub)
     return parser
 
 

@@ -183,6 +183,7 @@ class BoundedModule(nn.Module):
         self._last_ptbs: dict[str, Perturbation] = {}
         self._last_result: BoundResult | None = None
         self._last_ibp: BoundResult | None = None
+        self.fused_bound = None  # the last loss-fusion bound (boundprop.training.fusion.FusedBound)
 
     # -- names ---------------------------------------------------------------------------------
     @property
@@ -292,6 +293,11 @@ class BoundedModule(nn.Module):
                 out = (C.reshape(C.shape[0], C.shape[1], -1) @ out.reshape(out.shape[0], -1, 1)).squeeze(-1)
             result = (out if bound_lower else None, out if bound_upper else None)
             return (*result, {}) if return_A else result
+        if self.bound_opts.get("loss_fusion") and bound_upper and C is None and not return_A and not interm \
+                and final_node_name is None:
+            fused = self._fused_bounds(name, ptbs, bound_lower)
+            if fused is not None:
+                return fused
         res = native_compute_bounds(self.graph, self._last_inputs, ptbs, name, C, lower=bound_lower,
                                     upper=bound_upper, opts=self.bound_opts, final_node=final_node_name,
                                     interm_bounds=interm or None, need_A=sorted(need_A))
@@ -313,6 +319,26 @@ class BoundedModule(nn.Module):
                 entry["unstable_idx"] = None
                 A_dict[out_node][in_node] = entry
         return res.lower, res.upper, A_dict
+
+    def _fused_bounds(self, name: str, ptbs: dict, bound_lower: bool):
+        """Loss fusion (``bound_opts["loss_fusion"]``) on a :class:`~boundprop.CrossEntropyWrapper` graph.
+
+        Returns ``(lb, ub)`` with ``ub = exp(log_ub)`` (see :mod:`boundprop.training.fusion`; the stable
+        ``log_ub`` and shift are kept in ``self.fused_bound``), or None where the fused path does not
+        apply (the generic engine then bounds the same graph, soundly but without the shift).
+        """
+        from ..training.fusion import FUSED_METHODS, fused_bounds, match_loss_fusion
+
+        pattern = match_loss_fusion(self.graph)
+        if pattern is None or name not in FUSED_METHODS or any(k not in self.graph.inputs for k in ptbs):
+            return None
+        fused = fused_bounds(self.graph, self._last_inputs, ptbs, name, self.bound_opts, pattern)
+        self.fused_bound = fused
+        lb = None
+        if bound_lower:
+            lb = native_compute_bounds(self.graph, self._last_inputs, ptbs, name, None, lower=True, upper=False,
+                                       opts=self.bound_opts).lower
+        return lb, fused.ub
 
     # -- results of the last call --------------------------------------------------------------
     def __getitem__(self, name: str) -> NodeView:

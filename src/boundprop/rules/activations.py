@@ -185,10 +185,11 @@ def softplus_interval(args, kwargs) -> Interval:
 
 
 def _below_torch_linear_piece(beta: float, threshold: float) -> Callable:
-    """Lower the lower line so that it stays below torch's softplus where it is ``x`` (``beta x > threshold``).
+    """Keep the lower line below torch's softplus where it is ``x`` (``beta x > threshold``).
 
     The line is below the smooth softplus already; on ``(threshold / beta, u]`` torch returns ``x``
-    (smaller), and a line is below ``x`` there iff it is at both ends of that piece.
+    (smaller), and a line is below ``x`` there iff it is at both ends of that piece. Intervals
+    entirely on that piece get the exact lines ``x``.
     """
     switch = threshold / beta
 
@@ -196,7 +197,11 @@ def _below_torch_linear_piece(beta: float, threshold: float) -> Callable:
         crosses = high * beta > threshold
         start = torch.maximum(low, torch.full_like(low, switch))
         excess = torch.maximum(lw * start + lb - start, lw * high + lb - high).clamp_min(0)
-        return lw, lb - torch.where(crosses, excess, torch.zeros_like(excess)), uw, ub
+        lb = lb - torch.where(crosses, excess, torch.zeros_like(excess))
+        linear = low * beta > threshold  # torch's softplus is x on all of [l, u]
+        one, zero = torch.ones_like(lw), torch.zeros_like(lw)
+        return (torch.where(linear, one, lw), torch.where(linear, zero, lb),
+                torch.where(linear, one, uw), torch.where(linear, zero, ub))
 
     return adjust
 

@@ -27,9 +27,8 @@ one (the upper one is minus the lower line of ``-f``), on ``[l, u]``:
    bound holds for every ``x^``, so soundness never rests on the accuracy of a root search.
 4. Rounding: all this runs in float64; offsets are then moved outwards by a few units in the last
    place of the output dtype, relative to ``|w| max(|l|, |u|) + |b|`` (plus the smallest normal
-   number), and cast back. A line that is
-   not finite (an infinite end of the interval, overflow, a pole) becomes the constant given by the
-   interval rule (``w = 0``, ``b`` = the IBP bound). Where that bound is infinite no finite line
+   number), and cast back. A line that is not finite (an infinite end of the interval, overflow, a
+   pole) becomes the constant given by the interval rule (``w = 0``, ``b`` = the IBP bound). Where that bound is infinite no finite line
    exists; the registered rules then raise NotImplementedError (:func:`require_bounded`).
 
 Shapes: ``l``, ``u`` are ``(batch, *shape)``; with an alpha of shape ``(batch, spec, *shape)`` the
@@ -53,7 +52,7 @@ Fn = Callable[[torch.Tensor], torch.Tensor]
 #: whether ``f`` is convex left of the first one (everywhere, without cuts).
 Regions = Callable[[torch.Tensor, torch.Tensor], tuple[list, torch.Tensor]]
 
-#: Root search for tangent and stationary points: bisection steps, then false-position steps.
+#: Bisection steps of the searches for tangent and stationary points (float64, vectorised).
 BISECTION_STEPS = 24
 
 
@@ -335,6 +334,28 @@ def finish(lines: tuple, low: torch.Tensor, high: torch.Tensor, fallback: Interv
     return Relaxation(torch.where(bad_l, zero, lw), lb, torch.where(bad_u, zero, uw), ub)
 
 
+class _FiniteGrad(torch.autograd.Function):
+    """Identity whose backward turns NaN/inf gradients into 0."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def finite_grad(*tensors: torch.Tensor | None) -> tuple:
+    """Guard the inputs of a relaxation (interval ends, alpha) for alpha-CROWN's gradients.
+
+    Branches a ``torch.where`` discards (a pole, an infinite end, ``sqrt`` at 0) can have infinite
+    local derivatives, and ``0 * inf`` makes the gradient reaching the inputs NaN. The relaxation is
+    element-wise, so zeroing a non-finite gradient only drops the gradient of that one neuron.
+    """
+    return tuple(_FiniteGrad.apply(t) if torch.is_tensor(t) and t.requires_grad else t for t in tensors)
+
+
 def lift(low: torch.Tensor, high: torch.Tensor, alpha: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(batch, *shape)`` -> ``(batch, 1, *shape)`` when alpha carries a spec dimension."""
     if alpha is not None and alpha.dim() > low.dim():
@@ -358,7 +379,7 @@ def curve_relaxation(curve: Curve, low: torch.Tensor, high: torch.Tensor, call: 
         safe: a point of the domain standing in for the neurons that get constants (keeps the
             discarded lines, and their gradients, finite).
     """
-    alpha = call.alpha
+    low, high, alpha = finite_grad(low, high, call.alpha)
     low, high = lift(low, high, alpha)
     fallback = bounds(low, high)
     finite = torch.isfinite(low) & torch.isfinite(high)

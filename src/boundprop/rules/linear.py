@@ -147,8 +147,10 @@ affine_ops(aten.addmm.default, when=lambda args: not (is_perturbed(args[1]) and 
 def batch_norm_interval(args, kwargs) -> Interval:
     """Per-channel affine ``y = s x + t``: ``y_c = s x_c + t``, ``y_r = |s| x_r``."""
     x, weight, bias, mean, var, _momentum, eps = args
-    if any(is_perturbed(a) for a in (weight, bias, mean, var)):
-        raise NotImplementedError("perturbed batch-norm parameters are not supported by this rule")
+    if any(is_perturbed(a) for a in (weight, bias, mean, var)):  # weight perturbation
+        from .perturbed_weights import batch_norm_perturbed_interval  # noqa: PLC0415
+
+        return batch_norm_perturbed_interval(args)
     scale, shift = ops.batch_norm_scale_shift(weight, bias, mean, var, eps)
     shape = [1, -1] + [1] * (x.lower.dim() - 2)
     c = x.center * scale.reshape(shape) + shift.reshape(shape)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from ..domains import Interval, Relaxation
-from .curves import checked, lift, slack_factor
+from .curves import checked, finite_grad, lift, slack_factor
 from .registry import AlphaSpec, RelaxCall, interval_rule, is_perturbed, relaxation_rule
 
 aten = torch.ops.aten
@@ -85,14 +85,15 @@ def abs_interval(args, kwargs) -> Interval:
 def abs_relaxation(low, high, call: RelaxCall) -> Relaxation:
     """Exact on sign-definite intervals; chord above and ``a x`` below on mixed ones."""
     dtype = low.dtype
-    low, high = lift(low, high, call.alpha)
+    low, high, alpha = finite_grad(low, high, call.alpha)
+    low, high = lift(low, high, alpha)
     l64, u64 = low.to(torch.float64), high.to(torch.float64)
     mixed = abs_unstable(l64, u64)
     finite = torch.isfinite(l64) & torch.isfinite(u64)
     sign = torch.where(l64 >= 0, 1.0, -1.0).to(torch.float64)  # exact slope off the mixed case
     chord = _safe_div(u64 + l64, u64 - l64)
     chord_b = -l64 - chord * l64
-    a = _abs_default(l64, u64) if call.alpha is None else call.alpha.to(torch.float64).clamp(-1.0, 1.0)
+    a = _abs_default(l64, u64) if alpha is None else alpha.to(torch.float64).clamp(-1.0, 1.0)
     uw = torch.where(mixed & finite, chord, torch.where(mixed, 0.0, sign))
     ub = torch.where(mixed & finite, chord_b, torch.where(mixed, torch.maximum(-l64, u64), 0.0))
     lw = torch.where(mixed, a, sign)
@@ -114,6 +115,7 @@ def sign_interval(args, kwargs) -> Interval:
 def sign_relaxation(low, high, call: RelaxCall) -> Relaxation:
     """Constants, or the lines through ``(0, -1)``/``(u, 1)`` and ``(l, -1)``/``(0, 1)`` (module doc)."""
     dtype = low.dtype
+    low, high = finite_grad(low, high)
     l64, u64 = low.to(torch.float64), high.to(torch.float64)
     sloped = call.opts.get("sign_bound_option", "constant") == "sloped"
     one, zero = torch.ones_like(l64), torch.zeros_like(l64)
@@ -193,7 +195,7 @@ def _crossings(low, high, lo, hi):
 def clamp_relaxation(low: torch.Tensor, high: torch.Tensor, lo, hi, call: RelaxCall) -> Relaxation:
     """Lines of ``clamp(x, lo, hi)`` on ``[l, u]`` (module doc); ``lo``/``hi`` constants or None."""
     dtype = low.dtype
-    alpha = call.alpha
+    low, high, alpha = finite_grad(low, high, call.alpha)
     low, high = lift(low, high, alpha)
     lo = _lifted(_limit(lo, -1.0).to(low.device), low, alpha)
     hi = _lifted(_limit(hi, 1.0).to(low.device), low, alpha)

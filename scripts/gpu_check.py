@@ -1,0 +1,88 @@
+"""GPU check: the same code on CUDA gives the same bounds as on the CPU, and how long it takes.
+
+Usage (on a machine with a GPU, from the repository root)::
+
+    PYTHONPATH=src python3 scripts/gpu_check.py PEER_DIR OUT.md
+
+``PEER_DIR`` holds ``peer_models.py`` and the ``<model>_b<batch>.pt`` files (auto_LiRPA's bounds,
+computed on a CPU). For every model, batch and method: the median time of 3 calls after a warm-up
+(``torch.cuda.synchronize`` around each), one forward pass's time, and the largest difference to
+the stored auto_LiRPA bounds relative to their width.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import boundprop
+from boundprop import PerturbationLpNorm, compute_bounds
+
+METHODS = ("IBP", "CROWN-IBP", "CROWN", "forward", "alpha-CROWN")
+
+
+def timed(fn, repeats: int = 3) -> tuple[float, object]:
+    out = fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main(peer_dir: str, out_path: str) -> None:
+    sys.path.insert(0, peer_dir)
+    import peer_models
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device("cuda")
+    lines = [f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, float32, TF32 off", "",
+             "| model | batch | method | time (ms) | forward (ms) | cost in forwards | mean width | "
+             "max diff / width vs auto_LiRPA |", "|---|---|---|---|---|---|---|---|"]
+    for name in ("mlp", "cnn", "resnet_small"):
+        for batch in (1, 32):
+            path = Path(peer_dir) / f"{name}_b{batch}.pt"
+            if not path.exists():
+                continue
+            data = torch.load(path, weights_only=False)
+            model = peer_models.build_model(name) if hasattr(peer_models, "build_model") else getattr(peer_models, name)()
+            model.load_state_dict(data["state_dict"])
+            model = model.eval().to(device)
+            x = data["x"].to(device)
+            graph = boundprop.capture(model, x)
+            ptb = {graph.inputs[0]: PerturbationLpNorm(data["eps"])}
+            with torch.no_grad():
+                fwd, _ = timed(lambda: model(x), 10)
+            for method in METHODS:
+                if method == "alpha-CROWN" and (name == "resnet_small" or batch == 32):
+                    continue
+                try:
+                    with torch.no_grad():
+                        t, res = timed(lambda: compute_bounds(graph, (x,), ptb, method=method), 1 if method == "alpha-CROWN" else 3)
+                except Exception as err:  # noqa: BLE001 - report and go on
+                    lines.append(f"| {name} | {batch} | {method} | error: {type(err).__name__}: {err} | | | | |")
+                    continue
+                width = float((res.upper - res.lower).mean())
+                ref = data["bounds"].get(method)
+                diff = ""
+                if ref is not None:
+                    lo, hi = (r.to(device) for r in ref)
+                    scale = float((hi - lo).abs().max())
+                    diff = f"{max(float((res.lower - lo).abs().max()), float((res.upper - hi).abs().max())) / scale:.1e}"
+                lines.append(f"| {name} | {batch} | {method} | {t * 1e3:.2f} | {fwd * 1e3:.3f} | {t / fwd:.0f} | "
+                             f"{width:.6g} | {diff} |")
+            print("\n".join(lines[-len(METHODS):]), flush=True)
+    Path(out_path).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

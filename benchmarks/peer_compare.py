@@ -111,7 +111,9 @@ def run(args) -> list[dict]:
                     continue
                 opts = ALPHA_OPTS if method == "alpha-CROWN" else None
                 grad = method == "alpha-CROWN"
-                call = lambda: compute_bounds(graph, (x,), ptb, method=method, opts=opts)  # noqa: E731
+                def call(graph=graph, x=x, ptb=ptb, method=method, opts=opts):
+                    return compute_bounds(graph, (x,), ptb, method=method, opts=opts)
+
                 fwd_wall, fwd_cpu = forward_time(model, x)
                 try:
                     with contextlib.nullcontext() if grad else torch.no_grad():

@@ -137,7 +137,7 @@ def test_large_eps_does_not_overflow(setup):
         torch.testing.assert_close(res.log_ub, torch.log(res.ub_shifted) + res.shift)
         # IBP: the fused loss equals the margin one, computed there with a stable logsumexp
         if method == "IBP":
-            lb = compute_bounds(plain, (x,), {"x": ptb}, "IBP", margin_matrix(y, K), upper=False).lower
+            lb = compute_bounds(plain, (x,), {plain.inputs[0]: ptb}, "IBP", margin_matrix(y, K), upper=False).lower
             torch.testing.assert_close(res.log_ub.reshape(-1), margin_robust_ce(lb), rtol=1e-4, atol=1e-3)
 
 

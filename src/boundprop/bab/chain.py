@@ -281,7 +281,7 @@ class ChainBounder:
         alphas = [r[0][box].clone() for r in relax]  # (batch * G, n_i), start from the adaptive slopes
         free = [m[box] for m in unstable]
         params = [logits.requires_grad_(True)] + [a.requires_grad_(True) for a in alphas]
-        opt = torch.optim.Adam(params, lr=lr)
+        adam = _Adam(params, lr)
         best = torch.full((batch, n_groups), -torch.inf, dtype=lo.dtype)
         for step in range(iterations + 1):
             with torch.enable_grad():
@@ -297,11 +297,32 @@ class ChainBounder:
                     mu = lam @ chain.weights[i - 1]
                 value = (mu * center[box]).sum(-1) - (mu.abs() * radius[box]).sum(-1) + bias
                 value = value.reshape(batch, n_groups)
+                loss = -(value.clamp_max(1.0)).sum()
             best = torch.maximum(best, value.detach())
             if step == iterations or bool((best > 0).all()):
                 break
-            loss = -(value.clamp_max(1.0)).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            with torch.enable_grad():
+                grads = torch.autograd.grad(loss, params)
+            adam.step(grads)
         return best
+
+
+class _Adam:
+    """Adam (Kingma and Ba) without torch.optim (whose first import costs seconds)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, grads) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            g = torch.nan_to_num(g, 0.0, 0.0, 0.0)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.sub_(self.lr * (m / c1) / ((v / c2).sqrt() + self.eps))

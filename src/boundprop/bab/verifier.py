@@ -3,19 +3,27 @@
 Order of work per region (a box of inputs with output disjuncts ``A_d y <= b_d``):
 
 1. attack: PGD with restarts on the violation ``min_d max_i (A_d y - b_d)_i``;
-2. bounds: CROWN lower bounds of every row of every ``A_d y - b_d`` on the box; a disjunct is
-   refuted when one of its rows is provably positive;
-3. branch and bound on the input box (input splitting, for low-dimensional inputs): unrefuted
-   boxes are halved along the input dimension with the largest bound sensitivity
-   ``width_j * sum_rows |A_ij|``, many boxes bounded per batch; candidate counterexamples (box
-   centres, and the box corners that minimise each row's linear lower bound) are tried on the way.
+2. if the input has at most ``max_input_split_dims`` entries: input-splitting branch and bound
+   (:mod:`boundprop.bab.search`). Networks that are chains of affine maps and ReLUs (most VNN-COMP
+   networks) are bounded by the dedicated CROWN of :mod:`boundprop.bab.chain` (intermediate
+   intervals inherited from the parent box, optimised bound per disjunct for boxes CROWN leaves
+   open); other graphs by :func:`boundprop.compute_bounds` (``method``);
+3. otherwise one bound of the whole box with ``root_method`` (alpha-CROWN by default): ``unsat``
+   when it refutes every disjunct, else ``unknown``.
+
+A region is refuted when no input of its box satisfies any of its disjuncts; the property is
+``unsat`` when every region is refuted, ``sat`` as soon as a counterexample is confirmed.
 
 Soundness guards:
 
 * ``unsat`` is claimed only for rows whose lower bound exceeds ``b`` by a margin
-  (``margin_abs + margin_rel * |b|``), with bounds computed in float64 for imported ONNX models;
-* ``sat`` is claimed only after the counterexample is re-evaluated on the original model (the ONNX
-  file through onnxruntime when there is one) and satisfies the property with no tolerance;
+  (``margin_abs + margin_rel * |b|``, default 1e-6 each). Bounds are computed in float64 (ONNX
+  weights are float32, so they are represented exactly; every bound is a sum of products whose
+  rounding error is ~1e-16 relative per operation, i.e. below 1e-9 for the magnitudes met here, far
+  inside the margin); the ReLU-chain extraction is checked against the graph at random points;
+* ``sat`` is claimed only after the counterexample (cast to float32, clipped into the box) is
+  re-evaluated on the original model (the ONNX file through onnxruntime when there is one) and
+  satisfies the property with no tolerance;
 * the clock is checked between batches; past the deadline the answer is ``timeout``.
 """
 
@@ -30,11 +38,13 @@ from typing import Any
 
 import torch
 
-from ..algorithms import compute_bounds
 from ..graph.ir import Graph, ParamSource, evaluate
-from ..perturbation import PerturbationLpNorm
 from ..spec.vnnlib import Property, Region, read_vnnlib
 from .attack import pgd_attack, violation
+from .chain import ReluChain, extract_relu_chain
+from .search import ChainSearch, GraphSearch, SearchLimits, refuted_groups
+
+VERDICTS = ("sat", "unsat", "timeout", "unknown")
 
 
 @dataclass
@@ -58,13 +68,18 @@ class VerificationResult:
 
 @dataclass
 class VerifierOptions:
-    batch_size: int = 2048
-    method: str = "CROWN"
-    margin_abs: float = 1e-7
-    margin_rel: float = 1e-7
+    """Knobs of :func:`verify` (the defaults are tuned on ACAS Xu)."""
+
+    batch_size: int = 512
+    method: str = "CROWN"  # bounds in branch and bound for graphs that are not ReLU chains
+    root_method: str = "alpha-CROWN"  # the one bound of a region too wide to split
+    margin_abs: float = 1e-6
+    margin_rel: float = 1e-6
     attack_steps: int = 50
-    attack_restarts: int = 8
+    attack_restarts: int = 64
     max_input_split_dims: int = 64
+    optimise_iterations: int = 20
+    use_chain: bool = True
     float64: bool = True
     seed: int = 0
 
@@ -90,6 +105,7 @@ class _Checker:
 
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
             self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
             self.input_name = self.session.get_inputs()[0].name
 
@@ -115,19 +131,59 @@ class _Checker:
         return None
 
 
-def _load(model: Any, input_shape: tuple[int, ...] | None):
-    from .. import capture, load_onnx
+class Network:
+    """A model ready for verification: the graph (float64 copy for bounds), its ReLU chain if it is
+    one, and the checker of counterexamples. Build once per model and reuse (``boundprop bench``
+    keeps one per ONNX file)."""
 
-    if isinstance(model, (str, Path)):
-        path = Path(model)
+    def __init__(self, graph: Graph, input_shape: tuple[int, ...], onnx_path: Path | None = None,
+                 float64: bool = True) -> None:
+        self.graph = graph
+        self.input_shape = tuple(input_shape)
+        self.onnx_path = onnx_path
+        self.n_inputs = int(math.prod(self.input_shape[1:]))
+        self.dtype = torch.float64 if (float64 and graph.module is None) else torch.float32
+        self.bound_graph = graph_to_dtype(graph, self.dtype) if self.dtype == torch.float64 else graph
+        self.checker = _Checker(onnx_path, graph, self.input_shape)
+        self._chain: ReluChain | None | bool = False  # False: not extracted yet
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, float64: bool = True) -> Network:
+        from .. import load_onnx
+
+        path = Path(path)
         graph = load_onnx(path)
-        return graph, path, tuple(graph.input_shapes[0])
+        return cls(graph, tuple(graph.input_shapes[0]), path, float64)
+
+    @property
+    def chain(self) -> ReluChain | None:
+        if self._chain is False:
+            self._chain = extract_relu_chain(self.graph, self.input_shape)
+        return self._chain  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs ``(n, n_out)`` at flattened inputs ``(n, n_in)`` in the bound dtype."""
+        if self.chain is not None and self.dtype == torch.float64:
+            return self.chain.forward(x.double())
+        x = x.to(self.dtype).reshape(-1, *self.input_shape[1:])
+        return evaluate(self.bound_graph, (x,))[self.bound_graph.output].reshape(x.shape[0], -1)
+
+
+def load_network(model: Any, input_shape: tuple[int, ...] | None = None, float64: bool = True) -> Network:
+    """A :class:`Network` from an ONNX path, a captured :class:`Graph` or an ``nn.Module`` (give
+    ``input_shape``, batch first, for a module)."""
+    from .. import capture
+
+    if isinstance(model, Network):
+        return model
+    if isinstance(model, (str, Path)):
+        return Network.from_onnx(model, float64)
     if isinstance(model, Graph):
-        return model, None, tuple(input_shape or model.input_shapes[0])
+        return Network(model, tuple(input_shape or model.input_shapes[0]), None, float64)
     if input_shape is None:
         raise ValueError("verifying an nn.Module needs input_shape (batch dimension included)")
     graph = capture(model, (torch.zeros(input_shape),))
-    return graph, None, tuple(input_shape)
+    return Network(graph, tuple(input_shape), None, float64)
 
 
 def verify(model: Any, spec: Property | str | Path, timeout: float = 60.0, *, input_shape: tuple[int, ...] | None = None,
@@ -135,36 +191,39 @@ def verify(model: Any, spec: Property | str | Path, timeout: float = 60.0, *, in
     """Decide a VNN-LIB property for a model.
 
     Arguments:
-        model: a path to an ``.onnx`` file, a captured :class:`Graph`, or an ``nn.Module`` (then give
-            ``input_shape``).
+        model: a path to an ``.onnx`` file, a :class:`Network`, a captured :class:`Graph`, or an
+            ``nn.Module`` (then give ``input_shape``, batch first).
         spec: a :class:`Property` or a path to a ``.vnnlib`` file.
-        timeout: seconds; the verdict is ``timeout`` when the search is not finished by then.
+        timeout: seconds (loading included); the verdict is ``timeout`` when the search is not
+            finished by then.
+        options: :class:`VerifierOptions`.
+        log: called with progress messages.
     Returns:
-        a :class:`VerificationResult`.
+        a :class:`VerificationResult`: ``sat`` with a counterexample ``(x, y)`` checked on the
+        model, ``unsat``, ``timeout`` or ``unknown``.
     """
     start = time.perf_counter()
     deadline = start + timeout
     opts = options or VerifierOptions()
     prop = read_vnnlib(spec) if isinstance(spec, (str, Path)) else spec
-    graph, onnx_path, shape = _load(model, input_shape)
-    n_inputs = int(math.prod(shape[1:]))
-    if n_inputs != prop.n_inputs:
-        raise ValueError(f"the property has {prop.n_inputs} inputs but the model takes {n_inputs}")
-    checker = _Checker(onnx_path, graph, shape)
-    dtype = torch.float64 if (opts.float64 and graph.module is None) else torch.float32
-    bound_graph = graph_to_dtype(graph, dtype) if dtype == torch.float64 else graph
-    stats: dict[str, Any] = {"regions": len(prop.regions), "boxes": 0, "bound_calls": 0, "attack_s": 0.0}
+    net = load_network(model, input_shape, opts.float64)
+    if net.n_inputs != prop.n_inputs:
+        raise ValueError(f"the property has {prop.n_inputs} inputs but the model takes {net.n_inputs}")
     torch.manual_seed(opts.seed)
+    stats: dict[str, Any] = {"regions": len(prop.regions), "attack_s": 0.0}
     verdict = "unsat"
     with torch.no_grad():
         for region in prop.regions:
             if not region.disjuncts:
                 continue
-            outcome, cex = _verify_region(bound_graph, checker, region, shape, dtype, deadline, opts, stats, log)
+            outcome, cex = _verify_region(net, region, deadline, opts, stats, log)
             if outcome == "sat":
                 return VerificationResult("sat", cex, time.perf_counter() - start, stats)
+            if outcome == "timeout":
+                verdict = "timeout"
+                break
             if outcome != "unsat":
-                verdict = outcome if verdict == "unsat" or outcome == "timeout" else verdict
+                verdict = outcome
     return VerificationResult(verdict, None, time.perf_counter() - start, stats)
 
 
@@ -175,103 +234,87 @@ def _spec_rows(region: Region, dtype: torch.dtype):
     return A, b, groups
 
 
-def _attack(graph: Graph, checker: _Checker, region: Region, lower, upper, shape, A, b, groups, opts, stats):
+def _merge(stats: dict, new: dict) -> None:
+    for key, value in new.items():
+        if key == "max_stack":
+            stats[key] = max(stats.get(key, 0), value)
+        else:
+            stats[key] = stats.get(key, 0) + value
+
+
+def _attack(net: Network, region: Region, A, b, groups, opts: VerifierOptions, stats: dict, lower=None, upper=None):
     t = time.perf_counter()
     n_groups = int(groups.max()) + 1
-    fn = lambda x: evaluate(graph, (x,))[graph.output].reshape(x.shape[0], -1)
-    objective = lambda y: violation(y, A, b, groups, n_groups)
-    x, v = pgd_attack(fn, lower, upper, objective, opts.attack_steps, opts.attack_restarts)
+    lo = (region.lower if lower is None else lower).reshape(-1, net.n_inputs).to(net.dtype)
+    hi = (region.upper if upper is None else upper).reshape(-1, net.n_inputs).to(net.dtype)
+    x, v = pgd_attack(net.forward, lo, hi, lambda y: violation(y, A, b, groups, n_groups), opts.attack_steps,
+                      opts.attack_restarts)
     stats["attack_s"] += time.perf_counter() - t
-    order = torch.argsort(v)[:8]
-    for i in order.tolist():
+    for i in torch.argsort(v)[:8].tolist():
         if v[i] <= 1e-6:
-            cex = checker.confirm(x[i], region)
+            cex = net.checker.confirm(x[i], region)
             if cex is not None:
                 return cex
     return None
 
 
-def _verify_region(graph: Graph, checker: _Checker, region: Region, shape, dtype, deadline: float,
-                   opts: VerifierOptions, stats: dict, log) -> tuple[str, Any]:
-    A, b, groups = _spec_rows(region, dtype)
-    n_groups = int(groups.max()) + 1
-    lower = region.lower.to(dtype).reshape(1, *shape[1:])
-    upper = region.upper.to(dtype).reshape(1, *shape[1:])
-    cex = _attack(graph, checker, region, lower, upper, shape, A, b, groups, opts, stats)
+def _verify_region(net: Network, region: Region, deadline: float, opts: VerifierOptions, stats: dict,
+                   log) -> tuple[str, Any]:
+    if any(d.A.shape[0] == 0 for d in region.disjuncts):  # a disjunct with no output condition
+        cex = net.checker.confirm((region.lower + region.upper) / 2, region)
+        return ("sat", cex) if cex is not None else ("unknown", None)
+    A, b, groups = _spec_rows(region, net.dtype)
+    cex = _attack(net, region, A, b, groups, opts, stats)
     if cex is not None:
         return "sat", cex
-    n_inputs = lower[0].numel()
-    split_allowed = n_inputs <= opts.max_input_split_dims
-    queue_lo, queue_hi = lower, upper
-    margin = opts.margin_abs + opts.margin_rel * b.abs()
-    iteration = 0
-    while queue_lo.shape[0] > 0:
-        if time.perf_counter() > deadline:
-            return "timeout", None
-        iteration += 1
-        take = min(opts.batch_size, queue_lo.shape[0])
-        lo, hi = queue_lo[-take:], queue_hi[-take:]
-        queue_lo, queue_hi = queue_lo[:-take], queue_hi[:-take]
-        center = (lo + hi) / 2
-        C = A.unsqueeze(0).expand(lo.shape[0], -1, -1)
-        res = compute_bounds(graph, (center,), {graph.inputs[0]: PerturbationLpNorm(x_L=lo, x_U=hi)},
-                             method=opts.method, C=C, upper=False, need_A=[graph.inputs[0]])
-        stats["bound_calls"] += 1
-        stats["boxes"] += lo.shape[0]
-        proved_rows = res.lower - b > margin  # (boxes, rows)
-        refuted = torch.zeros(lo.shape[0], n_groups, dtype=torch.bool)
-        refuted = refuted.scatter_reduce(1, groups.expand(lo.shape[0], -1), proved_rows, reduce="amax")
-        open_boxes = ~refuted.all(1)
-        if not bool(open_boxes.any()):
-            continue
-        lo, hi = lo[open_boxes], hi[open_boxes]
-        lA = res.A[graph.inputs[0]]["lA"][open_boxes]  # (boxes, rows, *shape)
-        row_open = ~proved_rows[open_boxes] & ~refuted[open_boxes][:, groups]
-        cex = _try_candidates(graph, checker, region, lo, hi, lA, A, b, groups, n_groups)
-        if cex is not None:
-            return "sat", cex
-        if not split_allowed:
-            return "unknown", None
-        if iteration % 20 == 0:
-            cex = _attack(graph, checker, region, lo[:64], hi[:64], shape, A, b, groups, opts, stats)
+    lower = region.lower.to(net.dtype).reshape(1, -1)
+    upper = region.upper.to(net.dtype).reshape(1, -1)
+    split = net.n_inputs <= opts.max_input_split_dims
+    limits = SearchLimits(deadline, opts.batch_size, opts.margin_abs, opts.margin_rel, opts.optimise_iterations,
+                          split)
+    if not split:
+        outcome = _root_bound(net, lower, upper, A, b, groups, limits, opts, stats)
+        if outcome is not None:
+            return outcome, None
+    if opts.use_chain and net.chain is not None and net.dtype == torch.float64:
+        search = ChainSearch(net.chain, A, b, groups, limits, log)
+    else:
+        search = GraphSearch(net.bound_graph, net.input_shape, A, b, groups, limits, opts.method, log)
+    found: list = []
+
+    def confirm(points: torch.Tensor) -> bool:
+        for p in points:
+            cex = net.checker.confirm(p, region)
             if cex is not None:
-                return "sat", cex
-        new_lo, new_hi = _split(lo, hi, lA, row_open)
-        queue_lo = torch.cat([queue_lo, new_lo])
-        queue_hi = torch.cat([queue_hi, new_hi])
-        if log is not None and iteration % 50 == 0:
-            log(f"iteration {iteration}: {queue_lo.shape[0]} open boxes, {stats['boxes']} bounded")
-    return "unsat", None
+                found.append(cex)
+                return True
+        return False
+
+    outcome = search.run(lower, upper, confirm)
+    _merge(stats, outcome.stats)
+    if outcome.status == "sat":
+        return "sat", found[0]
+    return outcome.status, None
 
 
-def _try_candidates(graph, checker, region, lo, hi, lA, A, b, groups, n_groups):
-    """Box centres and the corners minimising each open row's linear lower bound."""
-    boxes, rows = lA.shape[0], lA.shape[1]
-    corners = torch.where(lA > 0, lo.unsqueeze(1), hi.unsqueeze(1)).reshape(boxes * rows, *lo.shape[1:])
-    points = torch.cat([(lo + hi) / 2, corners])
-    y = evaluate(graph, (points,))[graph.output].reshape(points.shape[0], -1)
-    v = violation(y, A, b, groups, n_groups)
-    for i in torch.argsort(v)[:4].tolist():
-        if v[i] <= 1e-6:
-            cex = checker.confirm(points[i], region)
-            if cex is not None:
-                return cex
+def _root_bound(net: Network, lower, upper, A, b, groups, limits: SearchLimits, opts: VerifierOptions,
+                stats: dict) -> str | None:
+    """One bound of the whole region with ``root_method``: ``unsat`` if it refutes every disjunct,
+    None to go on with one CROWN bound (which reports ``unknown`` when it cannot)."""
+    from .. import PerturbationLpNorm, compute_bounds
+
+    graph, shape = net.bound_graph, net.input_shape
+    lo, hi = lower.reshape(1, *shape[1:]), upper.reshape(1, *shape[1:])
+    margin = limits.margin_abs + limits.margin_rel * b.abs()
+    n_groups = int(groups.max()) + 1
+    t = time.perf_counter()
+    try:
+        res = compute_bounds(graph, ((lo + hi) / 2,), {graph.inputs[0]: PerturbationLpNorm(x_L=lo, x_U=hi)},
+                             method=opts.root_method, C=A.unsqueeze(0), upper=False)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return None
+    finally:
+        stats["root_bound_s"] = stats.get("root_bound_s", 0.0) + time.perf_counter() - t
+    if bool(refuted_groups(res.lower - b, margin, groups, n_groups).all()):
+        return "unsat"
     return None
-
-
-def _split(lo: torch.Tensor, hi: torch.Tensor, lA: torch.Tensor, row_open: torch.Tensor):
-    """Halve every box along its most influential dimension: ``argmax_j width_j * sum_open |lA_j|``."""
-    width = (hi - lo).reshape(lo.shape[0], -1)
-    weight = (lA.abs() * row_open.reshape(*row_open.shape, *[1] * (lA.dim() - 2))).sum(1).reshape(lo.shape[0], -1)
-    score = width * (weight + 1e-12 * weight.amax(1, keepdim=True).clamp_min(1e-30))
-    score = torch.where(width > 0, score, torch.full_like(score, -1.0))
-    dim = score.argmax(1)
-    flat_lo, flat_hi = lo.reshape(lo.shape[0], -1), hi.reshape(hi.shape[0], -1)
-    rows = torch.arange(lo.shape[0])
-    mid = (flat_lo[rows, dim] + flat_hi[rows, dim]) / 2
-    left_hi, right_lo = flat_hi.clone(), flat_lo.clone()
-    left_hi[rows, dim] = mid
-    right_lo[rows, dim] = mid
-    new_lo = torch.cat([flat_lo, right_lo]).reshape(-1, *lo.shape[1:])
-    new_hi = torch.cat([left_hi, flat_hi]).reshape(-1, *lo.shape[1:])
-    return new_lo, new_hi

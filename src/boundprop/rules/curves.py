@@ -28,8 +28,9 @@ one (the upper one is minus the lower line of ``-f``), on ``[l, u]``:
 4. Rounding: all this runs in float64; offsets are then moved outwards by a few units in the last
    place of the output dtype, relative to ``|w| max(|l|, |u|) + |b|`` (plus the smallest normal
    number), and cast back. A line that is not finite (an infinite end of the interval, overflow, a
-   pole) becomes the constant given by the interval rule (``w = 0``, ``b`` = the IBP bound). Where that bound is infinite no finite line
-   exists; the registered rules then raise NotImplementedError (:func:`require_bounded`).
+   pole) becomes the constant given by the interval rule (``w = 0``, ``b`` = the IBP bound). Where
+   that bound is infinite no finite line exists; the registered rules then raise
+   NotImplementedError (:func:`require_bounded`).
 
 Shapes: ``l``, ``u`` are ``(batch, *shape)``; with an alpha of shape ``(batch, spec, *shape)`` the
 interval is lifted to ``(batch, 1, *shape)`` and the lines come out ``(batch, spec, *shape)``.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..domains import Interval
+from ..domains.patches import conv_transpose2d
 from ..graph import ops
 from .registry import affine_backward_rule, affine_ops, interval_rule, is_perturbed
 
@@ -195,7 +196,10 @@ def _conv_backward(dims: int):
         k = weight.shape[2:]
         output_padding = tuple(in_size[i] - ((out_size[i] - 1) * stride[i] - 2 * padding[i]
                                              + dilation[i] * (k[i] - 1) + 1) for i in range(dims))
-        folded = transpose(_fold(A), weight, None, stride, padding, output_padding, groups, dilation)
+        if dims == 2:
+            folded = conv_transpose2d(_fold(A), weight, stride, padding, output_padding, groups, dilation)
+        else:
+            folded = transpose(_fold(A), weight, None, stride, padding, output_padding, groups, dilation)
         bias_term = 0.0
         if bias is not None:
             bias_term = (A.flatten(3).sum(-1) * bias).sum(-1)

@@ -1,0 +1,255 @@
+"""Input-splitting branch and bound over one input region of a property.
+
+A region is a box ``[lower, upper]`` of inputs with output disjuncts ``A_d y <= b_d``; the rows of
+all disjuncts are stacked into ``A, b`` and ``groups`` names each row's disjunct. A box is
+*refuted* when every disjunct has a row whose lower bound is above the margin (then no input in
+the box satisfies any disjunct). Open boxes are halved along one input dimension, and the halves
+go back on a stack (depth first, ``batch_size`` boxes bounded per step).
+
+Two bounding back ends:
+
+* :class:`ChainSearch` for ReLU chains (:mod:`boundprop.bab.chain`): CROWN with per-box reuse of
+  the parent's intermediate intervals, then, for boxes still open, an optimised bound per
+  disjunct (convex combination of its rows and lower ReLU slopes, gradient ascent);
+* :class:`GraphSearch` for any graph: :func:`boundprop.compute_bounds` (``method``), batched.
+
+Branching: the dimension maximising ``width_j * sum_rows |lA_rj|`` over the rows of the
+disjuncts not yet refuted (the drop of the linear lower bounds' minimum when ``x_j`` is pinned).
+
+Candidate counterexamples met on the way (box centres, and the corners minimising each row's
+linear lower bound) are returned when their violation ``min_d max_i (A_d y - b_d)_i`` is <= 0 in
+float64; the caller confirms them on the original model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .attack import violation
+from .chain import ChainBounder, ReluChain
+
+
+@dataclass
+class SearchLimits:
+    deadline: float
+    batch_size: int = 512
+    margin_abs: float = 1e-6
+    margin_rel: float = 1e-6
+    optimise_iterations: int = 20
+    split: bool = True
+
+
+@dataclass
+class SearchOutcome:
+    """``unsat`` (every box refuted), ``sat`` (``candidates`` hold points with violation <= 0),
+    ``timeout``, or ``unknown`` (open boxes but splitting not allowed)."""
+
+    status: str
+    candidates: torch.Tensor | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class _Stack:
+    """Boxes waiting to be bounded, in chunks; each chunk carries its parents' intervals (or None)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+        self.size = 0
+
+    def push(self, lo: torch.Tensor, hi: torch.Tensor, extra: Any = None) -> None:
+        if lo.shape[0]:
+            self.chunks.append((lo, hi, extra))
+            self.size += lo.shape[0]
+
+    def pop(self, limit: int) -> list[tuple[torch.Tensor, torch.Tensor, Any]]:
+        out, count = [], 0
+        while self.chunks and count < limit:
+            lo, hi, extra = self.chunks.pop()
+            take = min(lo.shape[0], limit - count)
+            if take < lo.shape[0]:  # keep the rest (the first rows) on the stack
+                rest = lo.shape[0] - take
+                self.chunks.append((lo[:rest], hi[:rest], _rows(extra, slice(0, rest))))
+                lo, hi, extra = lo[rest:], hi[rest:], _rows(extra, slice(rest, None))
+            out.append((lo, hi, extra))
+            count += take
+        self.size -= count
+        return out
+
+
+def _rows(extra: Any, index) -> Any:
+    if extra is None:
+        return None
+    return [(lo[index], hi[index]) for lo, hi in extra]
+
+
+def refuted_groups(lower: torch.Tensor, margin: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``(boxes, n_groups)``: disjuncts with some row provably above its margin."""
+    proved = lower > margin
+    out = torch.zeros(lower.shape[0], n_groups, dtype=torch.bool)
+    return out.scatter_reduce(1, groups.expand(lower.shape[0], -1), proved, reduce="amax")
+
+
+def split_boxes(lo: torch.Tensor, hi: torch.Tensor, lA: torch.Tensor, row_open: torch.Tensor):
+    """Halve every box (``(boxes, n)``) along ``argmax_j width_j * sum_open_rows |lA_j|``.
+
+    Returns ``(lo, hi)`` of the ``2 * boxes`` halves: all left halves, then all right halves.
+    """
+    width = hi - lo
+    weight = (lA.abs() * row_open.unsqueeze(-1)).sum(1)
+    score = width * (weight + 1e-9 * weight.amax(1, keepdim=True).clamp_min(1e-30))
+    score = torch.where(width > 0, score, torch.full_like(score, -1.0))
+    dim = score.argmax(1)
+    rows = torch.arange(lo.shape[0])
+    mid = (lo[rows, dim] + hi[rows, dim]) / 2
+    left_hi, right_lo = hi.clone(), lo.clone()
+    left_hi[rows, dim] = mid
+    right_lo[rows, dim] = mid
+    return torch.cat([lo, right_lo]), torch.cat([left_hi, hi])
+
+
+def candidate_points(lo: torch.Tensor, hi: torch.Tensor, lA: torch.Tensor) -> torch.Tensor:
+    """Box centres and, per row, the corner minimising the row's linear lower bound."""
+    corners = torch.where(lA > 0, lo.unsqueeze(1), hi.unsqueeze(1)).reshape(-1, lo.shape[1])
+    return torch.cat([(lo + hi) / 2, corners])
+
+
+class _Search:
+    """The shared loop; subclasses bound a batch of boxes."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], A: torch.Tensor, b: torch.Tensor,
+                 groups: torch.Tensor, limits: SearchLimits,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.forward = forward  # flattened inputs (n, n_in) float64 -> outputs (n, n_out)
+        self.A, self.b, self.groups = A, b, groups
+        self.n_groups = int(groups.max()) + 1
+        self.limits = limits
+        self.margin = limits.margin_abs + limits.margin_rel * b.abs()
+        self.log = log
+        self.stats: dict[str, Any] = {"boxes": 0, "bound_calls": 0, "bound_s": 0.0, "optimised": 0,
+                                      "refuted_by_optimisation": 0, "max_stack": 0}
+
+    def bound(self, lo: torch.Tensor, hi: torch.Tensor, parents: list) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """``(lower (boxes, rows), lA (boxes, rows, n_in), intervals to hand to children or None)``."""
+        raise NotImplementedError
+
+    def refine(self, lo, hi, lower, intervals, still_open) -> torch.Tensor:
+        """Refute more of the open boxes (``still_open``: boolean mask); returns the new mask."""
+        return still_open
+
+    def violating(self, points: torch.Tensor) -> torch.Tensor | None:
+        with torch.no_grad():
+            v = violation(self.forward(points), self.A, self.b, self.groups, self.n_groups)
+        order = torch.argsort(v)
+        hits = order[v[order] <= 0]
+        return points[hits[:8]] if hits.numel() else None
+
+    def run(self, lower: torch.Tensor, upper: torch.Tensor, confirm: Callable[[torch.Tensor], bool]) -> SearchOutcome:
+        """Search the box ``[lower, upper]`` (flattened, ``(1, n_in)``); ``confirm(points)`` says
+        whether some candidate is a real counterexample (then the search stops with ``sat``)."""
+        stack = _Stack()
+        stack.push(lower, upper, None)
+        limits = self.limits
+        iteration = 0
+        while stack.size:
+            if time.perf_counter() > limits.deadline:
+                return SearchOutcome("timeout", stats=self.stats)
+            iteration += 1
+            parts = stack.pop(limits.batch_size)
+            lo = torch.cat([p[0] for p in parts])
+            hi = torch.cat([p[1] for p in parts])
+            parents = [p[2] for p in parts]
+            t = time.perf_counter()
+            low, lA, intervals = self.bound(lo, hi, parents)
+            self.stats["bound_s"] += time.perf_counter() - t
+            self.stats["bound_calls"] += 1
+            self.stats["boxes"] += lo.shape[0]
+            refuted = refuted_groups(low, self.margin, self.groups, self.n_groups)
+            still_open = ~refuted.all(1)
+            if bool(still_open.any()):
+                still_open = self.refine(lo, hi, low, intervals, still_open)
+            if not bool(still_open.any()):
+                continue
+            keep = still_open.nonzero().flatten()
+            lo, hi, lA, low, refuted = lo[keep], hi[keep], lA[keep], low[keep], refuted[keep]
+            points = self.violating(candidate_points(lo, hi, lA))
+            if points is not None and confirm(points):
+                return SearchOutcome("sat", points, self.stats)
+            if not limits.split:
+                return SearchOutcome("unknown", stats=self.stats)
+            row_open = ~(low > self.margin) & ~refuted[:, self.groups]
+            new_lo, new_hi = split_boxes(lo, hi, lA, row_open)
+            child = None
+            if intervals is not None:
+                child = [(torch.cat([l[keep], l[keep]]), torch.cat([u[keep], u[keep]])) for l, u in intervals]
+            stack.push(new_lo, new_hi, child)
+            self.stats["max_stack"] = max(self.stats["max_stack"], stack.size)
+            if self.log is not None and iteration % 50 == 0:
+                self.log(f"step {iteration}: {stack.size} open boxes, {self.stats['boxes']} bounded")
+        return SearchOutcome("unsat", stats=self.stats)
+
+
+class ChainSearch(_Search):
+    """Branch and bound with :class:`~boundprop.bab.chain.ChainBounder`."""
+
+    def __init__(self, chain: ReluChain, A, b, groups, limits: SearchLimits, log=None) -> None:
+        super().__init__(chain.forward, A, b, groups, limits, log)
+        self.bounder = ChainBounder(chain, A, b)
+
+    def bound(self, lo, hi, parents):
+        parent = None
+        if all(p is not None for p in parents):
+            parent = [(torch.cat([p[k][0] for p in parents]), torch.cat([p[k][1] for p in parents]))
+                      for k in range(len(parents[0]))]
+        res = self.bounder.bound(lo, hi, parent)
+        return res.lower, res.lA, res.pre
+
+    def refine(self, lo, hi, lower, intervals, still_open):
+        iterations = self.limits.optimise_iterations
+        if iterations <= 0:
+            return still_open
+        idx = still_open.nonzero().flatten()
+        t = time.perf_counter()
+        best = self.bounder.optimise(lo[idx], hi[idx], [(l[idx], u[idx]) for l, u in intervals], self.groups,
+                                     self.n_groups, iterations)
+        self.stats["bound_s"] += time.perf_counter() - t
+        # per disjunct: the optimised bound of a combination of its rows must clear the largest margin
+        group_margin = torch.zeros(self.n_groups, dtype=self.margin.dtype).scatter_reduce(
+            0, self.groups, self.margin, reduce="amax")
+        done = (best > group_margin).all(1)
+        self.stats["optimised"] += idx.numel()
+        self.stats["refuted_by_optimisation"] += int(done.sum())
+        out = still_open.clone()
+        out[idx[done]] = False
+        return out
+
+
+class GraphSearch(_Search):
+    """Branch and bound with :func:`boundprop.compute_bounds` on any graph (no interval reuse)."""
+
+    def __init__(self, graph, shape: tuple[int, ...], A, b, groups, limits: SearchLimits, method: str = "CROWN",
+                 log=None) -> None:
+        from ..graph.ir import evaluate
+
+        self.graph, self.shape, self.method = graph, shape, method
+        dtype = A.dtype
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return evaluate(graph, (x.reshape(-1, *shape[1:]).to(dtype),))[graph.output].reshape(x.shape[0], -1)
+
+        super().__init__(forward, A, b, groups, limits, log)
+
+    def bound(self, lo, hi, parents):
+        from .. import PerturbationLpNorm, compute_bounds
+
+        graph, shape = self.graph, self.shape
+        lo_s, hi_s = lo.reshape(-1, *shape[1:]), hi.reshape(-1, *shape[1:])
+        C = self.A.unsqueeze(0).expand(lo.shape[0], -1, -1)
+        res = compute_bounds(graph, ((lo_s + hi_s) / 2,), {graph.inputs[0]: PerturbationLpNorm(x_L=lo_s, x_U=hi_s)},
+                             method=self.method, C=C, upper=False, need_A=[graph.inputs[0]])
+        lA = res.A[graph.inputs[0]]["lA"].reshape(lo.shape[0], C.shape[1], -1)
+        return res.lower - self.b, lA, None

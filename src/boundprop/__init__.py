@@ -1,6 +1,8 @@
 """boundprop: provable bounds on neural network outputs under input and weight perturbations."""
 
 from .algorithms import BoundResult, compute_bounds
+from .algorithms.jacobian import JacobianBounds, jacobian_bounds, lipschitz_bound
+from .bab import VerificationResult, VerifierOptions, verify
 from .compat import BoundedModule, BoundedParameter, BoundedTensor
 from .domains import Interval
 from .graph import Graph, UnsupportedOperatorError
@@ -29,5 +31,6 @@ __all__ = [
     "BoundResult", "BoundedModule", "BoundedParameter", "BoundedTensor", "CrossEntropyWrapper",
     "CrossEntropyWrapperMultiInput", "Graph", "Interval", "Perturbation",
     "PerturbationLpNorm", "UnsupportedOperatorError", "capture", "compute_bounds", "load_onnx",
-    "PerturbationL0Norm", "PerturbationSynonym", "perturb_parameters",
+    "PerturbationL0Norm", "PerturbationSynonym", "perturb_parameters", "JacobianBounds", "jacobian_bounds",
+    "lipschitz_bound", "VerificationResult", "VerifierOptions", "verify",
 ]

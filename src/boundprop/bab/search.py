@@ -42,6 +42,7 @@ class SearchLimits:
     margin_rel: float = 1e-6
     optimise_iterations: int = 20
     split: bool = True
+    optimise_ratio: float = 0.35
 
 
 @dataclass
@@ -212,7 +213,9 @@ class ChainSearch(_Search):
         iterations = self.limits.optimise_iterations
         if iterations <= 0:
             return still_open
-        idx = still_open.nonzero().flatten()
+        idx = self._worth_optimising(lo, hi, lower, still_open)
+        if idx.numel() == 0:
+            return still_open
         t = time.perf_counter()
         best = self.bounder.optimise(lo[idx], hi[idx], [(l[idx], u[idx]) for l, u in intervals], self.groups,
                                      self.n_groups, iterations)
@@ -226,6 +229,23 @@ class ChainSearch(_Search):
         out = still_open.clone()
         out[idx[done]] = False
         return out
+
+
+    def _worth_optimising(self, lo, hi, lower, still_open) -> torch.Tensor:
+        """Open boxes where optimisation has a chance: every open disjunct has several rows (a
+        combination of rows can be positive where no single row is), or its best row's lower bound
+        is below zero by at most ``optimise_ratio`` of the distance to its value at the centre."""
+        idx = still_open.nonzero().flatten()
+        low = lower[idx]
+        rows = self.groups.expand(idx.numel(), -1)
+        centre = self.forward((lo[idx] + hi[idx]) / 2) @ self.A.T - self.b
+        best = torch.full((idx.numel(), self.n_groups), -torch.inf, dtype=low.dtype).scatter_reduce(
+            1, rows, low, reduce="amax")
+        at_centre = torch.full_like(best, -torch.inf).scatter_reduce(1, rows, centre, reduce="amax")
+        ratio = -best / (at_centre - best).clamp_min(1e-30)
+        multi = torch.bincount(self.groups, minlength=self.n_groups) > 1
+        fine = multi | (ratio <= self.limits.optimise_ratio) | (best > 0)
+        return idx[fine.all(1)]
 
 
 class GraphSearch(_Search):

@@ -96,17 +96,18 @@ def graph_to_dtype(graph: Graph, dtype: torch.dtype) -> Graph:
 class _Checker:
     """Re-evaluates candidates on the original model (onnxruntime for ONNX files)."""
 
-    def __init__(self, onnx_path: Path | None, graph: Graph, input_shape: tuple[int, ...]) -> None:
+    def __init__(self, onnx_source: Path | bytes | None, graph: Graph, input_shape: tuple[int, ...]) -> None:
         self.input_shape = input_shape
         self.graph = graph
         self.session = None
-        if onnx_path is not None:
+        if onnx_source is not None:
             import onnxruntime as ort
 
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
             options.inter_op_num_threads = 1
-            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+            source = onnx_source if isinstance(onnx_source, bytes) else str(onnx_source)
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
             self.input_name = self.session.get_inputs()[0].name
 
     def outputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,24 +137,34 @@ class Network:
     one, and the checker of counterexamples. Build once per model and reuse (``boundprop bench``
     keeps one per ONNX file)."""
 
-    def __init__(self, graph: Graph, input_shape: tuple[int, ...], onnx_path: Path | None = None,
+    def __init__(self, graph: Graph, input_shape: tuple[int, ...], onnx_source: Path | bytes | None = None,
                  float64: bool = True) -> None:
         self.graph = graph
         self.input_shape = tuple(input_shape)
-        self.onnx_path = onnx_path
         self.n_inputs = int(math.prod(self.input_shape[1:]))
         self.dtype = torch.float64 if (float64 and graph.module is None) else torch.float32
         self.bound_graph = graph_to_dtype(graph, self.dtype) if self.dtype == torch.float64 else graph
-        self.checker = _Checker(onnx_path, graph, self.input_shape)
+        self.checker = _Checker(onnx_source, graph, self.input_shape)
         self._chain: ReluChain | None | bool = False  # False: not extracted yet
 
     @classmethod
     def from_onnx(cls, path: str | Path, float64: bool = True) -> Network:
+        """Import an ``.onnx`` (or gzipped ``.onnx.gz``) file."""
         from .. import load_onnx
 
         path = Path(path)
-        graph = load_onnx(path)
-        return cls(graph, tuple(graph.input_shapes[0]), path, float64)
+        source: Path | bytes = path
+        if path.suffix == ".gz":
+            import gzip
+
+            import onnx
+
+            with gzip.open(path, "rb") as fh:
+                source = fh.read()
+            graph = load_onnx(onnx.load_model_from_string(source))
+        else:
+            graph = load_onnx(path)
+        return cls(graph, tuple(graph.input_shapes[0]), source, float64)
 
     @property
     def chain(self) -> ReluChain | None:
@@ -186,8 +197,9 @@ def load_network(model: Any, input_shape: tuple[int, ...] | None = None, float64
     return Network(graph, tuple(input_shape), None, float64)
 
 
-def verify(model: Any, spec: Property | str | Path, timeout: float = 60.0, *, input_shape: tuple[int, ...] | None = None,
-           options: VerifierOptions | None = None, log: Callable[[str], None] | None = None) -> VerificationResult:
+def verify(model: Any, spec: Property | str | Path, timeout: float = 60.0, *,
+           input_shape: tuple[int, ...] | None = None, options: VerifierOptions | None = None,
+           log: Callable[[str], None] | None = None) -> VerificationResult:
     """Decide a VNN-LIB property for a model.
 
     Arguments:

@@ -4,6 +4,8 @@ Subcommands:
 
 * ``bounds``: compare bound methods on a model and inputs (default: the bundled digits
   classifier on real test images), see :mod:`boundprop.cli.bounds`.
+* ``verify``: decide a VNN-LIB property of an ONNX model, see :mod:`boundprop.cli.verify`.
+* ``bench``: verify every instance of a VNN-COMP ``instances.csv``, see :mod:`boundprop.cli.bench`.
 * ``train``: certified (IBP, CROWN-IBP, CROWN), PGD or natural training on the digits, see
   :mod:`boundprop.cli.train`.
 
@@ -16,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bounds, train
+from . import bench, bounds, train, verify
 from .loaders import CliError
 
 
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     bounds.add_parser(sub)
+    verify.add_parser(sub)
+    bench.add_parser(sub)
     train.add_parser(sub)
     return parser
 

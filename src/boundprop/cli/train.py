@@ -34,7 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", choices=("digits", "synthetic"), default="digits", help="data set (default: digits)")
     p.add_argument("--classes", type=int, default=10, help="classes of --data synthetic (default: 10)")
     p.add_argument("--train-limit", type=int, default=None, metavar="N", help="use the first N training samples")
-    p.add_argument("--arch", choices=sorted(DIGIT_MODELS), default="digits_cnn", help="architecture (default: digits_cnn)")
+    p.add_argument("--arch", choices=sorted(DIGIT_MODELS), default="digits_cnn",
+                   help="architecture (default: digits_cnn)")
     p.add_argument("--method", choices=METHODS, default="crown-ibp", help="training method (default: crown-ibp)")
     p.add_argument("--eps", type=float, default=0.1, help="final training eps, inputs in [0, 1] (default: 0.1)")
     p.add_argument("--eval-eps", type=float, default=None, help="evaluation eps (default: --eps)")
@@ -57,7 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="fuse the loss into the bound (default: auto, on from 32 classes)")
     p.add_argument("--grad-clip", type=float, default=10.0, help="max gradient norm, 0 for none (default: 10)")
     p.add_argument("--pgd-steps", type=int, default=7, help="PGD steps of --method pgd (default: 7)")
-    p.add_argument("--eval-methods", default="ibp,crown", help="verified-error methods (default: ibp,crown; '' for none)")
+    p.add_argument("--eval-methods", default="ibp,crown",
+                   help="verified-error methods (default: ibp,crown; '' for none)")
     p.add_argument("--eval-pgd-steps", type=int, default=10, help="PGD steps of the evaluation, 0 for none")
     p.add_argument("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N test samples")
     p.add_argument("--eval-every", type=int, default=1, metavar="E", help="evaluate every E epochs (and at the end)")

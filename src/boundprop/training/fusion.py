@@ -155,15 +155,16 @@ def _elided_diff_interval(state: PropagationState, pattern: FusionPattern, label
     h_name = _ref(node.args[0])
     w_name = _ref(node.args[1])
     b_name = _ref(node.args[2]) if len(node.args) > 2 else None
-    if h_name is None or w_name is None or w_name in state.perturbed or (b_name is not None and b_name in state.perturbed):
+    if h_name is None or w_name is None or w_name in state.perturbed or b_name in state.perturbed:
         return None
     h = state.intervals.get(h_name)
     if h is None or h.lower.dim() != 2:
         return None
     weight = state.values[w_name]  # (K, in)
-    w_diff = weight.unsqueeze(0) - weight[labels].unsqueeze(1)  # (batch, K, in)
-    center = torch.einsum("bki,bi->bk", w_diff, h.center)
-    radius = torch.einsum("bki,bi->bk", w_diff.abs(), h.radius)
+    w_label = weight[labels]  # (batch, in)
+    center = h.center @ weight.T - (h.center * w_label).sum(-1, keepdim=True)
+    w_diff = weight.unsqueeze(0) - w_label.unsqueeze(1)  # (batch, K, in): |.| needs it whole
+    radius = torch.bmm(w_diff.abs(), h.radius.unsqueeze(-1)).squeeze(-1)
     if b_name is not None:
         bias = state.values[b_name]
         center = center + (bias.unsqueeze(0) - bias[labels].unsqueeze(1))

@@ -55,7 +55,7 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | Path, title: str
     twin.set_ylabel("training eps")
     lines = ax.get_legend_handles_labels()
     extra = twin.get_legend_handles_labels()
-    ax.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8, loc="upper right")
+    ax.legend(lines[0] + extra[0], lines[1] + extra[1], fontsize=8, loc="best")
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -99,7 +99,7 @@ def test_model_bounds_sound_by_enumerating_subsets(tiny, eps, delta):
     x_L, x_U = (x - delta).clamp(min=0), (x + delta).clamp(max=1)
     ptb = PerturbationL0Norm(eps, x_L, x_U)
     results = {m: compute_bounds(g, (x,), {g.inputs[0]: ptb}, method=m)
-               for m in ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")}
+               for m in ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "forward")}
     gen = torch.Generator().manual_seed(2)
     n = x[0].numel()
     for b in range(x.shape[0]):

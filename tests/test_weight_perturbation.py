@@ -68,7 +68,7 @@ def nets():
     return out
 
 
-def check_sampled(model, x, g, ptbs, results, n: int = 160, seed: int = 0, tol: float = 1e-5):
+def check_sampled(model, x, g, ptbs, results, n: int = 100, seed: int = 0, tol: float = 1e-5):
     """Every result must contain the outputs at sampled parameters/inputs (half of them vertices)."""
     params = dict(model.named_parameters())
     gen = torch.Generator().manual_seed(seed)
@@ -121,6 +121,19 @@ def test_weight_perturbation_sound(nets, net, names, with_x):
     assert torch.isfinite(crown.lower).all() and torch.isfinite(crown.upper).all()
     assert (crown.lower >= ibp.lower - 1e-5).all() and (crown.upper <= ibp.upper + 1e-5).all()
     assert float((crown.upper - crown.lower).mean()) <= float((ibp.upper - ibp.lower).mean()) + 1e-6
+
+
+@pytest.mark.parametrize("net", ["conv2d", "mlp"])
+def test_alpha_crown_with_weight_perturbation(nets, net):
+    model, x, g = nets[net]
+    ptbs = perturb_parameters(g, {"0.weight": 0.05, "*.bias": 0.02})
+    ptbs[g.inputs[0]] = PerturbationLpNorm(0.05)
+    crown = compute_bounds(g, (x,), ptbs, method="CROWN")
+    alpha = compute_bounds(g, (x,), ptbs, method="alpha-CROWN", opts={"optimize_bound_args": {"iteration": 5}})
+    check_sampled(model, x, g, ptbs, {"alpha-CROWN": alpha}, n=60)
+    assert float((alpha.upper - alpha.lower).mean()) <= float((crown.upper - crown.lower).mean()) + 1e-5
+    with pytest.raises(NotImplementedError, match="forward mode"):
+        compute_bounds(g, (x,), ptbs, method="forward")
 
 
 def test_relative_perturbation_sound_and_scales(nets):

@@ -39,9 +39,17 @@ def _default_lower_slope(l, u, s: float, option: str):
 
 
 def _chord(l, u, s: float):
+    """Upper line of ``max(x, s x)`` on ``[l, u]``, ``l < 0 < u``: the chord, or on unbounded intervals
+    the sound limits ``x + (s - 1) l`` (u = inf) and ``max(u, s u)`` (l = -inf; u = inf too: +inf)."""
     width = (u - l).clamp_min(1e-12)
     slope = (u - s * l) / width
-    return slope, s * l - slope * l
+    bias = s * l - slope * l
+    if bool(torch.isinf(l).any() or torch.isinf(u).any()):
+        up_inf, low_inf = torch.isinf(u), torch.isinf(l)
+        slope = torch.where(up_inf & ~low_inf, torch.ones_like(slope), torch.where(low_inf, torch.zeros_like(slope), slope))
+        bias = torch.where(up_inf & ~low_inf, (s - 1.0) * l,
+                           torch.where(low_inf, torch.where(up_inf, torch.full_like(u, torch.inf), u.clamp_min(0.0)), bias))
+    return slope, bias
 
 
 def piecewise_relaxation(l, u, s: float, call: RelaxCall) -> Relaxation:

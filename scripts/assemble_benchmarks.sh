@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Rebuild BENCHMARKS.md from the result files the benchmark scripts write (benchmarks/results/*.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+{
+  cat benchmarks/README.md
+  for part in peer_compare zoo gpu_h100 training verifier weight_perturbation; do
+    f="benchmarks/results/$part.md"
+    [ -f "$f" ] || continue
+    echo
+    sed 's/^# /## /' "$f"
+  done
+} > BENCHMARKS.md

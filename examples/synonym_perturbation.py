@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"model": name, "budget": budget, "n": args.n, "accuracy": int(correct.sum()),
                          "verified": verified, "robust": robust,
                          "lower": {m: v.tolist() for m, v in lowers.items()}, "worst": [m for m, _ in worst]})
-            print(f"{name:12s} {budget:6d} {int(correct.sum()):8d} " + " ".join(f"{verified[m]:18d}" for m in args.methods)
+            counts = " ".join(f"{verified[m]:18d}" for m in args.methods)
+            print(f"{name:12s} {budget:6d} {int(correct.sum()):8d} " + counts
                   + f" {robust:12d} {elapsed:5.1f}s")
             if budget == max(args.budget):
                 best = args.methods[-1]

@@ -159,7 +159,8 @@ def plot(path: Path, ts, curves: dict, bounds: dict, radii) -> None:
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.8), sharey=True)
     for ax, (name, lines) in zip(axes, curves.items()):
         for i, line in enumerate(lines[:-1]):
-            ax.plot(ts, line, color="tab:blue", alpha=0.5, lw=1, label="loss along random directions" if i == 0 else None)
+            label = "loss along random directions" if i == 0 else None
+            ax.plot(ts, line, color="tab:blue", alpha=0.5, lw=1, label=label)
         ax.plot(ts, lines[-1], color="tab:orange", lw=1.5, label="loss along the gradient's sign direction")
         rs = [0.0, *radii]
         bs = [bounds[name][0.0], *[bounds[name][r] for r in radii]]

@@ -163,7 +163,7 @@ def test_sound_on_sampled_points(seed, box_seed, width, scale):
         assert (lc >= lp).all() and (uc <= up).all()
     # the optimised bound of each disjunct (groups {0, 1} and {2}) bounds max over its rows
     groups = torch.tensor([0, 0, 1])
-    best = bounder.optimise(lo, hi, res.pre, groups, 2, iterations=8)
+    best = bounder.optimise(lo, hi, res.pre, groups, 2, iterations=8, row_lower=res.lower)
     worst0 = rows[..., :2].amax(-1).amin(1)
     worst1 = rows[..., 2].amin(1)
     assert (best[:, 0] <= worst0 + tol).all() and (best[:, 1] <= worst1 + tol).all()

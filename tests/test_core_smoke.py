@@ -49,3 +49,23 @@ def test_spec_matrix_and_unsupported_error():
     full = boundprop.compute_bounds(g, (x,), ptb, method="CROWN")
     assert r.lower.shape == (1, 1)
     assert float(r.lower) >= float(full.lower[0, 0] - full.upper[0, 1]) - 1e-6
+
+
+def test_conv_transpose_and_conv1d_all_methods():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+            self.t = nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1)
+            self.c1 = nn.Conv1d(3, 2, 3, padding=1)
+
+        def forward(self, x):
+            h = torch.relu(self.t(torch.relu(self.c(x))))
+            return self.c1(h.flatten(2)[:, :, :10]).flatten(1)
+
+    res = assert_sound(Net().eval(), torch.randn(2, 2, 6, 6), eps=0.1,
+                       methods=("IBP", "CROWN-IBP", "CROWN", "forward", "alpha-CROWN"))
+    width = {m: float((r.upper - r.lower).mean()) for m, r in res.items()}
+    assert width["alpha-CROWN"] <= width["CROWN"] + 1e-6 <= width["IBP"] + 2e-6

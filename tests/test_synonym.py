@@ -13,8 +13,16 @@ from hypothesis import strategies as st
 
 import boundprop
 from boundprop import PerturbationSynonym, compute_bounds
-from boundprop.data.sentiment import (MAX_LEN, SYNONYMS, VOCAB, WORD_ID, all_sentences, encode,
-                                      load_sentiment_models, synonym_ids)
+from boundprop.data.sentiment import (
+    MAX_LEN,
+    SYNONYMS,
+    VOCAB,
+    WORD_ID,
+    all_sentences,
+    encode,
+    load_sentiment_models,
+    synonym_ids,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +98,7 @@ def test_model_bounds_sound_by_enumeration(sentiment, name, budget, eps):
     bundle, tokens, x, graphs = sentiment
     model, g = bundle.classifiers[name], graphs[name]
     ptb = PerturbationSynonym.from_tokens(tokens, bundle.embedding, synonym_ids(), budget, eps)
-    methods = ("IBP", "CROWN-IBP", "CROWN") + (("forward",) if budget == 1 else ())
+    methods = ("IBP", "CROWN-IBP", "CROWN") + (("forward",) if (name, budget) == ("lstm", 1) else ())
     with torch.no_grad():
         results = {m: compute_bounds(g, (x,), {g.inputs[0]: ptb}, method=m) for m in methods}
         for b in range(x.shape[0]):
@@ -114,7 +122,7 @@ def test_budget_zero_is_the_point_and_budget_tightens(sentiment):
         widths = []
         for budget in (1, 3):
             r = compute_bounds(g, (x,), {g.inputs[0]: PerturbationSynonym.from_tokens(
-                tokens, bundle.embedding, synonym_ids(), budget)}, method="CROWN-IBP")
+                tokens, bundle.embedding, synonym_ids(), budget)}, method="CROWN")
             widths.append(float((r.upper - r.lower).mean()))
     assert widths[0] < widths[1]
 

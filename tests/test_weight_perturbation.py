@@ -282,3 +282,27 @@ def test_example_runs(tmp_path):
         assert row["certified"] >= row["sampled_worst"] - 1e-4
         assert math.isfinite(row["certified"])
     assert (tmp_path / "landscape.png").exists()
+
+
+def test_rules_give_infinite_not_nan_bounds_on_unbounded_intervals():
+    from boundprop.algorithms.backward import BackwardCall
+    from boundprop.domains import Interval
+    from boundprop.graph import ops
+    from boundprop.rules import Var, rules_for
+
+    x = torch.zeros(1, 2, 4, 4)
+    W = torch.randn(3, 2, 3, 3)
+    xv = Var("x", x, Interval(torch.full_like(x, -float("inf")), torch.full_like(x, float("inf"))))
+    wv = Var("w", W, Interval(W - 0.1, W + 0.1), batched=False)
+    A = torch.randn(1, 2, 3, 2, 2)
+    rule = rules_for(torch.ops.aten.conv2d.default).backward
+    out = rule(BackwardCall(None, (xv, wv, None), {}, A, A, {}))
+    assert (out.lbias == -float("inf")).all() and (out.ubias == float("inf")).all()
+    bn_rule = rules_for(ops.batch_norm_eval).backward
+    w = torch.ones(2)
+    bn_args = (xv, Var("g", w, Interval(w - 0.1, w + 0.1), batched=False), None, torch.zeros(2), torch.ones(2),
+               0.1, 1e-5)
+    B = torch.randn(1, 2, 2, 4, 4)
+    out = bn_rule(BackwardCall(None, bn_args, {}, B, B, {}))
+    assert not torch.isnan(torch.as_tensor(out.lbias)).any() and (torch.as_tensor(out.lbias) <= 0).all()
+    assert (torch.as_tensor(out.ubias) == float("inf")).all()

@@ -23,11 +23,6 @@ Representations of the coefficients (chosen for cost; every bound is the same):
   (intermediate bounds of convolutional layers): one small window per spec row, propagated by
   the rules of :mod:`.patches` and turned into a dense tensor at the first op without one.
 
-A walk may also have one example per spec row (``rows``: intermediate bounds of a batch, where
-each example has its own unstable neurons): coefficients then have a batch dimension of 1 and
-every example-dependent value (relaxations, constants, the input set) is read for each row's own
-example; ops without a rule for that see the rows spread over a zero-padded batch.
-
 Relaxations are applied as ``A lw + S (uw - lw)`` with ``S`` the negative part of ``A`` for the
 lower bound and the positive part for the upper bound (``= pos(A) lw + neg(A) uw`` and
 ``pos(A) uw + neg(A) lw``), bias terms likewise: three passes over the coefficients per side.
@@ -106,6 +101,7 @@ class PreparedRelaxation:
     lb: torch.Tensor | None
     db: torch.Tensor | None
     per_spec: bool
+    _channels_last: tuple | None = None
 
     @staticmethod
     def of(relax: Relaxation, shape: torch.Size) -> PreparedRelaxation:
@@ -124,13 +120,15 @@ class PreparedRelaxation:
         lw, d, lb, db = full
         return PreparedRelaxation(lw, *(None if not bool(f.any()) else f for f in (d, lb, db)), per_spec)
 
-    def pick(self, rows: torch.Tensor) -> PreparedRelaxation:
-        """The fields of each spec row's own example: ``(1, spec, *shape)`` (rows of single examples)."""
-        if self.per_spec:
-            raise NotImplementedError("spec-dependent relaxations with one example per spec row")
-        fields = [f.index_select(0, rows).unsqueeze(0) if f is not None else None
-                  for f in (self.lw, self.d, self.lb, self.db)]
-        return PreparedRelaxation(*fields, per_spec=True)
+    def laid_out_like(self, A: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """``(lw, d, lb, db)`` in the memory layout of dense coefficients ``A`` (channels-last or not)."""
+        fields = (self.lw, self.d, self.lb, self.db)
+        if self.per_spec or not is_channels_last(A):
+            return fields
+        if self._channels_last is None:
+            self._channels_last = tuple(f.contiguous(memory_format=torch.channels_last) if f is not None else None
+                                        for f in fields)
+        return self._channels_last
 
     def windows(self, P: Patches) -> tuple[torch.Tensor | None, ...]:
         """``(lw, d, lb, db)`` gathered over the windows of ``P`` (None where zero)."""
@@ -142,8 +140,16 @@ class PreparedRelaxation:
         return tuple(next(parts) if f is not None else None for f in fields)
 
 
+def is_channels_last(A: torch.Tensor) -> bool:
+    """Dense ``(batch, spec, C, H, W)`` coefficients stored channels-last (as the 2-D conv rule leaves them)."""
+    return A.dim() == 5 and not A.is_contiguous() and A.permute(0, 1, 3, 4, 2).is_contiguous()
+
+
 def _sum_product(A: torch.Tensor, t: torch.Tensor, per_spec: bool) -> torch.Tensor:
     """``sum over the node of A * t``: ``(batch, spec)``; ``t`` is ``(batch, *shape)`` unless ``per_spec``."""
+    if is_channels_last(A):  # sum in memory order: (b, R, H, W, C) views, no copy of A
+        A = A.permute(0, 1, 3, 4, 2)
+        t = t.permute(0, 1, 3, 4, 2) if per_spec else t.permute(0, 2, 3, 1)
     if per_spec:
         return torch.einsum("brn,brn->br", A.flatten(2), t.flatten(2))
     return (A.flatten(2) @ t.reshape(t.shape[0], -1, 1)).squeeze(-1)
@@ -161,7 +167,7 @@ def _relax_side(A, prep: PreparedRelaxation, upper: bool, windows=None):
         lw, d, lb, db = windows
         per_spec = True
     else:
-        lw, d, lb, db = prep.lw, prep.d, prep.lb, prep.db
+        lw, d, lb, db = prep.laid_out_like(data)
         per_spec = prep.per_spec
         if not per_spec:
             lw, d = lw.unsqueeze(1), (d.unsqueeze(1) if d is not None else None)
@@ -273,37 +279,13 @@ def prepared_relaxation(state: PropagationState, node: Node, direction: str,
     return prep
 
 
-def _full_batch(state: PropagationState, A, rows: torch.Tensor | None = None):
-    """Dense coefficients with the batch dimension spelled out (for rules that expect it).
-
-    With one example per row (``rows``), row ``r`` goes to example ``rows[r]`` and is zero for the
-    others: ``(batch, spec, *shape)``.
-    """
+def _full_batch(state: PropagationState, A):
+    """Dense, contiguous coefficients with the batch dimension spelled out (for rules that expect it)."""
     if isinstance(A, Patches):
         A = A.to_dense()
-    if A is None or A.shape[0] == state.batch_size:
-        return A
-    if rows is None:
-        return A.expand(state.batch_size, *A.shape[1:])
-    spread = A.new_zeros(state.batch_size, *A.shape[1:])
-    spread[rows, torch.arange(A.shape[1], device=A.device)] = A[0]
-    return spread
-
-
-def _own_example(t, rows: torch.Tensor | None):
-    """Undo :func:`_full_batch`: entry ``[rows[r], r]`` of a ``(batch, spec, ...)`` result, as ``(1, spec, ...)``."""
-    if rows is None or not torch.is_tensor(t) or t.dim() < 2:
-        return t
-    if t.shape[0] == 1:
-        return t
-    return t[rows, torch.arange(t.shape[1], device=t.device)].unsqueeze(0)
-
-
-def _own_out(out: BackwardOut, rows: torch.Tensor | None) -> BackwardOut:
-    if rows is None:
-        return out
-    return BackwardOut([(n, _own_example(a, rows), _own_example(b, rows)) for n, a, b in out.A],
-                       _own_example(out.lbias, rows), _own_example(out.ubias, rows))
+    if A is not None and A.shape[0] != state.batch_size:
+        A = A.expand(state.batch_size, *A.shape[1:])
+    return A.contiguous() if A is not None else None
 
 
 def _patches_out(state: PropagationState, node: Node, lA, uA, alpha_for: AlphaLookup | None) -> BackwardOut | None:
@@ -329,12 +311,10 @@ def _patches_out(state: PropagationState, node: Node, lA, uA, alpha_for: AlphaLo
     return BackwardOut([(n, lows.get(n), ups.get(n)) for n in names], low[1], up[1])
 
 
-def propagate_node(state: PropagationState, node: Node, lA, uA, alpha_for: AlphaLookup | None,
-                   rows: torch.Tensor | None = None) -> BackwardOut:
+def propagate_node(state: PropagationState, node: Node, lA, uA, alpha_for: AlphaLookup | None) -> BackwardOut:
     """Coefficients of a node's output -> coefficients of its perturbed inputs.
 
-    ``lA``/``uA``: dense ``(batch or 1, spec, *out)`` tensors, Patches, or None. ``rows``: the
-    example of each spec row, when rows belong to single examples (coefficients ``(1, spec, ...)``).
+    ``lA``/``uA``: dense ``(batch or 1, spec, *out)`` tensors, Patches, or None.
     """
     if isinstance(lA, Patches) or isinstance(uA, Patches):
         if (lA is None or isinstance(lA, Patches)) and (uA is None or isinstance(uA, Patches)):
@@ -350,8 +330,8 @@ def propagate_node(state: PropagationState, node: Node, lA, uA, alpha_for: Alpha
             if out is not None:
                 return out
         same = uA is lA
-        lA = _full_batch(state, lA, rows)
-        uA = lA if same else _full_batch(state, uA, rows)
+        lA = _full_batch(state, lA)
+        uA = lA if same else _full_batch(state, uA)
         pb = _pullback(state, node)
         names = [v.name for v in pb.vars]
         lAs = pb.backward(lA) if lA is not None else [None] * len(names)
@@ -361,22 +341,19 @@ def propagate_node(state: PropagationState, node: Node, lA, uA, alpha_for: Alpha
         else:
             uAs = pb.backward(uA) if uA is not None else [None] * len(names)
             ubias = pb.bias(uA) if uA is not None else 0.0
-        return _own_out(BackwardOut(list(zip(names, lAs, uAs)), lbias, ubias), rows)
+        return BackwardOut(list(zip(names, lAs, uAs)), lbias, ubias)
     if entry.relaxation is not None:
         alpha_l = alpha_for(node.name, "lower") if (alpha_for and lA is not None) else None
         alpha_u = alpha_for(node.name, "upper") if (alpha_for and uA is not None) else None
         relax_l = prepared_relaxation(state, node, "lower", alpha_l) if lA is not None else None
         relax_u = prepared_relaxation(state, node, "upper", alpha_u) if uA is not None else None
-        if rows is not None:
-            relax_l = relax_l.pick(rows) if relax_l is not None else None
-            relax_u = relax_u if relax_u is None else relax_l if relax_u is relax_l else relax_u.pick(rows)
         new_l, new_u, lbias, ubias = apply_relaxation(relax_l, relax_u, lA, uA)
         return BackwardOut([(node.inputs[0], new_l, new_u)], lbias, ubias)
     if entry.backward is not None:
-        lA, uA = _full_batch(state, lA, rows), _full_batch(state, uA, rows)
+        lA, uA = _full_batch(state, lA), _full_batch(state, uA)
         args, kwargs = state.resolve_for_linear(node)
         lookup = (lambda d: alpha_for(node.name, d)) if alpha_for else (lambda d: None)
-        return _own_out(entry.backward(BackwardCall(node, args, kwargs, lA, uA, state.opts, lookup)), rows)
+        return entry.backward(BackwardCall(node, args, kwargs, lA, uA, state.opts, lookup))
     raise NotImplementedError(f"no linear bound rule for {node.op_name} <- {node.source or node.name}")
 
 
@@ -399,28 +376,24 @@ def _box(state: PropagationState, name: str) -> tuple[torch.Tensor, torch.Tensor
     return state.cache[key]
 
 
-def _concretize(state: PropagationState, name: str, A, sign: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """``min`` (sign -1) / ``max`` (+1) of ``A . leaf`` over the leaf's perturbation set: ``(batch, spec)``
-    (``(1, spec)`` with one example per row)."""
+def _concretize(state: PropagationState, name: str, A, sign: int) -> torch.Tensor:
+    """``min`` (sign -1) / ``max`` (+1) of ``A . leaf`` over the leaf's perturbation set: ``(batch, spec)``."""
     ptb, x = state.perturbations[name], state.values[name]
     box = _box(state, name) if name in state.batched else None
     if isinstance(A, Patches):
         if box is not None and x.dim() == 4:
             return A.concretize_box(*box, sign)
         A = A.to_dense()
-    if rows is not None:
-        if box is not None:
-            center, radius = (t.index_select(0, rows).unsqueeze(0) for t in box)
-            return _sum_product(A, center, True) + sign * _sum_product(A.abs(), radius, True)
-        return _own_example(ptb.concretize(x, _full_batch(state, A, rows), sign), rows)
+    if box is not None:  # A . c +- |A| . r, summed in A's memory order
+        center, radius = box
+        return _sum_product(A, center, False) + sign * _sum_product(A.abs(), radius, False)
     if not isinstance(ptb, PerturbationLpNorm):
         A = _full_batch(state, A)
-    return ptb.concretize(x, A, sign)
+    return ptb.concretize(x, A.contiguous(), sign)
 
 
 def backward(state: PropagationState, start: str, C, lower: bool = True, upper: bool = True,
-             alpha_for: AlphaLookup | None = None, keep_A: set[str] | None = None,
-             rows: torch.Tensor | None = None) -> BackwardResult:
+             alpha_for: AlphaLookup | None = None, keep_A: set[str] | None = None) -> BackwardResult:
     """Bounds of ``C y`` (``y`` = node ``start``) by one backward walk.
 
     Arguments:
@@ -430,15 +403,9 @@ def backward(state: PropagationState, start: str, C, lower: bool = True, upper: 
         keep_A: names of perturbed leaves/nodes whose coefficients are returned in ``A``
             (as ``(lA, uA, lbias, ubias)`` with the bias accumulated up to that point; dense,
             ``(batch, spec, *shape)``).
-        rows: ``(spec,)`` the example each spec row bounds, or None (every row for every example).
-            With rows, ``C`` has a batch dimension of 1 (Patches: ``C.rows_b`` is ``rows``), and
-            alpha_for and keep_A are not supported.
 
-    Returns lower/upper of shape ``(batch, spec)`` (``(1, spec)`` with rows; None for a side not
-    asked for).
+    Returns lower/upper of shape ``(batch, spec)`` (None for a side not asked for).
     """
-    if rows is not None and (alpha_for is not None or keep_A):
-        raise NotImplementedError("one example per spec row: no alpha parameters and no kept coefficients")
     graph = state.graph
     needed = ancestors(state, start)
     batch = state.batch_size
@@ -457,7 +424,7 @@ def backward(state: PropagationState, start: str, C, lower: bool = True, upper: 
         peak = max(peak, _row_elements(lA), _row_elements(uA))
         if keep_A and node.name in keep_A:
             A_out[node.name] = (_full_batch(state, lA), _full_batch(state, uA), lbias, ubias)
-        out = propagate_node(state, node, lA, uA, alpha_for, rows)
+        out = propagate_node(state, node, lA, uA, alpha_for)
         lbias = lbias + out.lbias
         ubias = ubias + out.ubias
         for name, new_l, new_u in out.A:
@@ -477,10 +444,10 @@ def backward(state: PropagationState, start: str, C, lower: bool = True, upper: 
         if keep_A and name in keep_A:
             A_out[name] = (_full_batch(state, lA), _full_batch(state, uA), lbias, ubias)
         if lower and lA is not None:
-            low = low + _concretize(state, name, lA, -1, rows)
+            low = low + _concretize(state, name, lA, -1)
         if upper and uA is not None:
-            up = up + _concretize(state, name, uA, +1, rows)
-    shape = (batch if rows is None else 1, spec)
+            up = up + _concretize(state, name, uA, +1)
+    shape = (batch, spec)
     return BackwardResult(_as_bound(low, shape, ref), _as_bound(up, shape, ref), A_out, peak)
 
 

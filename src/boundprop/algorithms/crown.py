@@ -17,9 +17,9 @@ everything before it):
   there: ``W c +- |W| r`` is what CROWN would find);
 * the new bounds are intersected with the IBP ones (never looser).
 
-For a batch, each example's unstable neurons get their own spec rows (when that is at least 30%
-fewer rows than the union over the batch for every example; ``opts["per_example_specs"] = False``
-keeps the union, as auto_LiRPA does).
+For a batch, the spec rows are the union over the examples of their unstable neurons, bounded for
+every example (as auto_LiRPA does: a neuron stable in one example then still gets its CROWN
+interval there, which tightens the IBP screening of the layers after it).
 
 Gradients: by default the intermediate walks are differentiable (certified training with CROWN
 needs that; under ``torch.no_grad()`` nothing is recorded). ``opts["intermediate_grad"] = False``
@@ -159,14 +159,12 @@ def _spec_rows(alpha_for: AlphaLookup, begin: int, count: int) -> AlphaLookup:
     return lookup
 
 
-def _walk_start(state: PropagationState, name: str, part: torch.Tensor, dtype: torch.dtype,
-                rows: torch.Tensor | None = None):
-    """One-hot specs for the neurons ``part`` of ``name`` (of examples ``rows``, if given): Patches on
-    a 2-D map, else a dense tensor."""
+def _walk_start(state: PropagationState, name: str, part: torch.Tensor, dtype: torch.dtype):
+    """One-hot specs for the neurons ``part`` of ``name``: Patches on a 2-D map, else a dense tensor."""
     value = state.values[name]
     shape = value.shape[1:]
     if value.dim() == 4 and name in state.batched and state.opts.get("conv_mode", "patches") == "patches":
-        return Patches.identity(part, tuple(shape), dtype, rows)
+        return Patches.identity(part, tuple(shape), dtype)
     n = shape.numel()
     C = torch.zeros(1, part.numel(), n, dtype=dtype, device=part.device)
     C[0, torch.arange(part.numel(), device=part.device), part] = 1.0
@@ -190,11 +188,6 @@ def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None
     chunk = spec_chunk_size(state, name)
     budget = coefficient_budget(state, flat_l.dtype)
     record = alpha_for is not None or state.opts.get("intermediate_grad", True)
-    if mask is not None and alpha_for is None and batch > 1 and state.opts.get("per_example_specs", True):
-        rows, neurons = mask.reshape(batch, -1).nonzero(as_tuple=True)
-        if rows.numel() < 0.7 * batch * index.numel():
-            _per_example(state, name, rows, neurons, new_l, new_u, chunk * batch, budget, record)
-            return Interval(new_l.reshape(old.lower.shape), new_u.reshape(old.upper.shape))
     start = 0
     while start < index.numel():
         part = index[start:start + chunk]
@@ -214,25 +207,6 @@ def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None
         # later chunks sized by what this walk really held (patches need far less than dense specs)
         chunk = max(1, budget // max(1, res.row_elements))
     return Interval(new_l.reshape(old.lower.shape), new_u.reshape(old.upper.shape))
-
-
-def _per_example(state: PropagationState, name: str, rows: torch.Tensor, neurons: torch.Tensor,
-                 new_l: torch.Tensor, new_u: torch.Tensor, chunk: int, budget: int, record: bool) -> None:
-    """CROWN bounds of neuron ``neurons[i]`` of example ``rows[i]`` only (in place into the flat
-    ``(batch, n)`` ``new_l``/``new_u``): for a batch whose examples have different unstable
-    neurons, a walk with one spec row per (example, neuron) pair instead of one per neuron of the
-    union for every example. A neuron stable in an example keeps its IBP interval there (its
-    relaxation is exact either way)."""
-    start = 0
-    while start < rows.numel():
-        part_rows, part = rows[start:start + chunk], neurons[start:start + chunk]
-        with nullcontext() if record else torch.no_grad():
-            C = _walk_start(state, name, part, new_l.dtype, part_rows)
-            res = backward(state, name, C, rows=part_rows)
-        new_l[part_rows, part] = torch.maximum(new_l[part_rows, part], res.lower[0])
-        new_u[part_rows, part] = torch.minimum(new_u[part_rows, part], res.upper[0])
-        start += part.numel()
-        chunk = max(1, budget // max(1, res.row_elements))
 
 
 def refine(state: PropagationState, name: str, alpha_for_start: AlphaForStart | None = None) -> None:

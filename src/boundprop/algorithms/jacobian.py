@@ -326,7 +326,8 @@ def jacobian_bounds(model: torch.nn.Module | Graph, x: torch.Tensor, ptb: Pertur
                 cot[parent] = _add(cot.get(parent), g)
     G = cot.get(name)
     if G is None:
-        G = Interval(torch.zeros(batch, n_out, *x.shape[1:]), torch.zeros(batch, n_out, *x.shape[1:]))
+        zero = torch.zeros(batch, n_out, *x.shape[1:], dtype=x.dtype, device=x.device)
+        G = Interval(zero, zero)
     shape = (batch, *out_value.shape[1:], *x.shape[1:])
     return JacobianBounds(G.lower.reshape(shape), G.upper.reshape(shape), tuple(out_value.shape[1:]),
                           tuple(x.shape[1:]))

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..graph.ir import Graph, evaluate
+from ..graph.ir import Graph, evaluate, run_node
 
 aten = torch.ops.aten
 
@@ -118,7 +118,7 @@ def extract_relu_chain(graph: Graph, input_shape: tuple[int, ...] | None = None,
         if n_in * n_out > max_entries:
             return None
         try:
-            W, c = _densify(graph, seg, source, target, state.values[source].shape[1:], params)
+            W, c = _densify(graph, seg, source, target, state.values[source].shape[1:], shape, params)
         except Exception:
             return None
         if W is None:
@@ -129,7 +129,8 @@ def extract_relu_chain(graph: Graph, input_shape: tuple[int, ...] | None = None,
 
 
 def _segment(graph: Graph, perturbed: set[str], source: str, target: str) -> list | None:
-    """Nodes computing ``target`` from ``source`` alone (None when another perturbed value enters)."""
+    """Perturbed nodes computing ``target`` from ``source`` alone (None when another perturbed value
+    enters: a skip connection or a second input)."""
     before = graph.ancestors(source)
     needed = graph.ancestors(target)
     if source not in needed:
@@ -138,24 +139,32 @@ def _segment(graph: Graph, perturbed: set[str], source: str, target: str) -> lis
     for name in seg:
         for parent in graph.node(name).inputs:
             if parent in perturbed and parent not in seg and parent != source:
-                return None  # a skip connection or a second perturbed input
-    keep = [node for node in graph.nodes if node.name in needed and (node.name in seg or node.name not in perturbed)
-            and node.name not in before]
-    return keep
+                return None
+    return [node for node in graph.nodes if node.name in seg]
 
 
-def _densify(graph: Graph, nodes: list, source: str, target: str, shape: torch.Size, params: dict):
+def _run_segment(graph: Graph, nodes: list, source: str, target: str, x: torch.Tensor, input_shape: tuple,
+                 params: dict) -> torch.Tensor:
+    """``target`` with ``source`` set to ``x`` (batch first); the other values (constants, shapes) come
+    from the whole graph run on zeros of the same batch size."""
+    env = evaluate(graph, (torch.zeros(x.shape[0], *input_shape[1:], dtype=torch.float64),), params)
+    env[source] = x
+    for node in nodes:
+        env[node.name] = run_node(node, env)
+    return env[target].reshape(x.shape[0], -1).double()
+
+
+def _densify(graph: Graph, nodes: list, source: str, target: str, shape: torch.Size, input_shape: tuple,
+             params: dict):
     """``(W, c)`` of the affine segment, from its values at 0 and the basis vectors; checked at random points."""
     n = int(math.prod(shape))
-    sub = Graph(tuple(nodes), (source,), graph.params, target, graph.module, ((1, *shape),))
     basis = torch.cat([torch.zeros(1, n, dtype=torch.float64), torch.eye(n, dtype=torch.float64)])
     with torch.no_grad():
-        out = evaluate(sub, (basis.reshape(n + 1, *shape),), params)[target]
-        out = out.reshape(n + 1, -1).double()
+        out = _run_segment(graph, nodes, source, target, basis.reshape(n + 1, *shape), input_shape, params)
         c = out[0].clone()
         W = (out[1:] - c).T.contiguous()
         probe = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
-        got = evaluate(sub, (probe.reshape(3, *shape),), params)[target].reshape(3, -1).double()
+        got = _run_segment(graph, nodes, source, target, probe.reshape(3, *shape), input_shape, params)
     want = probe @ W.T + c
     scale = 1.0 + want.abs().max() + W.abs().sum(1).max()
     if not bool(((got - want).abs() <= 1e-9 * scale).all()):
@@ -212,9 +221,13 @@ class ChainBounder:
         value = (mu * center[box]).sum(-1) - (mu.abs() * radius[box]).sum(-1) + bias
         return value, mu
 
-    def bound(self, lo: torch.Tensor, hi: torch.Tensor,
-              parent: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> ChainBounds:
-        """Bounds over the boxes ``[lo, hi]`` (``(batch, n_in)``, float64); ``parent``: known intervals."""
+    def bound(self, lo: torch.Tensor, hi: torch.Tensor, parent: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+              refine: bool = True) -> ChainBounds:
+        """Bounds over the boxes ``[lo, hi]`` (``(batch, n_in)``, float64); ``parent``: known intervals.
+
+        ``refine=False`` skips the backward walks of the intermediate layers (their intervals are
+        IBP's intersected with ``parent``): much cheaper, and nearly as tight on a small sub-box.
+        """
         chain = self.chain
         batch = lo.shape[0]
         center, radius = (lo + hi) / 2, (hi - lo) / 2
@@ -235,7 +248,7 @@ class ChainBounder:
                 l, u = zc - zr, zc + zr
             if parent is not None:
                 l, u = torch.maximum(l, parent[k][0]), torch.minimum(u, parent[k][1])
-            if k > 0:
+            if k > 0 and refine:
                 box, neuron = torch.nonzero((u > 0) if self.refine_active else (l < 0) & (u > 0), as_tuple=True)
                 if box.numel():
                     W, c = chain.weights[k], chain.biases[k]
@@ -260,14 +273,15 @@ class ChainBounder:
 
     def optimise(self, lo: torch.Tensor, hi: torch.Tensor, pre: list[tuple[torch.Tensor, torch.Tensor]],
                  groups: torch.Tensor, n_groups: int, iterations: int = 20, lr: float = 0.3,
-                 init: torch.Tensor | None = None) -> torch.Tensor:
+                 row_lower: torch.Tensor | None = None) -> torch.Tensor:
         """Best lower bound per disjunct ``(batch, n_groups)`` of ``max_rows(A y - b)``, optimised.
 
         A disjunct (group of rows) is refuted when its rows cannot all be <= 0, and any convex
         combination ``sum_i theta_i (A_i y - b_i)`` that is provably positive shows that. The
         weights ``theta`` (softmax within the group) and the lower slopes ``alpha`` of the
         unstable ReLUs of the final walk are chosen by gradient ascent on the bound; every value
-        met is a valid bound, and the best one per box and group is kept.
+        met is a valid bound, and the best one per box and group is kept; ``row_lower`` (the rows'
+        own bounds, ``(batch, rows)``) counts too (a single row is the combination with one weight).
         """
         chain = self.chain
         batch, rows = lo.shape[0], self.rows
@@ -276,13 +290,14 @@ class ChainBounder:
         unstable = [(l < 0) & (u > 0) for l, u in pre]
         box = torch.arange(batch).repeat_interleave(n_groups)
         member = torch.nn.functional.one_hot(groups, n_groups).T.to(lo.dtype)  # (G, rows)
-        logits = torch.zeros(batch, n_groups, rows, dtype=lo.dtype) if init is None else init.clone()
-        logits = logits.masked_fill(member.unsqueeze(0) == 0, -torch.inf)
+        logits = torch.zeros(batch, n_groups, rows, dtype=lo.dtype).masked_fill(member.unsqueeze(0) == 0, -torch.inf)
         alphas = [r[0][box].clone() for r in relax]  # (batch * G, n_i), start from the adaptive slopes
         free = [m[box] for m in unstable]
         params = [logits.requires_grad_(True)] + [a.requires_grad_(True) for a in alphas]
         adam = _Adam(params, lr)
         best = torch.full((batch, n_groups), -torch.inf, dtype=lo.dtype)
+        if row_lower is not None:
+            best = best.scatter_reduce(1, groups.expand(batch, -1), row_lower, reduce="amax")
         for step in range(iterations + 1):
             with torch.enable_grad():
                 theta = torch.softmax(logits, -1).nan_to_num(0.0)  # (batch, G, rows)

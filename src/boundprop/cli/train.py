@@ -124,7 +124,11 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> None:
     train_data, test_data, classes = load_data(args)
     trainer = Trainer(_model_fn(args.arch, classes, args.seed), train_data, test_data, config_from_args(args),
                       num_classes=classes, rank=rank, world_size=world)
-    trainer.fit(resume=args.resume)
+    result = trainer.fit(resume=args.resume)
+    if rank == 0 and args.quiet and result.history:  # with progress on, the trainer printed it already
+        from ..training.report import format_table
+
+        print(format_table(result.history, trainer.config.eval_methods), flush=True)
 
 
 def run(args: argparse.Namespace) -> int:

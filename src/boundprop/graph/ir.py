@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -72,9 +73,9 @@ class Node:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
 
-    @property
+    @cached_property
     def inputs(self) -> tuple[str, ...]:
-        """Names of the nodes this node reads, in argument order, without repeats."""
+        """Names of the nodes this node reads, in argument order, without repeats (computed once)."""
         seen: dict[str, None] = {}
         for ref in iter_refs((self.args, self.kwargs)):
             seen.setdefault(ref.name, None)

@@ -84,7 +84,7 @@ def sample_parameters(graph, perturbations: Mapping[str, Perturbation], generato
             continue
         value = values[leaf].detach()
         box = ptb.interval(value)
-        u = torch.rand(value.shape, generator=generator, dtype=value.dtype)
+        u = torch.rand(value.shape, generator=generator, dtype=value.dtype).to(value.device)
         if corners:
             u = u.round()
         out[names[leaf]] = box.lower.detach() + u * (box.upper - box.lower).detach()

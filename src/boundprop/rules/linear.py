@@ -175,10 +175,13 @@ def _unfold(t: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 @affine_backward_rule(aten.linear.default)
 def linear_backward(A, args, kwargs):
-    """``A . (x W^T + b) = (A W) . x + A . b``."""
+    """``A . (x W^T + b) = (A W) . x + A . b`` (``A`` may have a batch dimension of 1)."""
     weight = args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    bias_term = (A * bias).flatten(2).sum(-1) if bias is not None else 0.0
+    bias_term = 0.0
+    if bias is not None:
+        per_row = A @ bias  # (batch, spec, *leading dims of x)
+        bias_term = per_row.reshape(per_row.shape[0], per_row.shape[1], -1).sum(-1)
     return [A @ weight], bias_term
 
 
@@ -197,16 +200,19 @@ def _conv_backward(dims: int):
         output_padding = tuple(in_size[i] - ((out_size[i] - 1) * stride[i] - 2 * padding[i]
                                              + dilation[i] * (k[i] - 1) + 1) for i in range(dims))
         if dims == 2:
-            folded = conv_transpose2d(_fold(A), weight, stride, padding, output_padding, groups, dilation)
+            folded = conv_transpose2d(_fold(A), weight, stride, padding, output_padding, groups, dilation,
+                                      channels_last=True)
         else:
             folded = transpose(_fold(A), weight, None, stride, padding, output_padding, groups, dilation)
         bias_term = 0.0
         if bias is not None:
-            bias_term = (A.flatten(3).sum(-1) * bias).sum(-1)
+            bias_term = A.sum(tuple(range(3, A.dim()))) @ bias
         return [_unfold(folded, A)], bias_term
 
     rule.__doc__ = (f"conv{dims}d: ``A . conv(x) = conv_transpose(A) . x + A . b``; the spec dimension is "
-                    "folded into the batch, so one transposed convolution serves all rows.")
+                    "folded into the batch, so one transposed convolution serves all rows. 2-D: computed in "
+                    "(and left in) channels-last layout, where oneDNN's transposed convolution is several "
+                    "times faster on CPU.")
     return rule
 
 
@@ -224,4 +230,4 @@ def batch_norm_backward(A, args, kwargs):
     x, weight, bias, mean, var, _momentum, eps = args
     scale, shift = ops.batch_norm_scale_shift(weight, bias, mean, var, eps)
     shape = [1, 1, -1] + [1] * (A.dim() - 3)
-    return [A * scale.reshape(shape)], (A * shift.reshape(shape)).flatten(2).sum(-1)
+    return [A * scale.reshape(shape)], A.sum(tuple(range(3, A.dim()))) @ shift

@@ -86,7 +86,7 @@ def train_distributed(model_fn: Callable[[], torch.nn.Module], train_data: Datas
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "result.pt")
         spawn(_train_worker, nprocs, model_fn, train_data, test_data, config.to_dict(), path, resume)
-        out = torch.load(path, map_location="cpu", weights_only=False)
+        out = torch.load(path, map_location="cpu", weights_only=True)
     return out["model"], out["history"]
 
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .losses import METHODS, ROBUST_METHODS, BoundGraphs, capture_graphs, pgd_attack, robust_ce
 from .models import set_train_mode
 from .schedulers import EpsScheduler, make_scheduler
@@ -412,7 +412,7 @@ class Trainer:
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def write_outputs(self) -> None:
         """``metrics.json``, ``model.pt`` and ``training.png`` in ``out_dir``; the final table on the log."""

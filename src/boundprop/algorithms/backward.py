@@ -18,7 +18,8 @@ Representations of the coefficients (chosen for cost; every bound is the same):
 
 * a dense tensor ``(batch, spec, *shape)``, whose batch dimension stays 1 for as long as the
   coefficients do not depend on the example (a spec ``C`` shared by the batch, through affine
-  ops), so that e.g. ``C W`` is computed once and not once per example;
+  ops), so that e.g. ``C W`` is computed once and not once per example; after a 2-D convolution
+  it is laid out channels-last (see :func:`is_channels_last`), and relaxations follow that layout;
 * :class:`~boundprop.domains.patches.Patches` for walks that start from a 2-D feature map
   (intermediate bounds of convolutional layers): one small window per spec row, propagated by
   the rules of :mod:`.patches` and turned into a dense tensor at the first op without one.
@@ -321,8 +322,9 @@ def propagate_node(state: PropagationState, node: Node, lA, uA, alpha_for: Alpha
             out = _patches_out(state, node, lA, uA, alpha_for)
             if out is not None:
                 return out
+        same = uA is lA
         lA = lA.to_dense() if isinstance(lA, Patches) else lA
-        uA = uA.to_dense() if isinstance(uA, Patches) else uA
+        uA = lA if same else uA.to_dense() if isinstance(uA, Patches) else uA
     entry = state.rules(node)
     if state.is_affine_here(node):
         if entry.affine_backward is not None:

@@ -221,13 +221,9 @@ class ChainBounder:
         value = (mu * center[box]).sum(-1) - (mu.abs() * radius[box]).sum(-1) + bias
         return value, mu
 
-    def bound(self, lo: torch.Tensor, hi: torch.Tensor, parent: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-              refine: bool = True) -> ChainBounds:
-        """Bounds over the boxes ``[lo, hi]`` (``(batch, n_in)``, float64); ``parent``: known intervals.
-
-        ``refine=False`` skips the backward walks of the intermediate layers (their intervals are
-        IBP's intersected with ``parent``): much cheaper, and nearly as tight on a small sub-box.
-        """
+    def bound(self, lo: torch.Tensor, hi: torch.Tensor,
+              parent: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> ChainBounds:
+        """Bounds over the boxes ``[lo, hi]`` (``(batch, n_in)``, float64); ``parent``: known intervals."""
         chain = self.chain
         batch = lo.shape[0]
         center, radius = (lo + hi) / 2, (hi - lo) / 2
@@ -248,7 +244,7 @@ class ChainBounder:
                 l, u = zc - zr, zc + zr
             if parent is not None:
                 l, u = torch.maximum(l, parent[k][0]), torch.minimum(u, parent[k][1])
-            if k > 0 and refine:
+            if k > 0:
                 box, neuron = torch.nonzero((u > 0) if self.refine_active else (l < 0) & (u > 0), as_tuple=True)
                 if box.numel():
                     W, c = chain.weights[k], chain.biases[k]

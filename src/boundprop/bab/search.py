@@ -44,7 +44,6 @@ class SearchLimits:
     split: bool = True
     optimise_ratio: float = 0.35
     clip: bool = True
-    lazy: bool = True
 
 
 @dataclass
@@ -169,7 +168,7 @@ class _Search:
         self.margin = limits.margin_abs + limits.margin_rel * b.abs()
         self.log = log
         self.stats: dict[str, Any] = {"boxes": 0, "bound_calls": 0, "bound_s": 0.0, "optimised": 0,
-                                      "refuted_by_optimisation": 0, "clipped_away": 0, "lazy_refuted": 0,
+                                      "refuted_by_optimisation": 0, "clipped_away": 0,
                                       "max_stack": 0}
 
     def bound(self, lo: torch.Tensor, hi: torch.Tensor, parents: list) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -220,7 +219,8 @@ class _Search:
                 self.stats["clipped_away"] += int(empty.sum())
                 if bool(empty.any()):
                     alive = (~empty).nonzero().flatten()
-                    keep, lo, hi, lA, low, refuted = keep[alive], lo[alive], hi[alive], lA[alive], low[alive], refuted[alive]
+                    keep, lo, hi, lA = keep[alive], lo[alive], hi[alive], lA[alive]
+                    low, refuted = low[alive], refuted[alive]
                     if keep.numel() == 0:
                         continue
             points = self.violating(candidate_points(lo, hi, lA))
@@ -252,25 +252,8 @@ class ChainSearch(_Search):
         if all(p is not None for p in parents):
             parent = [(torch.cat([p[k][0] for p in parents]), torch.cat([p[k][1] for p in parents]))
                       for k in range(len(parents[0]))]
-        if parent is None or not self.limits.lazy:
-            res = self.bounder.bound(lo, hi, parent)
-            return res.lower, res.lA, res.pre
-        # first with the parent's intermediate intervals only; full CROWN for the boxes left open
-        res = self.bounder.bound(lo, hi, parent, refine=False)
-        open_ = ~refuted_groups(res.lower, self.margin, self.groups, self.n_groups).all(1)
-        self.stats["lazy_refuted"] += int((~open_).sum())
-        idx = open_.nonzero().flatten()
-        if idx.numel() == 0:
-            return res.lower, res.lA, res.pre
-        full = self.bounder.bound(lo[idx], hi[idx], [(l[idx], u[idx]) for l, u in parent])
-        lower, lA = res.lower.clone(), res.lA.clone()
-        lower[idx], lA[idx] = full.lower, full.lA
-        pre = []
-        for (l, u), (fl, fu) in zip(res.pre, full.pre):
-            l, u = l.clone(), u.clone()
-            l[idx], u[idx] = fl, fu
-            pre.append((l, u))
-        return lower, lA, pre
+        res = self.bounder.bound(lo, hi, parent)
+        return res.lower, res.lA, res.pre
 
     def refine(self, lo, hi, lower, intervals, still_open):
         iterations = self.limits.optimise_iterations

@@ -230,4 +230,5 @@ def batch_norm_backward(A, args, kwargs):
     x, weight, bias, mean, var, _momentum, eps = args
     scale, shift = ops.batch_norm_scale_shift(weight, bias, mean, var, eps)
     shape = [1, 1, -1] + [1] * (A.dim() - 3)
-    return [A * scale.reshape(shape)], A.sum(tuple(range(3, A.dim()))) @ shift
+    per_channel = A.sum(tuple(range(3, A.dim()))) if A.dim() > 3 else A  # sum(()) would sum everything
+    return [A * scale.reshape(shape)], per_channel @ shift

@@ -10,7 +10,7 @@ form. Ops that keep every row's coefficients inside a small window have a patch 
 * ``add``/``sub`` of perturbed maps of the output's shape and of constants;
 * shape-preserving copies (``clone``, ``alias``, ``contiguous``, ``detach``);
 * every element-wise relaxation (ReLU, ...): the relaxation's slopes and offsets are gathered
-  over each window (:func:`apply_relaxation_patches`).
+  over each window (:func:`boundprop.algorithms.backward.apply_relaxation`).
 
 Anything else returns None and the walk converts the coefficients to a dense tensor first, as it
 does when a window has grown to cover the whole map (a dense tensor is then no larger).

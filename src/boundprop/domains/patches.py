@@ -97,27 +97,32 @@ class Patches:
         """The windows of node-shaped tensors, zero outside the node.
 
         Each map is ``(b, C, H, W)`` (one value per neuron) or ``(b, R, C, H, W)`` (one per row
-        and neuron); each result is ``(b, R, C, kh, kw)``.
+        and neuron); each result is ``(b, R, C, kh, kw)``, contiguous.
 
-        For ``(b, C, H, W)`` maps: ``unfold`` extracts the window of every grid position in the
-        rows' bounding box (many rows share a position, one per channel of the start map), then
-        each row picks its position's window.
+        For ``(b, C, H, W)`` maps, the windows of every position in the rows' bounding box are a
+        strided view of the zero-padded map; each row picks its position's window from it, or,
+        when there are many more rows than positions (many rows share a position: one per channel
+        of the start map), from a copy of all windows (``unfold``), which is faster to index.
         """
         (kh, kw), (sh, sw), (ph, pw), (H, W) = self.kernel, self.stride, self.padding, self.size
         h0, h1, w0, w1 = self.row_range
         top, left = ph - h0 * sh, pw - w0 * sw  # negative: crop
         bottom, right = (h1 - h0) * sh + kh - H - top, (w1 - w0) * sw + kw - W - left
-        position = None
+        positions = (h1 - h0 + 1) * (w1 - w0 + 1)
         out = []
         for t in maps:
             if t.dim() == 5:
                 out.append(self._gather_per_row(t))
                 continue
-            if position is None:
+            padded = F.pad(t, (left, right, top, bottom))
+            if self.spec >= 4 * positions:
+                windows = F.unfold(padded, (kh, kw), stride=(sh, sw))  # (b, C * kh * kw, positions)
                 position = (self.rows_h - h0) * (w1 - w0 + 1) + (self.rows_w - w0)
-            windows = F.unfold(F.pad(t, (left, right, top, bottom)), (kh, kw), stride=(sh, sw))
-            picked = windows.transpose(1, 2).index_select(1, position)  # (b, R, C * kh * kw)
-            out.append(picked.view(t.shape[0], self.spec, t.shape[1], kh, kw))
+                picked = windows.transpose(1, 2).index_select(1, position)
+                out.append(picked.view(t.shape[0], self.spec, t.shape[1], kh, kw))
+            else:
+                view = padded.unfold(2, kh, sh).unfold(3, kw, sw).permute(0, 2, 3, 1, 4, 5)  # (b, Lh, Lw, C, kh, kw)
+                out.append(view[:, self.rows_h - h0, self.rows_w - w0])
         return out
 
     def _gather_per_row(self, t: torch.Tensor) -> torch.Tensor:

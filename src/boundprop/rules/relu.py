@@ -46,9 +46,10 @@ def _chord(l, u, s: float):
     bias = s * l - slope * l
     if bool(torch.isinf(l).any() or torch.isinf(u).any()):
         up_inf, low_inf = torch.isinf(u), torch.isinf(l)
-        slope = torch.where(up_inf & ~low_inf, torch.ones_like(slope), torch.where(low_inf, torch.zeros_like(slope), slope))
-        bias = torch.where(up_inf & ~low_inf, (s - 1.0) * l,
-                           torch.where(low_inf, torch.where(up_inf, torch.full_like(u, torch.inf), u.clamp_min(0.0)), bias))
+        only_up = up_inf & ~low_inf
+        slope = torch.where(only_up, torch.ones_like(slope), torch.where(low_inf, torch.zeros_like(slope), slope))
+        flat = torch.where(up_inf, torch.full_like(u, torch.inf), u.clamp_min(0.0))
+        bias = torch.where(only_up, (s - 1.0) * l, torch.where(low_inf, flat, bias))
     return slope, bias
 
 

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 import boundprop
 from boundprop import PerturbationLpNorm, compute_bounds
 from boundprop.bab.chain import ChainBounder, extract_relu_chain
-from boundprop.graph.ir import evaluate
 
 
 class Residual(nn.Module):

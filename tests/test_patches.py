@@ -190,7 +190,7 @@ def _peer(name: str, batch: int):
 
 
 @pytest.mark.skipif(not PEER.exists(), reason="peer data not available")
-@pytest.mark.parametrize("name", ["mlp", "cnn", pytest.param("resnet_small", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet_small"])
 @pytest.mark.parametrize("method", ["CROWN", "CROWN-IBP"])
 def test_peer_models_match_auto_lirpa(name, method):
     model, data = _peer(name, 1)

@@ -245,8 +245,11 @@ def _pullback(state: PropagationState, node: Node) -> AffinePullback:
 
 
 def _fast_affine(state: PropagationState, node: Node, rule, lA, uA) -> BackwardOut | None:
-    args, kwargs = state.resolve_for_linear(node)
-    names = [v.name for v in collect_vars((args, kwargs))]
+    key = ("affine_args", node.name)  # an affine op's propagation reads values only, never intervals
+    if key not in state.cache:
+        args, kwargs = state.resolve_for_linear(node)
+        state.cache[key] = (args, kwargs, [v.name for v in collect_vars((args, kwargs))])
+    args, kwargs, names = state.cache[key]
     if any(name not in state.batched for name in names):
         return None
     low = rule(lA, args, kwargs) if lA is not None else ([None] * len(names), 0.0)

@@ -185,6 +185,12 @@ def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None
     if index.numel() == 0:
         return old
     new_l, new_u = flat_l.clone(), flat_u.clone()
+    value = state.values[name]
+    if alpha_for is None and value.dim() == 4:
+        # position-major order (rows of one pixel together): a chunk of rows then covers a compact
+        # band of the map, and patch-form walks gather windows from that band only
+        C, pixels = value.shape[1], value.shape[2] * value.shape[3]
+        index = index[torch.argsort((index % pixels) * C + index // pixels)]
     chunk = spec_chunk_size(state, name)
     budget = coefficient_budget(state, flat_l.dtype)
     record = alpha_for is not None or state.opts.get("intermediate_grad", True)

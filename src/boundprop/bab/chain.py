@@ -180,11 +180,14 @@ class ChainBounds:
         lower: ``(batch, rows)`` lower bounds of the spec rows ``A y - b``.
         lA: ``(batch, rows, n_in)`` the linear lower bounds' coefficients on ``x``.
         pre: per ReLU layer, ``(lower, upper)`` of its input, each ``(batch, n_i)``.
+        gain: ``(batch, rows, n_in)`` estimated rise of each row's bound when the box is halved
+            along each input dimension (see :meth:`ChainBounder.bound`).
     """
 
     lower: torch.Tensor
     lA: torch.Tensor
     pre: list[tuple[torch.Tensor, torch.Tensor]]
+    gain: torch.Tensor | None = None
 
 
 class ChainBounder:
@@ -210,9 +213,14 @@ class ChainBounder:
         return a, s, t
 
     def _walk(self, mu: torch.Tensor, bias: torch.Tensor, box: torch.Tensor, layer: int, relax: list,
-              center: torch.Tensor, radius: torch.Tensor):
-        """Lower bounds of ``mu . h_layer + bias`` (rows ``R``; ``box``: each row's box index)."""
+              center: torch.Tensor, radius: torch.Tensor, record: list | None = None):
+        """Lower bounds of ``mu . h_layer + bias`` (rows ``R``; ``box``: each row's box index).
+
+        Returns the bounds ``(R,)`` and the coefficients on the input ``(R, n_in)``; ``record``
+        receives the coefficients on every ``h_i`` (last layer first)."""
         for i in range(layer, 0, -1):
+            if record is not None:
+                record.append(mu)
             a, s, t = (r[box] for r in relax[i - 1])
             pos, neg = mu.clamp_min(0), mu.clamp_max(0)
             lam = pos * a + neg * s
@@ -233,6 +241,8 @@ class ChainBounder:
         pre: list[tuple[torch.Tensor, torch.Tensor]] = []
         l, u = zc - zr, zc + zr
         relax = []
+        # per ReLU layer, how much of each neuron's range each input dimension accounts for
+        spreads = [W0.abs().unsqueeze(0) * radius.unsqueeze(1)]
         for k in range(chain.n_relu_layers):
             if k > 0:  # IBP from the refined layer before, then CROWN for the unstable neurons
                 W, c = chain.weights[k], chain.biases[k]
@@ -251,12 +261,17 @@ class ChainBounder:
                     rows_box = torch.cat([box, box])
                     mu = torch.cat([W[neuron], -W[neuron]])
                     bias = torch.cat([c[neuron], -c[neuron]])
-                    value, _ = self._walk(mu, bias, rows_box, k, relax, center, radius)
+                    value, g = self._walk(mu, bias, rows_box, k, relax, center, radius)
                     m = box.numel()
                     l = l.clone()
                     u = u.clone()
                     l[box, neuron] = torch.maximum(l[box, neuron], value[:m])
                     u[box, neuron] = torch.minimum(u[box, neuron], -value[m:])
+                    spread = torch.zeros(batch, l.shape[1], lo.shape[1], dtype=lo.dtype)
+                    spread[box, neuron] = (g[:m].abs() + g[m:].abs()) * radius[box]
+                    spreads.append(spread)
+                else:
+                    spreads.append(torch.zeros(batch, l.shape[1], lo.shape[1], dtype=lo.dtype))
             u = torch.maximum(u, l)  # rounding can cross them on (near-)degenerate boxes
             pre.append((l, u))
             relax.append(self._relax(l, u))
@@ -264,8 +279,19 @@ class ChainBounder:
         box = torch.arange(batch).repeat_interleave(rows)
         mu = self.spec_W.repeat(batch, 1)
         bias = self.spec_c.repeat(batch)
-        value, lA = self._walk(mu, bias, box, chain.n_relu_layers, relax, center, radius)
-        return ChainBounds(value.reshape(batch, rows), lA.reshape(batch, rows, -1), pre)
+        record: list[torch.Tensor] = []
+        value, lA = self._walk(mu, bias, box, chain.n_relu_layers, relax, center, radius, record)
+        lA = lA.reshape(batch, rows, -1)
+        gain = lA.abs() * radius.unsqueeze(1) / 2
+        for i, coeff in zip(range(chain.n_relu_layers, 0, -1), record):
+            l, u = pre[i - 1]
+            unstable = (l < 0) & (u > 0)
+            gap = torch.where(unstable, -l * u / (u - l).clamp_min(1e-30), torch.zeros_like(l))
+            spread = spreads[i - 1]
+            share = spread / spread.sum(-1, keepdim=True).clamp_min(1e-30)
+            weight = coeff.abs().reshape(batch, rows, -1) * gap.unsqueeze(1)
+            gain = gain + torch.bmm(weight, share) / 2
+        return ChainBounds(value.reshape(batch, rows), lA, pre, gain)
 
     def optimise(self, lo: torch.Tensor, hi: torch.Tensor, pre: list[tuple[torch.Tensor, torch.Tensor]],
                  groups: torch.Tensor, n_groups: int, iterations: int = 20, lr: float = 0.3,

@@ -181,12 +181,17 @@ class _Search:
         """Refute more of the open boxes (``still_open``: boolean mask); returns the new mask."""
         return still_open
 
-    def violating(self, points: torch.Tensor) -> torch.Tensor | None:
+    def candidates(self, lo: torch.Tensor, hi: torch.Tensor, lA: torch.Tensor):
+        """``(points with violation <= 0 (at most 8, best first) or None, promise (boxes,))``: the
+        candidates of :func:`candidate_points` and, per box, the least violation among its own."""
+        boxes = lo.shape[0]
+        points = candidate_points(lo, hi, lA)
         with torch.no_grad():
             v = violation(self.forward(points), self.A, self.b, self.groups, self.n_groups)
+        promise = torch.minimum(v[:boxes], v[boxes:].reshape(boxes, -1).amin(1))
         order = torch.argsort(v)
         hits = order[v[order] <= 0]
-        return points[hits[:8]] if hits.numel() else None
+        return (points[hits[:8]] if hits.numel() else None), promise
 
     def run(self, lower: torch.Tensor, upper: torch.Tensor, confirm: Callable[[torch.Tensor], bool]) -> SearchOutcome:
         """Search the box ``[lower, upper]`` (flattened, ``(1, n_in)``); ``confirm(points)`` says
@@ -225,16 +230,21 @@ class _Search:
                     low, refuted = low[alive], refuted[alive]
                     if keep.numel() == 0:
                         continue
-            points = self.violating(candidate_points(lo, hi, lA))
+            points, promise = self.candidates(lo, hi, lA)
             if points is not None and confirm(points):
                 return SearchOutcome("sat", points, self.stats)
             if not limits.split:
                 return SearchOutcome("unknown", stats=self.stats)
             row_open = ~(low > self.margin) & ~refuted[:, self.groups]
             new_lo, new_hi = split_boxes(lo, hi, gain[keep], row_open)
+            # the halves of the most promising boxes (least violation seen) go on top of the stack
+            order = torch.argsort(promise, descending=True)
+            pairs = torch.stack([order, order + order.numel()], 1).reshape(-1)
+            new_lo, new_hi = new_lo[pairs], new_hi[pairs]
             child = None
             if intervals is not None:
-                child = [(torch.cat([l[keep], l[keep]]), torch.cat([u[keep], u[keep]])) for l, u in intervals]
+                parent_of = keep[pairs % order.numel()]
+                child = [(l[parent_of], u[parent_of]) for l, u in intervals]
             stack.push(new_lo, new_hi, child)
             self.stats["max_stack"] = max(self.stats["max_stack"], stack.size)
             if self.log is not None and iteration % 50 == 0:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .attack import violation
+from .attack import pgd_attack, violation
 from .chain import ChainBounder, ReluChain
 
 
@@ -44,6 +44,8 @@ class SearchLimits:
     split: bool = True
     optimise_ratio: float = 0.35
     clip: bool = True
+    attack_boxes: int = 32  # PGD inside this many of the most promising open boxes per step
+    attack_steps: int = 10
 
 
 @dataclass
@@ -181,6 +183,17 @@ class _Search:
         """Refute more of the open boxes (``still_open``: boolean mask); returns the new mask."""
         return still_open
 
+    def attack(self, lo: torch.Tensor, hi: torch.Tensor, promise: torch.Tensor) -> torch.Tensor | None:
+        """PGD inside the ``attack_boxes`` most promising open boxes; points with violation <= 0 or None."""
+        t = time.perf_counter()
+        take = torch.argsort(promise)[:self.limits.attack_boxes]
+        objective = lambda y: violation(y, self.A, self.b, self.groups, self.n_groups)  # noqa: E731
+        x, v = pgd_attack(self.forward, lo[take], hi[take], objective, self.limits.attack_steps, 2)
+        self.stats["attack_s"] = self.stats.get("attack_s", 0.0) + time.perf_counter() - t
+        hits = torch.argsort(v)
+        hits = hits[v[hits] <= 0]
+        return x[hits[:8]] if hits.numel() else None
+
     def candidates(self, lo: torch.Tensor, hi: torch.Tensor, lA: torch.Tensor):
         """``(points with violation <= 0 (at most 8, best first) or None, promise (boxes,))``: the
         candidates of :func:`candidate_points` and, per box, the least violation among its own."""
@@ -231,20 +244,17 @@ class _Search:
                     if keep.numel() == 0:
                         continue
             points, promise = self.candidates(lo, hi, lA)
+            if points is None and limits.attack_boxes:
+                points = self.attack(lo, hi, promise)
             if points is not None and confirm(points):
                 return SearchOutcome("sat", points, self.stats)
             if not limits.split:
                 return SearchOutcome("unknown", stats=self.stats)
             row_open = ~(low > self.margin) & ~refuted[:, self.groups]
             new_lo, new_hi = split_boxes(lo, hi, gain[keep], row_open)
-            # the halves of the most promising boxes (least violation seen) go on top of the stack
-            order = torch.argsort(promise, descending=True)
-            pairs = torch.stack([order, order + order.numel()], 1).reshape(-1)
-            new_lo, new_hi = new_lo[pairs], new_hi[pairs]
             child = None
             if intervals is not None:
-                parent_of = keep[pairs % order.numel()]
-                child = [(l[parent_of], u[parent_of]) for l, u in intervals]
+                child = [(torch.cat([l[keep], l[keep]]), torch.cat([u[keep], u[keep]])) for l, u in intervals]
             stack.push(new_lo, new_hi, child)
             self.stats["max_stack"] = max(self.stats["max_stack"], stack.size)
             if self.log is not None and iteration % 50 == 0:

@@ -154,6 +154,31 @@ def test_patch_crown_equals_dense_crown(seed, batch, eps):
         torch.testing.assert_close(fast.intervals[name].upper / s, iv.upper / s, rtol=0, atol=2e-5)
 
 
+def _all_features_net() -> nn.Module:
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(),
+                        _Block(4, 4, 1, 2, 2, True, False),   # groups, dilation, batch norm, residual add
+                        _Block(4, 8, 2, 1, 1, False, True),   # strided, 1x1 shortcut, pad, scaled sub
+                        nn.AvgPool2d(2, ceil_mode=True), nn.Flatten(), nn.Linear(8 * 2 * 2, 3))
+    bn = net[2].bn
+    bn.running_mean.uniform_(-0.3, 0.3)
+    bn.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_patch_crown_equals_dense_on_all_features(batch):
+    net = _all_features_net()
+    x = torch.randn(batch, 2, 13, 13, generator=torch.Generator().manual_seed(batch))
+    graph = boundprop.capture(net, x)
+    fast, dense = _intervals(graph, x, 0.05, "patches"), _intervals(graph, x, 0.05, "matrix")
+    torch.testing.assert_close(fast.lower, dense.lower, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.upper, dense.upper, rtol=1e-5, atol=1e-5)
+    for name, iv in dense.intervals.items():
+        torch.testing.assert_close(fast.intervals[name].lower, iv.lower, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.intervals[name].upper, iv.upper, rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_patches_and_no_grad_option_agree():
     net = _random_net(7, 2, 10)
     x = torch.randn(2, 2, 10, 10)

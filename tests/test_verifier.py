@@ -116,6 +116,30 @@ def test_generic_graph_search(tmp_path, condition, expected):
     assert verify(net, parse_vnnlib(one_input_property(condition)), timeout=30).verdict == expected
 
 
+def test_module_with_input_split():
+    """An nn.Module (bounded through float64 copies of its parameters), answers from a dense grid."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 1))
+    g = torch.linspace(-1, 1, 201)
+    grid = torch.cartesian_prod(g, g)
+    with torch.no_grad():
+        values = model(grid).reshape(-1)
+        lipschitz = float(torch.stack([m.weight.abs().sum(1).max() for m in model if isinstance(m, torch.nn.Linear)]
+                                      ).prod())
+    top = float(values.max())
+    box = "(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n"
+    box += "(assert (>= X_0 -1))\n(assert (<= X_0 1))\n(assert (>= X_1 -1))\n(assert (<= X_1 1))\n"
+    above = top + lipschitz * 0.01 + 0.05  # no input reaches it: the grid is 0.01 fine
+    assert verify(model, parse_vnnlib(box + f"(assert (>= Y_0 {above}))"), timeout=30, input_shape=(1, 2)
+                  ).verdict == "unsat"
+    result = verify(model, parse_vnnlib(box + f"(assert (>= Y_0 {top - 1e-3}))"), timeout=30, input_shape=(1, 2))
+    assert result.verdict == "sat"
+    x, y = result.counterexample
+    with torch.no_grad():
+        assert float(model(x.float().reshape(1, 2))) >= top - 1e-3
+
+
 def test_high_dimensional_input_without_split():
     """Inputs wider than max_input_split_dims: one bound of the region, unsat or unknown."""
     torch.manual_seed(0)

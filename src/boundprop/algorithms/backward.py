@@ -244,12 +244,18 @@ def _pullback(state: PropagationState, node: Node) -> AffinePullback:
     return state.cache[key]
 
 
-def _fast_affine(state: PropagationState, node: Node, rule, lA, uA) -> BackwardOut | None:
-    key = ("affine_args", node.name)  # an affine op's propagation reads values only, never intervals
+def _affine_args(state: PropagationState, node: Node) -> tuple[tuple, dict, list[str]]:
+    """``resolve_for_linear`` of an affine node and its perturbed argument names (cached for the call:
+    an affine op's propagation reads values only, never intervals)."""
+    key = ("affine_args", node.name)
     if key not in state.cache:
         args, kwargs = state.resolve_for_linear(node)
         state.cache[key] = (args, kwargs, [v.name for v in collect_vars((args, kwargs))])
-    args, kwargs, names = state.cache[key]
+    return state.cache[key]
+
+
+def _fast_affine(state: PropagationState, node: Node, rule, lA, uA) -> BackwardOut | None:
+    args, kwargs, names = _affine_args(state, node)
     if any(name not in state.batched for name in names):
         return None
     low = rule(lA, args, kwargs) if lA is not None else ([None] * len(names), 0.0)
@@ -305,7 +311,7 @@ def _patches_out(state: PropagationState, node: Node, lA, uA, alpha_for: AlphaLo
     rule = patch_rule_for(node)
     if rule is None or not state.is_affine_here(node):
         return None
-    args, kwargs = state.resolve_for_linear(node)
+    args, kwargs, _ = _affine_args(state, node)
     low = rule(state, node, args, kwargs, lA) if lA is not None else ([], 0.0)
     up = low if uA is lA else rule(state, node, args, kwargs, uA) if uA is not None else ([], 0.0)
     if low is None or up is None:

@@ -130,13 +130,18 @@ def unstable_mask(state: PropagationState, name: str) -> torch.Tensor:
 #: larger blocks back to the OS on release (glibc: above its 32 MiB mmap ceiling), and faulting
 #: fresh pages in again costs several times the arithmetic done on them.
 FAST_BYTES = 2**24
+#: The same for walks in patch form, which are dominated by element-wise passes over the windows:
+#: chunks whose tensors stay in the CPU's caches between consecutive passes are faster (measured
+#: about 25% faster than FAST_BYTES on the peer ResNet).
+FAST_PATCH_BYTES = 2**21
 
 
-def coefficient_budget(state: PropagationState, dtype: torch.dtype = torch.float32) -> int:
+def coefficient_budget(state: PropagationState, dtype: torch.dtype = torch.float32, patches: bool = False) -> int:
     """Elements per coefficient tensor: the memory bound ``opts["max_coefficient_elements"]``
-    (default 2**25), lowered to :data:`FAST_BYTES` worth."""
+    (default 2**25), lowered to :data:`FAST_BYTES` (:data:`FAST_PATCH_BYTES` for patch form) worth."""
     budget = int(state.opts.get("max_coefficient_elements", 2**25))
-    return max(1, min(budget, FAST_BYTES // torch.empty((), dtype=dtype).element_size()))
+    fast = FAST_PATCH_BYTES if patches else FAST_BYTES
+    return max(1, min(budget, fast // torch.empty((), dtype=dtype).element_size()))
 
 
 def spec_chunk_size(state: PropagationState, start: str) -> int:
@@ -159,11 +164,17 @@ def _spec_rows(alpha_for: AlphaLookup, begin: int, count: int) -> AlphaLookup:
     return lookup
 
 
+def _patch_form(state: PropagationState, name: str) -> bool:
+    """Walks from this node start in patch form (a 2-D feature map, unless ``conv_mode="matrix"``)."""
+    return (state.values[name].dim() == 4 and name in state.batched
+            and state.opts.get("conv_mode", "patches") == "patches")
+
+
 def _walk_start(state: PropagationState, name: str, part: torch.Tensor, dtype: torch.dtype):
     """One-hot specs for the neurons ``part`` of ``name``: Patches on a 2-D map, else a dense tensor."""
     value = state.values[name]
     shape = value.shape[1:]
-    if value.dim() == 4 and name in state.batched and state.opts.get("conv_mode", "patches") == "patches":
+    if _patch_form(state, name):
         return Patches.identity(part, tuple(shape), dtype)
     n = shape.numel()
     C = torch.zeros(1, part.numel(), n, dtype=dtype, device=part.device)
@@ -192,7 +203,7 @@ def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None
         C, pixels = value.shape[1], value.shape[2] * value.shape[3]
         index = index[torch.argsort((index % pixels) * C + index // pixels)]
     chunk = spec_chunk_size(state, name)
-    budget = coefficient_budget(state, flat_l.dtype)
+    budget = coefficient_budget(state, flat_l.dtype, _patch_form(state, name))
     record = alpha_for is not None or state.opts.get("intermediate_grad", True)
     start = 0
     while start < index.numel():

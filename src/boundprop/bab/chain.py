@@ -37,6 +37,8 @@ aten = torch.ops.aten
 
 #: dense segments larger than this (entries) are not extracted
 MAX_ENTRIES = 8_000_000
+#: entries of one coefficient matrix of the intermediate walks (rows x width); larger sets go in chunks
+ROW_BUDGET = 4_000_000
 
 
 @dataclass
@@ -66,6 +68,15 @@ class ReluChain:
             if i < len(self.weights) - 1:
                 h = torch.relu(h)
         return h
+
+
+def restrict_chain(chain: ReluChain, free: torch.Tensor, fixed: torch.Tensor) -> ReluChain:
+    """The chain as a function of the inputs ``free`` (boolean mask) alone, the others held at
+    ``fixed`` (their values): the first layer's columns of fixed inputs are folded into its bias."""
+    W0, c0 = chain.weights[0], chain.biases[0]
+    keep = ~free
+    c = c0 + W0[:, keep] @ fixed.to(W0.dtype)[keep]
+    return ReluChain([W0[:, free].contiguous()] + chain.weights[1:], [c] + chain.biases[1:])
 
 
 def _params64(graph: Graph) -> dict[str, torch.Tensor]:
@@ -229,6 +240,22 @@ class ChainBounder:
         value = (mu * center[box]).sum(-1) - (mu.abs() * radius[box]).sum(-1) + bias
         return value, mu
 
+    def _neuron_bounds(self, box: torch.Tensor, neuron: torch.Tensor, k: int, relax: list, center: torch.Tensor,
+                       radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lower bounds of ``z_k`` and of ``-z_k`` at the given (box, neuron) pairs: values ``(2m,)`` and
+        input coefficients ``(2m, n_in)``, lower-bound rows first; in chunks of bounded memory."""
+        W, c = self.chain.weights[k], self.chain.biases[k]
+        widest = max(w.shape[1] for w in self.chain.weights[:k + 1])
+        chunk = max(1, ROW_BUDGET // widest)
+        values, coeffs = [], []
+        for sign in (1.0, -1.0):
+            for start in range(0, box.numel(), chunk):
+                b, n = box[start:start + chunk], neuron[start:start + chunk]
+                value, g = self._walk(sign * W[n], sign * c[n], b, k, relax, center, radius)
+                values.append(value)
+                coeffs.append(g)
+        return torch.cat(values), torch.cat(coeffs)
+
     def bound(self, lo: torch.Tensor, hi: torch.Tensor,
               parent: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> ChainBounds:
         """Bounds over the boxes ``[lo, hi]`` (``(batch, n_in)``, float64); ``parent``: known intervals."""
@@ -257,11 +284,7 @@ class ChainBounder:
             if k > 0:
                 box, neuron = torch.nonzero((u > 0) if self.refine_active else (l < 0) & (u > 0), as_tuple=True)
                 if box.numel():
-                    W, c = chain.weights[k], chain.biases[k]
-                    rows_box = torch.cat([box, box])
-                    mu = torch.cat([W[neuron], -W[neuron]])
-                    bias = torch.cat([c[neuron], -c[neuron]])
-                    value, g = self._walk(mu, bias, rows_box, k, relax, center, radius)
+                    value, g = self._neuron_bounds(box, neuron, k, relax, center, radius)
                     m = box.numel()
                     l = l.clone()
                     u = u.clone()

@@ -33,6 +33,9 @@ import torch
 from .attack import pgd_attack, violation
 from .chain import ChainBounder, ReluChain
 
+#: memory for the per-box data of one batch of the ReLU-chain search
+BATCH_BYTES = 256 * 2**20
+
 
 @dataclass
 class SearchLimits:
@@ -46,6 +49,8 @@ class SearchLimits:
     clip: bool = True
     attack_boxes: int = 32  # PGD inside this many of the most promising open boxes per step
     attack_steps: int = 10
+    deep_attack_after: float = 2.0  # seconds of search before wide attacks on the whole region (at 2, 6, 14... s)
+    deep_attack_restarts: int = 0
 
 
 @dataclass
@@ -183,12 +188,13 @@ class _Search:
         """Refute more of the open boxes (``still_open``: boolean mask); returns the new mask."""
         return still_open
 
-    def attack(self, lo: torch.Tensor, hi: torch.Tensor, promise: torch.Tensor) -> torch.Tensor | None:
-        """PGD inside the ``attack_boxes`` most promising open boxes; points with violation <= 0 or None."""
+    def attack(self, lo: torch.Tensor, hi: torch.Tensor, promise: torch.Tensor, restarts: int = 2,
+               steps: int | None = None) -> torch.Tensor | None:
+        """PGD inside the ``attack_boxes`` most promising boxes; points with violation <= 0 or None."""
         t = time.perf_counter()
         take = torch.argsort(promise)[:self.limits.attack_boxes]
         objective = lambda y: violation(y, self.A, self.b, self.groups, self.n_groups)  # noqa: E731
-        x, v = pgd_attack(self.forward, lo[take], hi[take], objective, self.limits.attack_steps, 2)
+        x, v = pgd_attack(self.forward, lo[take], hi[take], objective, steps or self.limits.attack_steps, restarts)
         self.stats["attack_s"] = self.stats.get("attack_s", 0.0) + time.perf_counter() - t
         hits = torch.argsort(v)
         hits = hits[v[hits] <= 0]
@@ -213,9 +219,19 @@ class _Search:
         stack.push(lower, upper, None)
         limits = self.limits
         iteration = 0
+        began = time.perf_counter()
+        undecided = False
+        next_deep = limits.deep_attack_after if limits.deep_attack_restarts > 0 else float("inf")
         while stack.size:
             if time.perf_counter() > limits.deadline:
                 return SearchOutcome("timeout", stats=self.stats)
+            if time.perf_counter() - began > next_deep:
+                # the search is not quick: a wide attack on the whole region, again after 2x, 4x... the time
+                next_deep = 2 * next_deep + limits.deep_attack_after
+                points = self.attack(lower, upper, torch.zeros(1), limits.deep_attack_restarts, 30)
+                self.stats["deep_attacks"] = self.stats.get("deep_attacks", 0) + 1
+                if points is not None and confirm(points):
+                    return SearchOutcome("sat", points, self.stats)
             iteration += 1
             parts = stack.pop(limits.batch_size)
             lo = torch.cat([p[0] for p in parts])
@@ -250,6 +266,14 @@ class _Search:
                 return SearchOutcome("sat", points, self.stats)
             if not limits.split:
                 return SearchOutcome("unknown", stats=self.stats)
+            # (nearly) a single input, not refuted: halving cannot decide it (midpoints stop moving)
+            point = (hi - lo <= 1e-12 * (1 + lo.abs())).all(1)
+            if bool(point.any()):
+                undecided = True
+                rest = (~point).nonzero().flatten()
+                if rest.numel() == 0:
+                    continue
+                keep, lo, hi, low, refuted = keep[rest], lo[rest], hi[rest], low[rest], refuted[rest]
             row_open = ~(low > self.margin) & ~refuted[:, self.groups]
             new_lo, new_hi = split_boxes(lo, hi, gain[keep], row_open)
             child = None
@@ -259,7 +283,7 @@ class _Search:
             self.stats["max_stack"] = max(self.stats["max_stack"], stack.size)
             if self.log is not None and iteration % 50 == 0:
                 self.log(f"step {iteration}: {stack.size} open boxes, {self.stats['boxes']} bounded")
-        return SearchOutcome("unsat", stats=self.stats)
+        return SearchOutcome("unknown" if undecided else "unsat", stats=self.stats)
 
 
 class ChainSearch(_Search):
@@ -268,6 +292,9 @@ class ChainSearch(_Search):
     def __init__(self, chain: ReluChain, A, b, groups, limits: SearchLimits, log=None) -> None:
         super().__init__(chain.forward, A, b, groups, limits, log)
         self.bounder = ChainBounder(chain, A, b)
+        # boxes per step: the intervals and spreads of a box take sum(widths) * (2 + n_in) floats
+        per_box = sum(w.shape[0] for w in chain.weights[:-1]) * (2 + chain.n_inputs) * 8
+        self.limits.batch_size = max(1, min(limits.batch_size, BATCH_BYTES // max(1, per_box)))
 
     def bound(self, lo, hi, parents):
         parent = None
@@ -317,17 +344,20 @@ class ChainSearch(_Search):
 
 
 class GraphSearch(_Search):
-    """Branch and bound with :func:`boundprop.compute_bounds` on any graph (no interval reuse)."""
+    """Branch and bound with :func:`boundprop.compute_bounds` on any graph (no interval reuse).
+
+    ``params``: values for the graph's parameter leaves (e.g. float64 copies of a module's)."""
 
     def __init__(self, graph, shape: tuple[int, ...], A, b, groups, limits: SearchLimits, method: str = "CROWN",
-                 log=None) -> None:
+                 log=None, params: dict | None = None) -> None:
         from ..graph.ir import evaluate
 
-        self.graph, self.shape, self.method = graph, shape, method
+        self.graph, self.shape, self.method, self.params = graph, shape, method, params
         dtype = A.dtype
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return evaluate(graph, (x.reshape(-1, *shape[1:]).to(dtype),))[graph.output].reshape(x.shape[0], -1)
+            x = x.reshape(-1, *shape[1:]).to(dtype)
+            return evaluate(graph, (x,), params)[graph.output].reshape(x.shape[0], -1)
 
         super().__init__(forward, A, b, groups, limits, log)
 
@@ -338,7 +368,7 @@ class GraphSearch(_Search):
         lo_s, hi_s = lo.reshape(-1, *shape[1:]), hi.reshape(-1, *shape[1:])
         C = self.A.unsqueeze(0).expand(lo.shape[0], -1, -1)
         res = compute_bounds(graph, ((lo_s + hi_s) / 2,), {graph.inputs[0]: PerturbationLpNorm(x_L=lo_s, x_U=hi_s)},
-                             method=self.method, C=C, upper=False, need_A=[graph.inputs[0]])
+                             method=self.method, C=C, upper=False, need_A=[graph.inputs[0]], params=self.params)
         lA = res.A[graph.inputs[0]]["lA"].reshape(lo.shape[0], C.shape[1], -1)
         radius = (hi - lo).unsqueeze(1) / 2
         return res.lower - self.b, lA, None, lA.abs() * radius / 2

@@ -3,28 +3,37 @@
 Order of work per region (a box of inputs with output disjuncts ``A_d y <= b_d``):
 
 1. attack: PGD with restarts on the violation ``min_d max_i (A_d y - b_d)_i``;
-2. if the input has at most ``max_input_split_dims`` entries: input-splitting branch and bound
-   (:mod:`boundprop.bab.search`). Networks that are chains of affine maps and ReLUs (most VNN-COMP
-   networks) are bounded by the dedicated CROWN of :mod:`boundprop.bab.chain` (intermediate
-   intervals inherited from the parent box, optimised bound per disjunct for boxes CROWN leaves
-   open); other graphs by :func:`boundprop.compute_bounds` (``method``);
+2. if at most ``max_input_split_dims`` inputs are free in the box (inputs pinned to one value do
+   not count): input-splitting branch and bound (:mod:`boundprop.bab.search`). Networks that are
+   chains of affine maps and ReLUs (most VNN-COMP networks) are bounded by the dedicated CROWN of
+   :mod:`boundprop.bab.chain` (pinned inputs folded into the first layer, intermediate intervals
+   inherited from the parent box, an optimised bound per disjunct for boxes CROWN leaves open,
+   branching on the estimated rise of the bounds, more attacks inside promising boxes and, when
+   the search lasts, wide attacks on the whole region); other graphs by
+   :func:`boundprop.compute_bounds` (``method``);
 3. otherwise one bound of the whole box with ``root_method`` (alpha-CROWN by default): ``unsat``
-   when it refutes every disjunct, else ``unknown``.
+   when it refutes every disjunct, else ``unknown`` (after trying the corners its linear bounds
+   point to).
 
 A region is refuted when no input of its box satisfies any of its disjuncts; the property is
 ``unsat`` when every region is refuted, ``sat`` as soon as a counterexample is confirmed.
 
 Soundness guards:
 
-* ``unsat`` is claimed only for rows whose lower bound exceeds ``b`` by a margin
-  (``margin_abs + margin_rel * |b|``, default 1e-6 each). Bounds are computed in float64 (ONNX
-  weights are float32, so they are represented exactly; every bound is a sum of products whose
-  rounding error is ~1e-16 relative per operation, i.e. below 1e-9 for the magnitudes met here, far
-  inside the margin); the ReLU-chain extraction is checked against the graph at random points;
-* ``sat`` is claimed only after the counterexample (cast to float32, clipped into the box) is
-  re-evaluated on the original model (the ONNX file through onnxruntime when there is one) and
-  satisfies the property with no tolerance;
-* the clock is checked between batches; past the deadline the answer is ``timeout``.
+* floating point: every bound behind an ``unsat`` claim is computed in float64 (ONNX weights are
+  float32 and a module's parameters are copied to float64, so the network itself is represented
+  exactly); a disjunct counts as refuted only when a row's lower bound exceeds its right-hand side
+  by the margin ``margin_abs + margin_rel * |b|`` (1e-6 each by default). The rounding error of
+  a float64 CROWN bound is a few units of 1e-16 relative per operation on sums of at most a few
+  thousand terms, below 1e-9 for the magnitudes of these networks (outputs up to ~1e3), so the
+  margin covers it with orders of magnitude to spare. The same margin absorbs rounding in the
+  box clipping of the search (:func:`~boundprop.bab.search.clip_boxes`). The dense matrices of the
+  ReLU chain are checked against the graph at random points (relative error <= 1e-9) before use;
+* ``sat`` is claimed only after the counterexample (clipped into the box, kept in float64) is
+  re-evaluated on the original model -- the ONNX file through onnxruntime, on the input cast to
+  float32 as VNN-COMP's checker does -- and satisfies the property with no tolerance;
+* a box that shrinks to a single input without being refuted makes the answer ``unknown``, never
+  ``unsat``; the clock is checked between batches, and past the deadline the answer is ``timeout``.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ import torch
 from ..graph.ir import Graph, ParamSource, evaluate
 from ..spec.vnnlib import Property, Region, read_vnnlib
 from .attack import pgd_attack, violation
-from .chain import ReluChain, extract_relu_chain
+from .chain import ReluChain, extract_relu_chain, restrict_chain
 from .search import ChainSearch, GraphSearch, SearchLimits, refuted_groups
 
 VERDICTS = ("sat", "unsat", "timeout", "unknown")
@@ -79,6 +88,8 @@ class VerifierOptions:
     attack_restarts: int = 64
     max_input_split_dims: int = 64
     optimise_iterations: int = 20
+    deep_attack_macs: int = 50_000_000  # budget of the wide attack run once a search lasts 2 s
+    deep_attack_max_restarts: int = 4096
     use_chain: bool = True
     float64: bool = True
     seed: int = 0
@@ -106,6 +117,7 @@ class _Checker:
             options = ort.SessionOptions()
             options.intra_op_num_threads = 1
             options.inter_op_num_threads = 1
+            options.log_severity_level = 3  # errors only (not the warnings some exporters' models raise)
             source = onnx_source if isinstance(onnx_source, bytes) else str(onnx_source)
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
             self.input_name = self.session.get_inputs()[0].name
@@ -120,15 +132,14 @@ class _Checker:
         return value.reshape(-1).double()
 
     def confirm(self, x: torch.Tensor, region: Region) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(x, y)`` when ``x`` (float32) lies in the box and ``y`` satisfies some disjunct exactly."""
-        x32 = torch.minimum(torch.maximum(x.reshape(-1).double(), region.lower), region.upper).to(torch.float32)
-        x64 = x32.double()
-        if (x64 < region.lower).any() or (x64 > region.upper).any():
-            return None
-        y = self.outputs(x32)
+        """``(x, y)`` when the model's outputs ``y`` at ``x`` (clipped into the box, float64) satisfy some
+        disjunct exactly. The model runs on ``x`` cast to float32, as VNN-COMP's checker runs it; ``x``
+        itself stays in the box exactly (a float32 value may not: a pinned input ``0.1 <= X_0 <= 0.1``)."""
+        x64 = torch.minimum(torch.maximum(x.reshape(-1).double(), region.lower), region.upper)
+        y = self.outputs(x64.to(torch.float32))
         for d in region.disjuncts:
             if bool((d.A @ y <= d.b).all()):
-                return x32, y.to(torch.float32)
+                return x64, y.to(torch.float32)
         return None
 
 
@@ -142,8 +153,13 @@ class Network:
         self.graph = graph
         self.input_shape = tuple(input_shape)
         self.n_inputs = int(math.prod(self.input_shape[1:]))
-        self.dtype = torch.float64 if (float64 and graph.module is None) else torch.float32
-        self.bound_graph = graph_to_dtype(graph, self.dtype) if self.dtype == torch.float64 else graph
+        self.dtype = torch.float64 if float64 else torch.float32
+        self.bound_graph = graph_to_dtype(graph, self.dtype)
+        # a captured module's parameters are read live from it: bounds use float64 copies
+        self.params: dict[str, Any] | None = None
+        if graph.module is not None:
+            self.params = {name: v.detach().to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                           for name, v in graph.param_values().items()}
         self.checker = _Checker(onnx_source, graph, self.input_shape)
         self._chain: ReluChain | None | bool = False  # False: not extracted yet
 
@@ -174,10 +190,10 @@ class Network:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Outputs ``(n, n_out)`` at flattened inputs ``(n, n_in)`` in the bound dtype."""
-        if self.chain is not None and self.dtype == torch.float64:
-            return self.chain.forward(x.double())
+        if self._chain not in (False, None) and self.dtype == torch.float64:  # extracted for branch and bound
+            return self._chain.forward(x.double())  # type: ignore[union-attr]
         x = x.to(self.dtype).reshape(-1, *self.input_shape[1:])
-        return evaluate(self.bound_graph, (x,))[self.bound_graph.output].reshape(x.shape[0], -1)
+        return evaluate(self.bound_graph, (x,), self.params)[self.bound_graph.output].reshape(x.shape[0], -1)
 
 
 def load_network(model: Any, input_shape: tuple[int, ...] | None = None, float64: bool = True) -> Network:
@@ -281,22 +297,34 @@ def _verify_region(net: Network, region: Region, deadline: float, opts: Verifier
         return "sat", cex
     lower = region.lower.to(net.dtype).reshape(1, -1)
     upper = region.upper.to(net.dtype).reshape(1, -1)
-    split = net.n_inputs <= opts.max_input_split_dims
-    limits = SearchLimits(deadline, opts.batch_size, opts.margin_abs, opts.margin_rel, opts.optimise_iterations,
-                          split)
+    free = (region.upper > region.lower)
+    n_free = int(free.sum())
+    split = n_free <= opts.max_input_split_dims
     if not split:
-        outcome = _root_bound(net, lower, upper, A, b, groups, limits, opts, stats)
-        if outcome is not None:
-            return outcome, None
-    if opts.use_chain and net.chain is not None and net.dtype == torch.float64:
-        search = ChainSearch(net.chain, A, b, groups, limits, log)
+        return _root_bound(net, region, lower, upper, A, b, groups, opts, stats)
+    limits = SearchLimits(deadline, opts.batch_size, opts.margin_abs, opts.margin_rel, opts.optimise_iterations,
+                          split, deep_attack_restarts=_deep_restarts(net, opts))
+    to_full = lambda p: p  # noqa: E731
+    if opts.use_chain and net.dtype == torch.float64 and net.chain is not None:
+        chain = net.chain
+        if n_free < net.n_inputs:  # inputs the region pins down (e.g. a few perturbed pixels): fold them in
+            chain = restrict_chain(chain, free, region.lower)
+            lower, upper = lower[:, free], upper[:, free]
+            fixed = region.lower.to(net.dtype)
+
+            def to_full(p: torch.Tensor) -> torch.Tensor:
+                x = fixed.clone()
+                x[free] = p
+                return x
+
+        search = ChainSearch(chain, A, b, groups, limits, log)
     else:
-        search = GraphSearch(net.bound_graph, net.input_shape, A, b, groups, limits, opts.method, log)
+        search = GraphSearch(net.bound_graph, net.input_shape, A, b, groups, limits, opts.method, log, net.params)
     found: list = []
 
     def confirm(points: torch.Tensor) -> bool:
         for p in points:
-            cex = net.checker.confirm(p, region)
+            cex = net.checker.confirm(to_full(p), region)
             if cex is not None:
                 found.append(cex)
                 return True
@@ -309,24 +337,48 @@ def _verify_region(net: Network, region: Region, deadline: float, opts: Verifier
     return outcome.status, None
 
 
-def _root_bound(net: Network, lower, upper, A, b, groups, limits: SearchLimits, opts: VerifierOptions,
-                stats: dict) -> str | None:
-    """One bound of the whole region with ``root_method``: ``unsat`` if it refutes every disjunct,
-    None to go on with one CROWN bound (which reports ``unknown`` when it cannot)."""
+def _deep_restarts(net: Network, opts: VerifierOptions) -> int:
+    """Restarts of the wide attack: ``deep_attack_macs`` multiply-adds over the network's size."""
+    if net.chain is None:
+        return opts.attack_restarts
+    macs = sum(w.numel() for w in net.chain.weights)
+    return int(min(opts.deep_attack_max_restarts, max(opts.attack_restarts, opts.deep_attack_macs // max(1, macs))))
+
+
+def _root_bound(net: Network, region: Region, lower, upper, A, b, groups, opts: VerifierOptions,
+                stats: dict) -> tuple[str, Any]:
+    """A region too wide to split: one bound of it with ``root_method`` (CROWN if that method fails),
+    ``unsat`` if it refutes every disjunct; else the corners minimising the rows' linear bounds are
+    tried as counterexamples, and the answer is ``unknown``."""
     from .. import PerturbationLpNorm, compute_bounds
 
     graph, shape = net.bound_graph, net.input_shape
     lo, hi = lower.reshape(1, *shape[1:]), upper.reshape(1, *shape[1:])
-    margin = limits.margin_abs + limits.margin_rel * b.abs()
+    margin = opts.margin_abs + opts.margin_rel * b.abs()
     n_groups = int(groups.max()) + 1
     t = time.perf_counter()
-    try:
-        res = compute_bounds(graph, ((lo + hi) / 2,), {graph.inputs[0]: PerturbationLpNorm(x_L=lo, x_U=hi)},
-                             method=opts.root_method, C=A.unsqueeze(0), upper=False)
-    except (NotImplementedError, RuntimeError, ValueError):
-        return None
-    finally:
-        stats["root_bound_s"] = stats.get("root_bound_s", 0.0) + time.perf_counter() - t
+    res = None
+    for method in dict.fromkeys((opts.root_method, "CROWN")):
+        try:
+            res = compute_bounds(graph, ((lo + hi) / 2,), {graph.inputs[0]: PerturbationLpNorm(x_L=lo, x_U=hi)},
+                                 method=method, C=A.unsqueeze(0), upper=False, need_A=[graph.inputs[0]],
+                                 params=net.params)
+            break
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue
+    stats["root_bound_s"] = stats.get("root_bound_s", 0.0) + time.perf_counter() - t
+    if res is None:
+        return "unknown", None
     if bool(refuted_groups(res.lower - b, margin, groups, n_groups).all()):
-        return "unsat"
-    return None
+        return "unsat", None
+    lA = res.A[graph.inputs[0]]["lA"].reshape(1, A.shape[0], -1)
+    corners = torch.where(lA > 0, lower.unsqueeze(1), upper.unsqueeze(1)).reshape(-1, lower.shape[1])
+    points = torch.cat([(lower + upper) / 2, corners])
+    with torch.no_grad():
+        v = violation(net.forward(points), A, b, groups, n_groups)
+    for i in torch.argsort(v)[:4].tolist():
+        if v[i] <= 1e-6:
+            cex = net.checker.confirm(points[i], region)
+            if cex is not None:
+                return "sat", cex
+    return "unknown", None

@@ -126,13 +126,14 @@ class Patches:
         return out
 
     def _gather_per_row(self, t: torch.Tensor) -> torch.Tensor:
-        top, bottom, left, right = self._extent()
-        if top or bottom or left or right:
-            t = F.pad(t, (left, right, top, bottom))
-        ih, iw = self._windows(top, left)
-        rows = torch.arange(self.spec, device=t.device)[:, None, None]
-        picked = t[:, rows, :, ih[:, :, None], iw[:, None, :]]  # (R, kh, kw, b, C)
-        return picked.permute(3, 0, 4, 1, 2)
+        """Windows of a ``(b, R, C, H, W)`` map, row ``r`` from ``t[:, r]``: ``(b, R, C, kh, kw)``."""
+        (kh, kw), (sh, sw), (ph, pw), (H, W) = self.kernel, self.stride, self.padding, self.size
+        h0, h1, w0, w1 = self.row_range
+        top, left = ph - h0 * sh, pw - w0 * sw
+        bottom, right = (h1 - h0) * sh + kh - H - top, (w1 - w0) * sw + kw - W - left
+        view = F.pad(t, (left, right, top, bottom)).unfold(3, kh, sh).unfold(4, kw, sw)  # (b, R, C, Lh, Lw, kh, kw)
+        rows = torch.arange(self.spec, device=t.device)
+        return view[:, rows, :, self.rows_h - h0, self.rows_w - w0].transpose(0, 1).contiguous()  # (R, b, ...)
 
     def clean(self) -> Patches:
         """The same coefficients with every window entry outside the node set to zero."""
@@ -255,8 +256,7 @@ def _add_patches(a: Patches, b: Patches) -> Patches | None:
         a, b = b, a
     if (a.padding, a.kernel) == ((ph, pw), (kh, kw)):  # a's window holds b's: add b into a slice
         top, left = ph - b.padding[0], pw - b.padding[1]
-        shape = torch.broadcast_shapes(a.data.shape, b.data.shape[:3] + a.data.shape[3:])
-        data = a.data.expand(shape).clone()
+        data = a.data.expand(max(a.data.shape[0], b.data.shape[0]), *a.data.shape[1:]).clone()
         data[..., top:top + b.kernel[0], left:left + b.kernel[1]] += b.data
         return a.with_data(data, dirty)
 

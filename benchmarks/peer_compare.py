@@ -10,13 +10,19 @@ auto_LiRPA's 20 iterations and lr 0.5), on one thread:
 * the median time of one plain forward pass of the same model and batch, measured right before
   the method in the same run, and the cost as a multiple of it (also in CPU time, which a shared,
   loaded machine disturbs less than wall time);
-* auto_LiRPA's cost in forwards (``results.csv``, measured on this machine kind) and the ratio;
+* auto_LiRPA's cost in forwards (``results.csv``, measured on this machine kind) and the ratios
+  (ours / theirs) of the wall-clock cost and of the CPU-time cost. On a loaded machine the wall
+  cost of a long call is inflated: the median of many short forward passes skips the ones the
+  scheduler interrupted, a call of several milliseconds cannot; the CPU-time cost is not biased
+  that way;
 * the mean bound width (mean of upper - lower) of both libraries and the largest difference
   between the bounds, relative to ``max(1, |auto_LiRPA's bound|)``.
 
 Methods that raise ``NotImplementedError`` are noted and skipped; so are the combinations
 auto_LiRPA did not run (alpha-CROWN on resnet_small, forward on resnet_small at batch 32) unless
-``--all``. Writes a markdown table to stdout and to ``benchmarks/results/peer_compare.md``.
+``--all``. Writes a markdown table to stdout and to ``benchmarks/results/peer_compare.md``
+(``--merge``: rows of that file for other model/batch/method triples are kept, so the table can
+be built by several shorter runs).
 
     .venv/bin/python benchmarks/peer_compare.py
     .venv/bin/python benchmarks/peer_compare.py --models cnn --batches 1 --methods CROWN
@@ -131,6 +137,7 @@ def run(args) -> list[dict]:
                     row["diff"] = rel_diff((res.lower.detach(), res.upper.detach()), peer_bounds)
                 if row["peer_cost"]:
                     row["ratio"] = row["cost"] / row["peer_cost"]
+                    row["cpu_ratio"] = row["cpu_cost"] / row["peer_cost"]
                 rows.append(row)
                 print(format_row(row), flush=True)
     return rows
@@ -142,16 +149,36 @@ def _fmt(v, spec: str) -> str:
 
 def format_row(r: dict) -> str:
     if "note" in r:
-        return f"| {r['model']} | {r['batch']} | {r['method']} | {r['note']} |" + " |" * 10
+        return f"| {r['model']} | {r['batch']} | {r['method']} | {r['note']} |" + " |" * 9
     return (f"| {r['model']} | {r['batch']} | {r['method']} | {r['time']:.4g} | {r['forward'] * 1e3:.3f} | "
             f"{r['cost']:.1f} | {r['cpu_cost']:.1f} | {_fmt(r.get('peer_cost'), '.1f')} | "
-            f"{_fmt(r.get('ratio'), '.2f')} | {r['width']:.6g} | {_fmt(r.get('peer_width'), '.6g')} | "
+            f"{_fmt(r.get('ratio'), '.2f')} | {_fmt(r.get('cpu_ratio'), '.2f')} | {r['width']:.6g} | "
+            f"{_fmt(r.get('peer_width'), '.6g')} | "
             f"{_fmt(r.get('diff'), '.1e')} |")
 
 
 HEADER = ("| model | batch | method | time (s) | forward (ms) | cost (forwards) | cost (CPU time) | "
-          "auto_LiRPA cost | ratio | mean width | auto_LiRPA width | max rel. diff |\n"
-          "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "auto_LiRPA cost | ratio | ratio (CPU) | mean width | auto_LiRPA width | max rel. diff |\n"
+          "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def merged(old_text: str, rows: list[dict]) -> list[str]:
+    """Table lines: the old table's rows for triples not run now, then this run's rows, in the usual order."""
+    new = {(r["model"], str(r["batch"]), r["method"]): format_row(r) for r in rows}
+    lines = dict(new)
+    in_table = False
+    for line in old_text.splitlines():  # the first table only (the notes after it may hold other tables)
+        if not line.startswith("|"):
+            if in_table:
+                break
+            continue
+        in_table = True
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 3 and cells[1].isdigit():
+            lines.setdefault((cells[0], cells[1], cells[2]), line)
+    order = {m: i for i, m in enumerate(("mlp", "cnn", "resnet_small"))}
+    return [lines[k] for k in sorted(lines, key=lambda k: (order.get(k[0], 9), k[0], int(k[1]),
+                                                           METHODS.index(k[2]) if k[2] in METHODS else 9))]
 
 
 def main() -> None:
@@ -163,17 +190,24 @@ def main() -> None:
     parser.add_argument("--long", type=float, default=20.0, help="seconds: a longer call is timed once")
     parser.add_argument("--all", action="store_true", help="also run what auto_LiRPA did not")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", action="store_true", help="keep the output file's rows for triples not run now")
     args = parser.parse_args()
     print(HEADER, flush=True)
     rows = run(args)
-    table = "\n".join([HEADER] + [format_row(r) for r in rows])
+    lines = [format_row(r) for r in rows]
+    if args.merge and args.out.exists():
+        lines = merged(args.out.read_text(), rows)
+    table = "\n".join([HEADER] + lines)
     notes = (f"\n\nboundprop vs auto_LiRPA 0.7.1 (`{PEER}/results.csv`), one thread, "
              f"{datetime.date.today()}, torch {torch.__version__}, {platform.processor() or platform.machine()}. "
              "cost = median time of one call / median time of one forward pass measured just before it "
-             "(wall clock; 'CPU time' uses process CPU time for both). ratio = cost / auto_LiRPA's cost. "
+             "(wall clock; 'CPU time' uses process CPU time for both). ratio = cost / auto_LiRPA's cost "
+             "(auto_LiRPA's is wall clock). "
              "max rel. diff = max |ours - auto_LiRPA| / max(1, |auto_LiRPA|) over both bounds.\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("# boundprop vs auto_LiRPA on the peer models\n\n" + table + notes)
+    prose = args.out.with_suffix(".notes.md")  # hand-written analysis kept beside the generated table
+    extra = "\n" + prose.read_text() if prose.exists() else ""
+    args.out.write_text("# boundprop vs auto_LiRPA on the peer models\n\n" + table + notes + extra)
     print(notes)
 
 

@@ -199,3 +199,106 @@ def test_multi_input_wrapper():
         value = CrossEntropyWrapperMultiInput(model)(y, u + du, v + dv)
         assert (value <= ub * (1 + 1e-5)).all()
     assert math.isfinite(float(ub.sum()))
+
+
+# ------------------------------------------------------------------------------------------------
+# cost structure of the fused path: the elided radius, the exp chord, one specification row
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_elided_radius_matches_dense_formula(monkeypatch, direct):
+    from boundprop.training import fusion
+
+    monkeypatch.setattr(fusion, "ELIDED_DIRECT_ELEMENTS", 10**9 if direct else 0)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(7, 5, dtype=torch.float64, generator=gen).requires_grad_(True)
+    rad = torch.rand(9, 5, dtype=torch.float64, generator=gen).requires_grad_(True)
+    labels = torch.tensor([3, 0, 3, 6, 6, 6, 1, 0, 2])
+    out = fusion.elided_radius(weight, rad, labels)
+    dense = torch.einsum("bki,bi->bk", (weight.unsqueeze(0) - weight[labels].unsqueeze(1)).abs(), rad)
+    torch.testing.assert_close(out, dense)
+    assert (out[torch.arange(9), labels] == 0).all()
+    if not direct:  # the label-by-label autograd function: analytic against numerical gradients
+        assert torch.autograd.gradcheck(lambda w, r: fusion.elided_radius(w, r, labels), (weight, rad))
+
+
+def test_fused_crown_ibp_uses_one_spec_row_and_no_intermediate_crown(setup, monkeypatch):
+    """CROWN-IBP with fusion: one backward walk with ONE row; no K-row spec, no CROWN intermediate bounds."""
+    from boundprop.training import fusion
+
+    model, fused, _ = setup
+    _reset(model, 13, 1.0)
+    calls = []
+    real_backward = fusion.backward
+
+    def spy(state, start, C, *args, **kwargs):
+        calls.append(tuple(C.shape))
+        return real_backward(state, start, C, *args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fused CROWN-IBP must not compute K-row specs or CROWN intermediate bounds")
+
+    monkeypatch.setattr(fusion, "backward", spy)
+    monkeypatch.setattr(fusion, "refine_intermediate", refuse)
+    monkeypatch.setattr(fusion, "_diff_spec", refuse)
+    x, y = torch.rand(4, DIM), torch.tensor([0, 1, 2, 4])
+    fused_bounds(fused, (x, y), {"x": PerturbationLpNorm(eps=0.05)}, "CROWN-IBP")
+    assert calls == [(4, 1, K)]
+
+
+def test_fused_crown_ibp_matches_registered_exp_rule(setup):
+    """The lean chord gives the bound the registered exp relaxation (the generic machinery) gives."""
+    from boundprop.rules import rules_for
+    from boundprop.rules.registry import RelaxCall
+    from boundprop.training import fusion
+
+    model, fused, _ = setup
+    for seed, eps in ((17, 0.02), (19, 0.1), (23, 0.5)):
+        _reset(model, seed, 1.0)
+        x, y = torch.rand(4, DIM), torch.tensor([0, 1, 2, 4])
+        res = fused_bounds(fused, (x, y), {"x": PerturbationLpNorm(eps=eps)}, "CROWN-IBP")
+        low, high = res.z.lower - res.shift, res.z.upper - res.shift
+        relax = rules_for(torch.ops.aten.exp.default).relaxation(low, high, RelaxCall(direction="upper"))
+        slope, offset = fusion.exp_chord(low, high)
+        torch.testing.assert_close(slope, relax.uw.expand_as(low), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(offset, relax.ub.expand_as(low), rtol=1e-4, atol=1e-5)
+
+
+def _intervals():
+    lows = [-1e4, -300.0, -50.0, -3.0, -1.0, -1e-3, 0.0]
+    widths = [0.0, 1e-7, 1e-4, 5e-3, 1e-2, 0.3, 2.0, 40.0, 1e4]
+    pairs = [(lo, lo + w) for lo in lows for w in widths]
+    return [(lo, hi) for lo, hi in pairs if hi <= 0.0] + [(-math.inf, -2.0), (-math.inf, 0.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exp_chord_is_sound(dtype):
+    from boundprop.training.fusion import exp_chord
+
+    low, high = (torch.tensor(v, dtype=dtype) for v in zip(*_intervals()))
+    slope, offset = exp_chord(low, high)
+    assert torch.isfinite(slope).all() and torch.isfinite(offset).all()
+    t = torch.linspace(0, 1, 2001, dtype=torch.float64).unsqueeze(1)
+    lo64 = torch.where(torch.isinf(low), high - 1e6, low).to(torch.float64)  # stands in for -inf
+    pts = (lo64 + t * (high.to(torch.float64) - lo64)).to(dtype).to(torch.float64)  # points of the interval
+    pts = torch.minimum(torch.maximum(pts, lo64), high.to(torch.float64))
+    line = slope.to(torch.float64) * pts + offset.to(torch.float64)
+    assert (line >= torch.exp(pts)).all()
+    # tight: at most a little above the true chord's largest gap (float32: rounding slack)
+    finite = torch.isfinite(low)
+    gap_ends = torch.maximum(line[0] - torch.exp(pts[0]), line[-1] - torch.exp(pts[-1]))[finite]
+    assert (gap_ends <= 1e-4 * (1 + torch.exp(high[finite].to(torch.float64)))).all()
+
+
+def test_exp_chord_gradients_finite_on_narrow_intervals():
+    from boundprop.training.fusion import exp_chord
+
+    low = torch.tensor([-2.0, -2.0, -2.0, -1e-3, -30.0], dtype=torch.float64, requires_grad=True)
+    width = torch.tensor([0.0, 1e-9, 5e-3, 1e-3, 29.0], dtype=torch.float64)
+    slope, offset = exp_chord(low, low + width)
+    (slope.sum() + offset.sum()).backward()
+    assert torch.isfinite(low.grad).all()
+    # the slope is continuous across the Taylor / chord switch at width 1e-2
+    f64 = dict(dtype=torch.float64)
+    a, _ = exp_chord(torch.tensor([-1.0, -1.0], **f64), torch.tensor([-1 + 0.01 - 1e-12, -0.99], **f64))
+    assert abs(float(a[0] - a[1])) < 1e-9

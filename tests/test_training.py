@@ -180,7 +180,7 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--arch", "digits_mlp", "--method", "ibp", "--eps", "0.05", "--epochs", "2", "--warmup", "1",
             "--train-limit", "96", "--eval-limit", "32", "--eval-methods", "ibp", "--eval-pgd-steps", "2",
-            "--batch-size", "32", "--out", str(out)]
+            "--batch-size", "32", "--ibp-init", "--out", str(out)]
     assert cli_main(argv) == 0
     text = capsys.readouterr().out
     assert "verified IBP" in text and "epoch 2/2" in text
@@ -226,3 +226,37 @@ def test_ddp_matches_single_process():
     assert len(history) == 1
     for name, value in single.state_dict().items():
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_transformer_digits_model_trains_with_bounds():
+    """The digits Transformer (rows as tokens) captures, and its robust CE bounds the natural CE."""
+    from boundprop.training.losses import capture_graphs
+
+    model = build_digit_model("transformer", seed=0)
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 3, 5, 9])
+    graphs = capture_graphs(model, x, fusion=True)
+    natural = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    for method, fusion in (("ibp", False), ("crown-ibp", False), ("crown-ibp", True)):
+        loss = robust_ce(graphs, x, y, 0.01, method, 10, fusion=fusion)
+        assert torch.isfinite(loss).all() and (loss >= natural - 1e-4).all(), (method, fusion)
+    loss.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_ibp_init_keeps_initial_bounds_small():
+    """IBP initialisation (Shi et al. 2021): the robust loss of a deep model starts near log(K), not in the hundreds."""
+    from boundprop.training.losses import capture_graphs
+    from boundprop.training.models import ibp_init
+
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8)
+    default = build_digit_model("cnn7_bn", seed=0)
+    init = ibp_init(build_digit_model("cnn7_bn", seed=0), seed=0)
+    conv = init[0]
+    assert abs(float(conv.weight.std()) - (2 * torch.pi) ** 0.5 / conv.weight[0].numel()) < 0.5 * float(conv.weight.std())
+    assert all(float(m.bias.abs().max()) == 0 for m in init.modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.bias is not None)
+    losses = {}
+    for name, model in (("default", default), ("ibp", init)):
+        with torch.no_grad():
+            losses[name] = float(robust_ce(capture_graphs(model, x, False), x, y, 0.1, "ibp", 10).mean())
+    assert losses["ibp"] < 3.0 < 50.0 < losses["default"], losses

@@ -18,9 +18,9 @@ from boundprop.bab.verifier import Network, VerificationResult
 from boundprop.cli.main import main
 from boundprop.spec.vnnlib import parse_vnnlib, read_vnnlib
 
-BENCH = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
-ACAS = BENCH / "acasxu"
-needs_bench = pytest.mark.skipif(not ACAS.is_dir(), reason="shared benchmarks not present")
+# real VNN-COMP networks and properties shipped with the tests (see the README there)
+SAMPLE = Path(__file__).resolve().parent / "data" / "vnncomp_sample"
+ACAS = SAMPLE / "acasxu"
 
 # quick ACAS Xu instances (onnx, vnnlib, expected): attack-found sat, and unsat needing few boxes
 ACAS_CASES = [
@@ -209,7 +209,6 @@ def check_counterexample(onnx_path: Path, vnnlib_path: Path, x: np.ndarray, y: n
     assert ok, "the counterexample does not violate the property"
 
 
-@needs_bench
 @pytest.mark.parametrize("onnx_rel,vnnlib_rel,expected", ACAS_CASES)
 def test_acasxu_known_answers(onnx_rel, vnnlib_rel, expected):
     result = verify(ACAS / onnx_rel, ACAS / vnnlib_rel, timeout=60)
@@ -223,7 +222,6 @@ def test_acasxu_known_answers(onnx_rel, vnnlib_rel, expected):
 
 # ---------------------------------------------------------------- command line
 
-@needs_bench
 def test_cli_verify(tmp_path, capsys):
     onnx_rel, vnnlib_rel, _ = ACAS_CASES[0]
     out = tmp_path / "result.txt"
@@ -287,7 +285,6 @@ def _instances_csv(folder: Path, rows) -> Path:
     return path
 
 
-@needs_bench
 def test_cli_bench_and_resume(tmp_path, capsys):
     rows = [ACAS_CASES[0], ACAS_CASES[2], ACAS_CASES[1]]  # sat, unsat, sat
     instances = _instances_csv(tmp_path, rows)
@@ -338,3 +335,14 @@ def test_cli_bench_small_models(tmp_path, capsys):
 
 def test_python_api():
     assert boundprop.verify is verify and "verify" in boundprop.__all__
+
+
+@pytest.mark.parametrize("benchmark", ["acasxu", "rl_benchmarks"])
+def test_shipped_benchmark_sample_has_no_wrong_verdict(benchmark, tmp_path, capsys):
+    """Every shipped instance is decided, as its ground truth says, within its VNN-COMP timeout."""
+    out = tmp_path / "results.csv"
+    assert main(["bench", str(SAMPLE / benchmark / "instances.csv"), "--output", str(out), "--quiet"]) == 0
+    summary = dict(re.findall(r"^\s+(\S.*?)\s{2,}(\S.*)$", capsys.readouterr().out, re.M))
+    n = len((SAMPLE / benchmark / "instances.csv").read_text().split())
+    assert summary["wrong (vs groundtruth)"] == f"0 of {n} scored"
+    assert summary["timeout"] == "0" and summary["unknown/error"] == "0"

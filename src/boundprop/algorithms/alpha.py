@@ -217,7 +217,7 @@ class _Start:
 
 
 #: per-call caches that do not depend on intervals (kept across evaluations; any other is dropped)
-_STATIC_CACHE = {"pullback", "affine", "box"}
+_STATIC_CACHE = {"pullback", "box"}
 
 
 def _detach(iv: Interval) -> Interval:

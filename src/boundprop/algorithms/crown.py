@@ -251,7 +251,7 @@ def refine(state: PropagationState, name: str, alpha_for_start: AlphaForStart | 
 
 def refine_intermediate(state: PropagationState, target: str, alpha_for_start: AlphaForStart | None = None) -> None:
     """Refine, in topological order, every interval the final walk from ``target`` will read."""
-    needed = state.graph.ancestors(target)
+    needed = state.ancestors(target)
     for node in state.graph.nodes:
         if node.name not in needed or node.name not in state.perturbed:
             continue

@@ -49,7 +49,7 @@ def ibp(state: PropagationState, until: str | None = None, overwrite: bool = Fal
     intersected with the new ones, unless ``overwrite``.
     """
     leaf_intervals(state)
-    needed = state.graph.ancestors(until) if until is not None else None
+    needed = state.ancestors(until) if until is not None else None
     for node in state.graph.nodes:
         if node.name not in state.perturbed or (needed is not None and node.name not in needed):
             continue
@@ -65,10 +65,10 @@ def ibp(state: PropagationState, until: str | None = None, overwrite: bool = Fal
 def _fed_by_ball(state: PropagationState, node) -> bool:
     """An affine node whose perturbed inputs are all leaves perturbed in a non-box set."""
     perturbed = [p for p in node.inputs if p in state.perturbed]
-    if not perturbed or not state.is_affine_here(node):
+    if not perturbed:
         return False
     for p in perturbed:
         ptb = state.perturbations.get(p)
         if ptb is None or getattr(ptb, "norm", math.inf) == math.inf or ptb._box_only():
             return False
-    return True
+    return state.is_affine_here(node)

@@ -7,6 +7,7 @@ everything a call learns is kept here and handed back to the user in a frozen
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ class PropagationState:
         refined: nodes whose interval is final for this call (no further tightening planned).
         opts: bound options (relaxation choices etc.).
         cache: per-call caches (pullbacks of affine ops, relaxations) keyed by node name.
+        static: facts that depend only on the graph and on which leaves are perturbed (shared by
+            every call with the same graph and perturbed leaves; see :func:`static_facts`).
     """
 
     graph: Graph
@@ -45,6 +48,7 @@ class PropagationState:
     refined: set[str] = field(default_factory=set)
     opts: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
+    static: dict = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -75,11 +79,21 @@ class PropagationState:
         return map_refs(node.args, resolve), map_refs(dict(node.kwargs), resolve)
 
     def is_affine_here(self, node: Node) -> bool:
-        """Whether the node is affine in its perturbed arguments in this call (cached per call)."""
-        key = ("affine", node.name)
-        if key not in self.cache:
-            self.cache[key] = self._is_affine(node)
-        return self.cache[key]
+        """Whether the node is affine in its perturbed arguments in this call (cached: it depends only on
+        which arguments are perturbed and batched, and on the rules)."""
+        known = self.static.setdefault("affine", {})
+        answer = known.get(node.name)
+        if answer is None:
+            answer = known[node.name] = self._is_affine(node)
+        return answer
+
+    def ancestors(self, name: str) -> frozenset[str]:
+        """``graph.ancestors(name)``, cached with the graph's static facts."""
+        known = self.static.setdefault("ancestors", {})
+        answer = known.get(name)
+        if answer is None:
+            answer = known[name] = frozenset(self.graph.ancestors(name))
+        return answer
 
     def _is_affine(self, node: Node) -> bool:
         entry = self.rules(node)
@@ -106,16 +120,35 @@ def _flat_args(obj) -> list:
     return [obj]
 
 
+#: ``id(graph) -> (weak reference to the graph, {frozenset of perturbed leaves: static facts})``
+_STATIC: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def static_facts(graph: Graph, perturbed_leaves) -> dict:
+    """A dict shared by every call on ``graph`` with the same perturbed leaves, for facts that depend on
+    nothing else (the perturbed and batched node sets, which nodes are affine, ancestors). The graph is
+    immutable; the entry goes away with it."""
+    key = id(graph)
+    entry = _STATIC.get(key)
+    if entry is None or entry[0]() is not graph:
+        entry = (weakref.ref(graph, lambda _ref, key=key: _STATIC.pop(key, None)), {})
+        _STATIC[key] = entry
+    return entry[1].setdefault(frozenset(perturbed_leaves), {})
+
+
 def make_state(graph: Graph, inputs: tuple[torch.Tensor, ...], perturbations: Mapping[str, Perturbation],
                params: Mapping[str, torch.Tensor] | None = None, opts: dict | None = None) -> PropagationState:
     """Evaluate the graph at the nominal inputs and find the perturbed nodes."""
     values = evaluate(graph, inputs, params)
-    perturbed = set(perturbations)
-    from_inputs = set(graph.inputs)
-    for node in graph.nodes:
-        if any(p in from_inputs for p in node.inputs):
-            from_inputs.add(node.name)
-        if node.target not in SHAPE_OPS and any(p in perturbed for p in node.inputs):
-            perturbed.add(node.name)
-    batched = perturbed & from_inputs
-    return PropagationState(graph, values, dict(perturbations), perturbed, batched, opts=dict(opts or {}))
+    static = static_facts(graph, perturbations)
+    if "perturbed" not in static:
+        perturbed = set(perturbations)
+        from_inputs = set(graph.inputs)
+        for node in graph.nodes:
+            if any(p in from_inputs for p in node.inputs):
+                from_inputs.add(node.name)
+            if node.target not in SHAPE_OPS and any(p in perturbed for p in node.inputs):
+                perturbed.add(node.name)
+        static["perturbed"], static["batched"] = frozenset(perturbed), frozenset(perturbed & from_inputs)
+    return PropagationState(graph, values, dict(perturbations), set(static["perturbed"]), set(static["batched"]),
+                            opts=dict(opts or {}), static=static)

@@ -6,6 +6,7 @@ counterexample exactly when ``v(x) <= 0`` (some disjunct ``d`` has all its rows 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -21,11 +22,13 @@ def violation(y: torch.Tensor, A: torch.Tensor, b: torch.Tensor, groups: torch.T
 
 def pgd_attack(fn: Callable[[torch.Tensor], torch.Tensor], lower: torch.Tensor, upper: torch.Tensor,
                objective: Callable[[torch.Tensor], torch.Tensor], steps: int = 50, restarts: int = 8,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               generator: torch.Generator | None = None, deadline: float | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise ``objective(fn(x))`` over boxes ``[lower, upper]`` (batch, *shape).
 
     Returns the best point per box and its objective value. Starts: the centre, the corners nearest
     the gradient sign, and uniform random points; steps are signed gradients with a decaying size.
+    Past ``deadline`` (a ``time.perf_counter()`` value) no further step is taken.
     """
     batch = lower.shape[0]
     width = upper - lower
@@ -37,6 +40,8 @@ def pgd_attack(fn: Callable[[torch.Tensor], torch.Tensor], lower: torch.Tensor, 
     step = (hi - lo) / 4
     best_x, best_v = x.clone(), torch.full((x.shape[0],), torch.inf, dtype=lower.dtype)
     for _ in range(steps):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             v = objective(fn(x))

@@ -194,7 +194,8 @@ class _Search:
         t = time.perf_counter()
         take = torch.argsort(promise)[:self.limits.attack_boxes]
         objective = lambda y: violation(y, self.A, self.b, self.groups, self.n_groups)  # noqa: E731
-        x, v = pgd_attack(self.forward, lo[take], hi[take], objective, steps or self.limits.attack_steps, restarts)
+        x, v = pgd_attack(self.forward, lo[take], hi[take], objective, steps or self.limits.attack_steps, restarts,
+                          deadline=self.limits.deadline)
         self.stats["attack_s"] = self.stats.get("attack_s", 0.0) + time.perf_counter() - t
         hits = torch.argsort(v)
         hits = hits[v[hits] <= 0]

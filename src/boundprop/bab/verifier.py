@@ -11,9 +11,11 @@ Order of work per region (a box of inputs with output disjuncts ``A_d y <= b_d``
    branching on the estimated rise of the bounds, more attacks inside promising boxes and, when
    the search lasts, wide attacks on the whole region); other graphs by
    :func:`boundprop.compute_bounds` (``method``);
-3. otherwise one bound of the whole box with ``root_method`` (alpha-CROWN by default): ``unsat``
-   when it refutes every disjunct, else ``unknown`` (after trying the corners its linear bounds
-   point to).
+3. otherwise, for ReLU chains (``relu_split``): CROWN, ``root_method`` and branch and bound on
+   ReLU splits with beta-CROWN (:mod:`boundprop.bab.relu_split`) until proved, falsified or out
+   of time; for other graphs one bound of the whole box with ``root_method`` (alpha-CROWN by
+   default): ``unsat`` when it refutes every disjunct, else ``unknown`` (after trying the corners
+   its linear bounds point to).
 
 A region is refuted when no input of its box satisfies any of its disjuncts; the property is
 ``unsat`` when every region is refuted, ``sat`` as soon as a counterexample is confirmed.
@@ -93,6 +95,8 @@ class VerifierOptions:
     use_chain: bool = True
     float64: bool = True
     seed: int = 0
+    relu_split: bool = True  # regions too wide to split inputs: ReLU-split BaB (:mod:`boundprop.bab.relu_split`)
+    branching: str = "babsr"  # its neuron choice: "babsr" or "fsb"
 
 
 def graph_to_dtype(graph: Graph, dtype: torch.dtype) -> Graph:
@@ -270,13 +274,14 @@ def _merge(stats: dict, new: dict) -> None:
             stats[key] = stats.get(key, 0) + value
 
 
-def _attack(net: Network, region: Region, A, b, groups, opts: VerifierOptions, stats: dict, lower=None, upper=None):
+def _attack(net: Network, region: Region, A, b, groups, opts: VerifierOptions, stats: dict, lower=None, upper=None,
+            deadline: float | None = None):
     t = time.perf_counter()
     n_groups = int(groups.max()) + 1
     lo = (region.lower if lower is None else lower).reshape(-1, net.n_inputs).to(net.dtype)
     hi = (region.upper if upper is None else upper).reshape(-1, net.n_inputs).to(net.dtype)
     x, v = pgd_attack(net.forward, lo, hi, lambda y: violation(y, A, b, groups, n_groups), opts.attack_steps,
-                      opts.attack_restarts)
+                      opts.attack_restarts, deadline=deadline)
     stats["attack_s"] += time.perf_counter() - t
     for i in torch.argsort(v)[:8].tolist():
         if v[i] <= 1e-6:
@@ -292,7 +297,7 @@ def _verify_region(net: Network, region: Region, deadline: float, opts: Verifier
         cex = net.checker.confirm((region.lower + region.upper) / 2, region)
         return ("sat", cex) if cex is not None else ("unknown", None)
     A, b, groups = _spec_rows(region, net.dtype)
-    cex = _attack(net, region, A, b, groups, opts, stats)
+    cex = _attack(net, region, A, b, groups, opts, stats, deadline=deadline)
     if cex is not None:
         return "sat", cex
     lower = region.lower.to(net.dtype).reshape(1, -1)
@@ -301,6 +306,12 @@ def _verify_region(net: Network, region: Region, deadline: float, opts: Verifier
     n_free = int(free.sum())
     split = n_free <= opts.max_input_split_dims
     if not split:
+        if opts.relu_split:  # ReLU chains: branch and bound on ReLU splits (beta-CROWN)
+            from .relu_split import relu_split_region
+
+            decided = relu_split_region(net, region, A, b, groups, deadline, opts, stats, log, opts.root_method)
+            if decided is not None:
+                return decided
         return _root_bound(net, region, lower, upper, A, b, groups, opts, stats)
     limits = SearchLimits(deadline, opts.batch_size, opts.margin_abs, opts.margin_rel, opts.optimise_iterations,
                           split, deep_attack_restarts=_deep_restarts(net, opts))

@@ -10,6 +10,10 @@ unknown/error, and, when a ``groundtruth.csv`` lies beside the instances file (c
 number of wrong answers; total and median time of the instances run.
 
 ``time_s`` is the wall time of the instance (verification plus the first import of its network).
+
+``--ray [ADDRESS]`` runs the instances as Ray tasks (a local Ray instance, or the cluster at
+ADDRESS) with the same verdicts, results file, resume and summary: see
+:mod:`boundprop.distributed.ray_bench`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .loaders import CliError
+from ..distributed import RayConfig, RayUnavailable, add_ray_arguments, require_ray
+from .loaders import CliError, add_threads_argument, apply_threads
 
 RESULT_HEADER = ["onnx", "vnnlib", "result", "time_s"]
 
@@ -55,8 +60,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="results file (onnx,vnnlib,result,time_s); an existing one is resumed")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every timeout (default: 1.0)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N instances")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_ray_arguments(p)
     p.set_defaults(run=run)
     return p
 
@@ -176,7 +182,6 @@ def summarise(results: Iterable[tuple[Instance, str, float]], truth: dict[tuple[
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from ..bab.verifier import Network, verify
 
@@ -184,10 +189,15 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--timeout-scale must be > 0, got {args.timeout_scale}")
     if args.limit is not None and args.limit < 0:
         raise CliError(f"--limit must be >= 0, got {args.limit}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CliError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
+    ray_config = None
+    if getattr(args, "ray", None) is not None:  # Ray: checked before any work
+        ray_config = RayConfig.from_args(args)
+        try:
+            ray_config.validate()
+            require_ray()
+        except (ValueError, RayUnavailable) as err:
+            raise CliError(str(err)) from None
     path = Path(args.instances)
     instances = read_instances(path)
     if args.limit is not None:
@@ -216,7 +226,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"resuming {output}: {len(results)} of {len(instances)} instances already done", flush=True)
     networks: dict[Path, Network] = {}
     progress = _Progress(len(todo), not args.quiet)
+
+    def record(inst: Instance, result: str, seconds: float) -> None:
+        """One finished instance: the summary, the results file (at once) and the progress bar."""
+        results.append((inst, result, seconds))
+        if output is not None:
+            with output.open("a", newline="") as fh:
+                csv.writer(fh).writerow([inst.onnx, inst.vnnlib, result, f"{seconds:.3f}"])
+        expected = truth.get(inst.key) if truth else None
+        mark = "" if expected is None or result not in ("sat", "unsat") else (
+            " ok" if result == expected else " WRONG")
+        progress.update(f"{Path(inst.vnnlib).stem}: {result} {seconds:.1f}s{mark}")
+
     try:
+        if ray_config is not None:  # the same instances as Ray tasks, results through record()
+            from ..distributed.ray_bench import run_instances
+
+            try:
+                run_instances(todo, root, args.timeout_scale, ray_config, record, args.threads)
+            except ValueError as err:  # e.g. a cluster without the resources of one task
+                raise CliError(str(err)) from None
+            todo = []
         for inst in todo:
             t0 = time.perf_counter()
             timeout = inst.timeout * args.timeout_scale
@@ -231,15 +261,7 @@ def run(args: argparse.Namespace) -> int:
             except Exception as err:  # one broken instance must not stop the benchmark
                 result = "error"
                 print(f"\nerror on {inst.onnx} {inst.vnnlib}: {type(err).__name__}: {err}", file=sys.stderr)
-            seconds = time.perf_counter() - t0
-            results.append((inst, result, seconds))
-            if output is not None:
-                with output.open("a", newline="") as fh:
-                    csv.writer(fh).writerow([inst.onnx, inst.vnnlib, result, f"{seconds:.3f}"])
-            expected = truth.get(inst.key) if truth else None
-            mark = "" if expected is None or result not in ("sat", "unsat") else (
-                " ok" if result == expected else " WRONG")
-            progress.update(f"{Path(inst.vnnlib).stem}: {result} {seconds:.1f}s{mark}")
+            record(inst, result, time.perf_counter() - t0)
     finally:
         progress.close()
     print()

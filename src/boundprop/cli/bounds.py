@@ -23,7 +23,7 @@ from .. import PerturbationLpNorm, capture, compute_bounds
 from ..algorithms import canonical_method
 from ..graph import Graph, evaluate
 from ..spec import margin_matrix
-from .loaders import CliError, LoadedModel, load_inputs, load_model
+from .loaders import CliError, LoadedModel, add_threads_argument, apply_threads, load_inputs, load_model
 
 DEFAULT_METHODS = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "forward")
 DISPLAY_NAMES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "alpha-CROWN",
@@ -63,7 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="save per-class bound bars for the first sample (needs matplotlib)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help="samples per compute_bounds call (default: all in one call; 1 times every sample alone)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p)
     p.add_argument("--summary-only", action="store_true", help="print only the summary table")
     p.set_defaults(run=run)
     return p
@@ -140,10 +140,7 @@ def run(args: argparse.Namespace) -> int:
         from .plot import require_matplotlib
 
         require_matplotlib()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CliError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
 
     loaded = load_model(args.model, args.arch)
     labels_from = "data"

@@ -36,6 +36,25 @@ class CliError(Exception):
     """A user error: reported as one message and exit status 2, without a traceback."""
 
 
+#: why the bounding commands default to one thread
+THREADS_HELP = ("torch CPU threads (default 1: bounding runs many small operations, which extra threads "
+                "slow down, 10-70x measured when the cores are shared with other work)")
+
+
+def add_threads_argument(parser, default: int | None = 1, help: str = THREADS_HELP) -> None:
+    """The ``--threads N`` option."""
+    parser.add_argument("--threads", type=int, default=default, help=help)
+
+
+def apply_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` after checking it (None: leave torch's choice)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise CliError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
 @dataclass
 class LoadedModel:
     """What ``--model`` resolved to: a module (or an already imported graph) and a description."""

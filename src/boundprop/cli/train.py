@@ -37,6 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=sorted(DIGIT_MODELS), default="digits_cnn",
                    help="architecture (default: digits_cnn)")
     p.add_argument("--method", choices=METHODS, default="crown-ibp", help="training method (default: crown-ibp)")
+    p.add_argument("--ibp-init", action="store_true",
+                   help="IBP initialisation of the weights (Shi et al. 2021), for deep models under certified training")
     p.add_argument("--eps", type=float, default=0.1, help="final training eps, inputs in [0, 1] (default: 0.1)")
     p.add_argument("--eval-eps", type=float, default=None, help="evaluation eps (default: --eps)")
     p.add_argument("--norm", choices=sorted(NORMS), default="inf", help="Lp norm (default: inf)")
@@ -112,18 +114,20 @@ def load_data(args: argparse.Namespace):
             synthetic_dataset(max(64, n // 4), args.classes, seed=args.seed + 1), args.classes)
 
 
-def _model_fn(arch: str, classes: int, seed: int):
-    from ..training.models import build_digit_model
+def _model_fn(arch: str, classes: int, seed: int, init: bool = False):
+    from ..training.models import build_digit_model, ibp_init
 
-    return build_digit_model(arch, num_classes=classes, seed=seed)
+    model = build_digit_model(arch, num_classes=classes, seed=seed)
+    return ibp_init(model, seed=seed) if init else model
 
 
 def _worker(rank: int, world: int, args: argparse.Namespace) -> None:
     from ..training import Trainer
 
     train_data, test_data, classes = load_data(args)
-    trainer = Trainer(_model_fn(args.arch, classes, args.seed), train_data, test_data, config_from_args(args),
-                      num_classes=classes, rank=rank, world_size=world)
+    model = _model_fn(args.arch, classes, args.seed, args.ibp_init)
+    trainer = Trainer(model, train_data, test_data, config_from_args(args), num_classes=classes, rank=rank,
+                      world_size=world)
     result = trainer.fit(resume=args.resume)
     if rank == 0 and args.quiet and result.history:  # with progress on, the trainer printed it already
         from ..training.report import format_table

@@ -5,7 +5,7 @@ statistics; ``--result-file`` writes the VNN-COMP result file (the verdict, and 
 counterexample ``((X_0 v) ... (Y_0 v) ...)``). The exit status is 0 for every verdict; a missing
 or malformed file ends with one message and status 2.
 
-``--timeout`` counts from the start of the command (loading included), as VNN-COMP's wall clock.
+``--timeout`` counts from the start of the process (imports and loading included), as VNN-COMP's wall clock.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .loaders import CliError
+from ..distributed import add_ray_arguments
+from .loaders import CliError, add_threads_argument, apply_threads
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -28,9 +29,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds, loading included (default: 60)")
     p.add_argument("--result-file", default=None, metavar="FILE", help="write the VNN-COMP result file here")
     p.add_argument("--batch-size", type=int, default=None, metavar="B", help="boxes bounded per step (default: 512)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p)
     p.add_argument("--seed", type=int, default=0, help="random seed of the attacks (default: 0)")
     p.add_argument("-v", "--verbose", action="store_true", help="print search progress")
+    p.add_argument("--parts", type=int, default=None, metavar="K",
+                   help="with --ray: sub-boxes per input region at the start (default: 2 per worker)")
+    add_ray_arguments(p)
     p.set_defaults(run=run)
     return p
 
@@ -75,30 +79,36 @@ def format_stats(stats: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from ..bab.verifier import VerifierOptions, verify
 
-    start = time.perf_counter()
+    start = getattr(args, "started", time.perf_counter())
     if args.timeout <= 0:
         raise CliError(f"--timeout must be > 0, got {args.timeout}")
     if args.batch_size is not None and args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CliError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.result_file is not None:
         parent = Path(args.result_file).resolve().parent
         if not parent.is_dir():
             raise CliError(f"--result-file: folder {parent} does not exist")
+    ray_config = _ray_config(args)
     net, spec = load_inputs(args.model, args.property)
     opts = VerifierOptions(seed=args.seed)
     if args.batch_size is not None:
         opts.batch_size = args.batch_size
     remaining = max(0.0, args.timeout - (time.perf_counter() - start))
     log = (lambda msg: print(f"  {msg}", flush=True)) if args.verbose else None
-    result = verify(net, spec, timeout=remaining, options=opts, log=log)
+    if ray_config is not None:  # the property's regions split over Ray actors
+        from ..distributed.ray_bab import verify_distributed
+
+        try:
+            result = verify_distributed(args.model, spec, remaining, config=ray_config, parts=args.parts,
+                                        options=opts, log=log)
+        except ValueError as err:
+            raise CliError(str(err)) from None
+    else:
+        result = verify(net, spec, timeout=remaining, options=opts, log=log)
     elapsed = time.perf_counter() - start
     if args.result_file is not None:
         Path(args.result_file).write_text(result.vnncomp_text())
@@ -113,3 +123,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"                y = {[round(float(v), 6) for v in y.reshape(-1)[:10].tolist()]}"
               + (" ..." if y.numel() > 10 else ""))
     return 0
+
+
+def _ray_config(args: argparse.Namespace):
+    """The Ray settings of ``--ray`` (None without it); a missing Ray install is a one-line error."""
+    from ..distributed import RayConfig, RayUnavailable, require_ray
+
+    if getattr(args, "ray", None) is None:
+        if args.parts is not None:
+            raise CliError("--parts applies to --ray")
+        return None
+    config = RayConfig.from_args(args)
+    try:
+        config.validate()
+        require_ray()
+    except (ValueError, RayUnavailable) as err:
+        raise CliError(str(err)) from None
+    if args.parts is not None and args.parts < 1:
+        raise CliError(f"--parts must be >= 1, got {args.parts}")
+    return config

@@ -13,7 +13,9 @@ classes ``K``:
    linear layer ``y = h W^T + b`` with constant weights, ``z = h (W - W_label)^T + (b - b_label)``
    is bounded directly from the interval of ``h`` (centre/radius through the per-sample weight
    difference): the "elided" IBP of auto_LiRPA's ``_IBP_loss_fusion``, as tight as IBP with the
-   margin specification folded into the last layer. Cost: ``batch * K * in`` numbers. Otherwise
+   margin specification folded into the last layer. Cost: ``batch * K * in`` operations like the
+   head's own product, but computed per distinct label (:func:`elided_radius`) so that no
+   ``(batch, K, in)`` tensor is stored: memory ``O(K in + batch K)``. Otherwise
    ``z`` is bounded from ``y``'s interval (``[l_j - u_label, u_j - l_label]``, ``z_label = 0``).
    With ``method="crown"`` these intervals are also intersected with CROWN bounds of ``z``
    (``K`` specification rows, as unfused CROWN would cost).
@@ -23,11 +25,17 @@ classes ``K``:
 3. **Bound of the shifted sum** ``s = sum_j exp(z_j - m)``:
 
    * IBP: ``s <= sum_j exp(u_j - m)``;
-   * CROWN-IBP / CROWN: the upper line of ``exp`` on ``[l_j - m, u_j - m]`` (the chord, from the
-     registered ``exp`` relaxation rule, with its outward rounding),
+   * CROWN-IBP / CROWN: the upper line of ``exp`` on ``[l_j - m, u_j - m]`` (the chord,
+     :func:`exp_chord`: the registered ``exp`` rule's upper line in a few element-wise passes, with
+     outward rounding),
      ``exp(z_j - m) <= a_j z_j + c_j``, makes ``s <= sum_j a_j (y_j - y_label) + sum_j c_j``
      ``= (a - (sum_j a_j) e_label) . y + sum_j c_j``: ONE linear specification row on the logits,
      bounded by one CROWN walk. The result is intersected with the IBP bound.
+
+Cost of a fused CROWN-IBP bound: IBP through the body and the head, the elided interval (above),
+``O(K)`` element-wise work per sample for the chords, and one backward walk with one row. No
+``K``-row specification and no CROWN bound of an intermediate layer is built (those are only for
+``method="crown"``), so the cost over a plain IBP pass grows with ``K`` only as the head does.
 
 The loss is ``log_ub = log(s_ub) + m`` (then at least 0, since ``g >= exp(z_label) = 1``), never
 ``log(exp(...))`` of an overflowed number. :class:`FusedBound` keeps ``log_ub`` (what training
@@ -55,8 +63,6 @@ from ..algorithms.state import PropagationState, make_state
 from ..domains import Interval
 from ..graph.ir import Graph, Ref
 from ..perturbation import Perturbation
-from ..rules import rules_for
-from ..rules.registry import RelaxCall
 
 aten = torch.ops.aten
 
@@ -146,8 +152,77 @@ def _labels(state: PropagationState, pattern: FusionPattern) -> torch.Tensor:
     return state.values[pattern.index].reshape(-1).long()
 
 
+def _label_groups(labels: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """``[(label, indices of the samples with that label), ...]`` for the distinct labels."""
+    order = torch.argsort(labels, stable=True)
+    values, counts = torch.unique_consecutive(labels[order], return_counts=True)
+    return list(zip(values.tolist(), torch.split(order, counts.tolist())))
+
+
+class _ElidedRadius(torch.autograd.Function):
+    """``r[b, j] = sum_i |W[j, i] - W[label_b, i]| rad[b, i]``, ``(batch, K)``.
+
+    Computed per distinct label ``c``: ``|W - W_c|`` (``(K, in)``, one at a time) times the radii of
+    the samples labelled ``c`` (a matrix product). No ``(batch, K, in)`` tensor is built or kept for
+    autograd (the backward pass recomputes ``W - W_c`` per label): memory ``O(K in + batch K)``,
+    work ``O(labels K in)`` element-wise plus matrix products of the head's size.
+    Gradients: ``dr/drad = |W_j - W_c|``; ``dr/dW_j = sign(W_j - W_c) rad`` and, for the label row,
+    minus the sum of those over ``j``.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rad: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        groups = _label_groups(labels)
+        out = rad.new_empty(rad.shape[0], weight.shape[0])
+        for label, idx in groups:
+            out[idx] = rad[idx] @ (weight - weight[label]).abs_().T
+        ctx.save_for_backward(weight, rad)
+        ctx.groups = groups
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        weight, rad = ctx.saved_tensors
+        need_w, need_rad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_rad = torch.empty_like(rad) if need_rad else None
+        for label, idx in ctx.groups:
+            diff = weight - weight[label]  # (K, in)
+            g = grad[idx]  # (n, K)
+            if need_rad:
+                grad_rad[idx] = g @ diff.abs()
+            if need_w:
+                part = (g.T @ rad[idx]).mul_(diff.sign_())  # (K, in)
+                grad_w += part
+                grad_w[label] -= part.sum(0)
+        return grad_w, grad_rad, None
+
+
+#: Up to this many elements ``batch * K * in``, :func:`elided_radius` builds the ``(batch, K, in)``
+#: difference tensor directly (fewer, larger operations); above, it goes label by label.
+ELIDED_DIRECT_ELEMENTS = 2**20
+
+
+def elided_radius(weight: torch.Tensor, rad: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``sum_i |W[j, i] - W[labels_b, i]| rad[b, i]`` as ``(batch, K)`` (see :class:`_ElidedRadius`).
+
+    Small problems (at most :data:`ELIDED_DIRECT_ELEMENTS` elements ``batch * K * in``) use the
+    direct ``(batch, K, in)`` expression with plain autograd, which is faster there; larger ones
+    the label-by-label :class:`_ElidedRadius`, whose memory does not grow with ``batch * K * in``.
+    """
+    if rad.shape[0] * weight.numel() <= ELIDED_DIRECT_ELEMENTS:
+        diff = weight.unsqueeze(0) - weight[labels].unsqueeze(1)  # (batch, K, in)
+        return torch.bmm(diff.abs(), rad.unsqueeze(-1)).squeeze(-1)
+    return _ElidedRadius.apply(weight, rad, labels)
+
+
 def _elided_diff_interval(state: PropagationState, pattern: FusionPattern, labels: torch.Tensor) -> Interval | None:
-    """IBP of ``z = h (W - W_label)^T + (b - b_label)`` when ``y = linear(h, W, b)`` with constant W, b."""
+    """IBP of ``z = h (W - W_label)^T + (b - b_label)`` when ``y = linear(h, W, b)`` with constant W, b.
+
+    Centre ``c_h (W_j - W_label)`` and radius ``|W_j - W_label| r_h`` (:func:`elided_radius`): the
+    interval of ``z`` that IBP with the margin specification merged into the last layer gives.
+    """
     graph = state.graph
     node = graph.node(pattern.logits) if graph.has_node(pattern.logits) else None
     if node is None or node.target != aten.linear.default:
@@ -161,14 +236,42 @@ def _elided_diff_interval(state: PropagationState, pattern: FusionPattern, label
     if h is None or h.lower.dim() != 2:
         return None
     weight = state.values[w_name]  # (K, in)
-    w_label = weight[labels]  # (batch, in)
-    center = h.center @ weight.T - (h.center * w_label).sum(-1, keepdim=True)
-    w_diff = weight.unsqueeze(0) - w_label.unsqueeze(1)  # (batch, K, in): |.| needs it whole
-    radius = torch.bmm(w_diff.abs(), h.radius.unsqueeze(-1)).squeeze(-1)
+    center = h.center @ weight.T
+    center = center - center.gather(-1, labels.unsqueeze(-1))
+    radius = elided_radius(weight, h.radius, labels)
     if b_name is not None:
         bias = state.values[b_name]
         center = center + (bias.unsqueeze(0) - bias[labels].unsqueeze(1))
     return Interval(center - radius, center + radius)
+
+
+def exp_chord(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sound upper line of ``exp`` on ``[low, high]``: ``exp(w) <= a w + c`` there.
+
+    ``a`` is the chord slope (``(e^h - e^l) / (h - l)``, or its Taylor series
+    ``e^l (1 + d/2 + d^2/6 + d^3/24)`` for widths ``d < 1e-2``, which keeps the value and its
+    gradient accurate). Whatever the accuracy of ``a``, the line is sound because ``exp`` is
+    convex: ``c = max(e^l - a l, e^h - a h)`` puts the line above both ends, hence above ``exp``
+    between them; ``c`` is then raised by 16 units of rounding (of the dtype) relative to the
+    magnitudes involved (``exp``'s and the products' rounding). Where ``low = -inf`` the line is the
+    constant ``e^h``. Element-wise, a few passes over ``(batch, K)``: the same line as the registered
+    ``exp`` rule's upper relaxation, without its general machinery (float64, both lines, alpha).
+    Intended for the shifted differences (``high <= 0``, so nothing overflows).
+    """
+    finite = torch.isfinite(low)
+    low = torch.where(finite, low, high)  # an unbounded end gets the constant e^h (slope 0) below
+    width = (high - low).clamp_min(0.0)
+    e_low, e_high = torch.exp(low), torch.exp(high)
+    small = width < 1e-2
+    w_small = torch.where(small, width, torch.zeros_like(width))
+    taylor = e_low * (1.0 + w_small * (0.5 + w_small * (1.0 / 6.0 + w_small / 24.0)))
+    chord = (e_high - e_low) / torch.where(small, torch.ones_like(width), width)
+    slope = torch.where(small, taylor, chord)
+    at_low, at_high = slope * low, slope * high
+    offset = torch.maximum(e_low - at_low, e_high - at_high)
+    slack = 16 * torch.finfo(low.dtype).eps * (e_low + e_high + at_low.abs() + at_high.abs())
+    offset = offset + slack + torch.finfo(low.dtype).tiny
+    return torch.where(finite, slope, torch.zeros_like(slope)), torch.where(finite, offset, e_high + slack)
 
 
 def _diff_spec(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
@@ -240,10 +343,9 @@ def fused_bounds(graph: Graph, inputs: Sequence[torch.Tensor], perturbations: Ma
     log_ibp = _log_ub(ibp_shifted, shift)
     if method == "ibp":
         return FusedBound(log_ibp, shift, ibp_shifted, log_ibp, None, z)
-    relax = rules_for(aten.exp.default).relaxation(low, high, RelaxCall(opts=opts, direction="upper"))
-    slope = relax.uw.expand_as(low)
-    # exp(z - m) <= uw (z - m) + ub = uw z + (ub - uw m)
-    offset = (relax.ub - relax.uw * shift).expand_as(low).sum(-1, keepdim=True)
+    slope, intercept = exp_chord(low, high)
+    # exp(z - m) <= a (z - m) + c = a z + (c - a m)
+    offset = (intercept - slope * shift).sum(-1, keepdim=True)
     row = slope - slope.sum(-1, keepdim=True) * torch.nn.functional.one_hot(labels, low.shape[-1]).to(slope.dtype)
     res = backward(state, pattern.logits, row.unsqueeze(1), lower=False, upper=True)
     crown_shifted = res.upper + offset

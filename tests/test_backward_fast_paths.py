@@ -1,0 +1,88 @@
+"""The cost-only paths of the backward walk give the bounds of the plain path.
+
+``algorithms/backward.py`` has three paths that change only how the same numbers are computed:
+``_shared_columns`` (a linear layer after a walk's first relaxation: ``uA W = lA W + (uA - lA) W``
+over the differing columns), ``_joint`` (both sides of a small linear/conv layer in one call) and
+the per-example matrix-vector products of ``_sum_product``. Each is switched off through its
+threshold and the bounds compared (CROWN and CROWN-IBP, batch 1 and 3, dense and channels-last
+coefficients); the soundness of the bounds themselves is checked by the whole-model tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import boundprop
+from boundprop import PerturbationLpNorm, compute_bounds
+from boundprop.algorithms import backward
+
+_MODELS: dict = {}
+
+
+def _models():
+    if _MODELS:
+        return _MODELS
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 5))
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
+    _MODELS.update(mlp=mlp.eval(), cnn=cnn.eval())
+    return _MODELS
+
+
+_GRAPHS: dict = {}
+
+
+def _bounds(model, x, method, conv_mode="patches"):
+    key = (id(model), tuple(x.shape[1:]))
+    if key not in _GRAPHS:  # one capture per model (the graph reads the live weights)
+        _GRAPHS[key] = (model, boundprop.capture(model, x[:1]))
+    graph = _GRAPHS[key][1]
+    with torch.no_grad():
+        res = compute_bounds(graph, (x,), {graph.inputs[0]: PerturbationLpNorm(0.05)}, method=method,
+                             opts={"conv_mode": conv_mode})
+    return res.lower, res.upper, res.intervals
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("method", ["CROWN", "CROWN-IBP"])
+def test_fast_paths_match_plain_path(monkeypatch, name, batch, method):
+    model = _models()[name]
+    x = torch.rand(batch, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    conv_mode = "matrix" if name == "cnn" else "patches"  # dense (channels-last) coefficients through convs
+    with monkeypatch.context() as m:  # every fast path on, even for these small tensors
+        m.setattr(backward, "SHARED_ELEMENTS", 1)
+        m.setattr(backward, "SHARED_FRACTION", 1.0)
+        m.setattr(backward, "PER_EXAMPLE_ELEMENTS", 1)
+        fast = _bounds(model, x, method, conv_mode)
+    with monkeypatch.context() as m:  # every fast path off
+        m.setattr(backward, "SHARED_ELEMENTS", 2**62)
+        m.setattr(backward, "JOINT_ELEMENTS", 0)
+        m.setattr(backward, "PER_EXAMPLE_ELEMENTS", 2**62)
+        plain = _bounds(model, x, method, conv_mode)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[1], plain[1], rtol=1e-5, atol=1e-5)
+    for node, iv in plain[2].items():
+        torch.testing.assert_close(fast[2][node].lower, iv.lower, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast[2][node].upper, iv.upper, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_columns_is_exact_on_random_sides(monkeypatch):
+    """``uA W`` from ``lA W`` and the differing columns, per example, equals the direct product."""
+    monkeypatch.setattr(backward, "SHARED_ELEMENTS", 1)
+    gen = torch.Generator().manual_seed(0)
+    lA = torch.randn(4, 7, 300, generator=gen)
+    uA = lA.clone()
+    for b in range(4):  # a different set of differing columns per example (and none in one)
+        cols = torch.randperm(300, generator=gen)[: 20 * b]
+        uA[b, :, cols] += torch.randn(7, cols.numel(), generator=gen)
+    weight, bias = torch.randn(300, 11, generator=gen), torch.randn(300, generator=gen)
+    (low, lbias), (up, ubias) = backward._shared_columns(lA, uA, (None, weight, bias), {})
+    torch.testing.assert_close(low[0], lA @ weight)
+    torch.testing.assert_close(up[0], uA @ weight, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lbias, lA @ bias)
+    torch.testing.assert_close(ubias, uA @ bias)

@@ -73,7 +73,7 @@ import torch
 
 from .attack import violation
 from .chain import ChainBounder, ReluChain, _Adam, extract_relu_chain, restrict_chain
-from .search import refuted_groups
+from .search import Confirmer, refuted_groups
 
 #: dense segments up to this many entries are extracted for ReLU splitting (CIFAR conv nets: ~13M)
 MAX_ENTRIES = 40_000_000
@@ -542,20 +542,7 @@ def relu_split_region(net: Any, region: Any, A: torch.Tensor, b: torch.Tensor, g
     margin = opts.margin_abs + opts.margin_rel * b.abs()
     A, b = A.double(), b.double()
 
-    def to_full(p: torch.Tensor) -> torch.Tensor:
-        x = fixed.clone()
-        x[free] = p
-        return x
-
-    found: list = []
-
-    def confirm(points: torch.Tensor) -> bool:
-        for p in points:
-            cex = net.checker.confirm(to_full(p), region)
-            if cex is not None:
-                found.append(cex)
-                return True
-        return False
+    confirm = Confirmer(lambda x: net.checker.confirm(x, region), free, fixed)
 
     # root: chain CROWN, intersected with the graph's (alpha-CROWN) intervals
     crown = ChainBounder(chain, A, b).bound(lo.unsqueeze(0), hi.unsqueeze(0))
@@ -598,7 +585,7 @@ def relu_split_region(net: Any, region: Any, A: torch.Tensor, b: torch.Tensor, g
     if not keep.numel():
         return "unsat", None
     if _check(bounder, x, root.lower, confirm):
-        return "sat", found[0]
+        return "sat", confirm.found[0]
     root = root.take(keep)
     if log is not None:
         log(f"relu split: {len(root)} open disjuncts, root bounds {root.lower.amax(1).tolist()}")
@@ -606,7 +593,7 @@ def relu_split_region(net: Any, region: Any, A: torch.Tensor, b: torch.Tensor, g
     for key, value in outcome.stats.items():
         stats[f"relu_split_{key}"] = value
     if outcome.status == "sat":
-        return "sat", found[0]
+        return "sat", confirm.found[0]
     return outcome.status, None
 
 

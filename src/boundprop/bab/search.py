@@ -53,6 +53,33 @@ class SearchLimits:
     deep_attack_restarts: int = 0
 
 
+class Confirmer:
+    """Candidate counterexamples of a search, checked on the original model: ``confirm(points)`` (rows
+    of the search's inputs, the ``free`` ones when the region pins the others to ``fixed``) is True
+    as soon as one point passes ``check(x_full) -> (x, y) | None``; the confirmed pairs gather in
+    ``found``."""
+
+    def __init__(self, check: Callable, free: torch.Tensor | None = None, fixed: torch.Tensor | None = None) -> None:
+        self.check, self.free, self.fixed = check, free, fixed
+        self.found: list = []
+
+    def full(self, p: torch.Tensor) -> torch.Tensor:
+        """The whole input for the search's point ``p``."""
+        if self.free is None:
+            return p
+        x = self.fixed.clone()
+        x[self.free] = p
+        return x
+
+    def __call__(self, points: torch.Tensor) -> bool:
+        for p in points:
+            cex = self.check(self.full(p))
+            if cex is not None:
+                self.found.append(cex)
+                return True
+        return False
+
+
 @dataclass
 class SearchOutcome:
     """``unsat`` (every box refuted), ``sat`` (``candidates`` hold points with violation <= 0),

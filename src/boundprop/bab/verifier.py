@@ -53,7 +53,7 @@ from ..graph.ir import Graph, ParamSource, evaluate
 from ..spec.vnnlib import Property, Region, read_vnnlib
 from .attack import pgd_attack, violation
 from .chain import ReluChain, extract_relu_chain, restrict_chain
-from .search import ChainSearch, GraphSearch, SearchLimits, refuted_groups
+from .search import ChainSearch, Confirmer, GraphSearch, SearchLimits, refuted_groups
 
 VERDICTS = ("sat", "unsat", "timeout", "unknown")
 
@@ -243,20 +243,25 @@ def verify(model: Any, spec: Property | str | Path, timeout: float = 60.0, *,
         raise ValueError(f"the property has {prop.n_inputs} inputs but the model takes {net.n_inputs}")
     torch.manual_seed(opts.seed)
     stats: dict[str, Any] = {"regions": len(prop.regions), "attack_s": 0.0}
-    verdict = "unsat"
     with torch.no_grad():
-        for region in prop.regions:
-            if not region.disjuncts:
-                continue
-            outcome, cex = _verify_region(net, region, deadline, opts, stats, log)
-            if outcome == "sat":
-                return VerificationResult("sat", cex, time.perf_counter() - start, stats)
-            if outcome == "timeout":
-                verdict = "timeout"
-                break
-            if outcome != "unsat":
-                verdict = outcome
-    return VerificationResult(verdict, None, time.perf_counter() - start, stats)
+        verdict, cex = decide_regions(prop, lambda region: _verify_region(net, region, deadline, opts, stats, log))
+    return VerificationResult(verdict, cex, time.perf_counter() - start, stats)
+
+
+def decide_regions(prop: Property, decide: Callable[[Region], tuple[str, Any]]) -> tuple[str, Any]:
+    """The property's verdict from ``decide(region) -> (verdict, counterexample)`` over its regions:
+    ``sat`` at the first counterexample, ``timeout`` at the first timeout, ``unsat`` when every
+    region is refuted (a region without disjuncts is), else the last other verdict (``unknown``)."""
+    verdict = "unsat"
+    for region in prop.regions:
+        if not region.disjuncts:
+            continue
+        outcome, cex = decide(region)
+        if outcome in ("sat", "timeout"):
+            return outcome, cex if outcome == "sat" else None
+        if outcome != "unsat":
+            verdict = outcome
+    return verdict, None
 
 
 def _spec_rows(region: Region, dtype: torch.dtype):
@@ -315,36 +320,20 @@ def _verify_region(net: Network, region: Region, deadline: float, opts: Verifier
         return _root_bound(net, region, lower, upper, A, b, groups, opts, stats)
     limits = SearchLimits(deadline, opts.batch_size, opts.margin_abs, opts.margin_rel, opts.optimise_iterations,
                           split, deep_attack_restarts=_deep_restarts(net, opts))
-    to_full = lambda p: p  # noqa: E731
+    confirm = Confirmer(lambda x: net.checker.confirm(x, region))
     if opts.use_chain and net.dtype == torch.float64 and net.chain is not None:
         chain = net.chain
         if n_free < net.n_inputs:  # inputs the region pins down (e.g. a few perturbed pixels): fold them in
             chain = restrict_chain(chain, free, region.lower)
             lower, upper = lower[:, free], upper[:, free]
-            fixed = region.lower.to(net.dtype)
-
-            def to_full(p: torch.Tensor) -> torch.Tensor:
-                x = fixed.clone()
-                x[free] = p
-                return x
-
+            confirm.free, confirm.fixed = free, region.lower.to(net.dtype)
         search = ChainSearch(chain, A, b, groups, limits, log)
     else:
         search = GraphSearch(net.bound_graph, net.input_shape, A, b, groups, limits, opts.method, log, net.params)
-    found: list = []
-
-    def confirm(points: torch.Tensor) -> bool:
-        for p in points:
-            cex = net.checker.confirm(to_full(p), region)
-            if cex is not None:
-                found.append(cex)
-                return True
-        return False
-
     outcome = search.run(lower, upper, confirm)
     _merge(stats, outcome.stats)
     if outcome.status == "sat":
-        return "sat", found[0]
+        return "sat", confirm.found[0]
     return outcome.status, None
 
 

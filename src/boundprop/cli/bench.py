@@ -28,8 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..distributed import RayConfig, RayUnavailable, add_ray_arguments, require_ray
-from .loaders import CliError, add_threads_argument, apply_threads
+from ..distributed import add_ray_arguments
+from .loaders import CliError, add_threads_argument, apply_threads, ray_config_from_args, read_result_rows
 
 RESULT_HEADER = ["onnx", "vnnlib", "result", "time_s"]
 
@@ -103,20 +103,11 @@ def read_groundtruth(path: Path) -> dict[tuple[str, str], str]:
 def read_results(path: Path) -> dict[tuple[str, str], tuple[str, float]]:
     """Finished instances of an existing results file: ``{key: (result, time_s)}``."""
     out: dict[tuple[str, str], tuple[str, float]] = {}
-    with path.open(newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            return out
-        if [h.strip() for h in header] != RESULT_HEADER:
-            raise CliError(f"--output {path} exists and is not a results file (header {header!r}); "
-                           "remove it or choose another file")
-        for row in reader:
-            if len(row) >= 4:
-                try:
-                    out[_key(row[0], row[1])] = (row[2].strip(), float(row[3]))
-                except ValueError:
-                    continue  # a row cut short by an interrupted run: redo it
+    for row in read_result_rows(path, RESULT_HEADER, "results"):
+        try:
+            out[_key(row[0], row[1])] = (row[2].strip(), float(row[3]))
+        except (ValueError, IndexError):
+            continue  # a row cut short by an interrupted run: redo it
     return out
 
 
@@ -190,14 +181,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 0:
         raise CliError(f"--limit must be >= 0, got {args.limit}")
     apply_threads(args.threads)
-    ray_config = None
-    if getattr(args, "ray", None) is not None:  # Ray: checked before any work
-        ray_config = RayConfig.from_args(args)
-        try:
-            ray_config.validate()
-            require_ray()
-        except (ValueError, RayUnavailable) as err:
-            raise CliError(str(err)) from None
+    ray_config = ray_config_from_args(args)
     path = Path(args.instances)
     instances = read_instances(path)
     if args.limit is not None:

@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..distributed import RayConfig, RayUnavailable, add_ray_arguments, require_ray
-from .loaders import CliError, add_threads_argument, apply_threads
+from ..distributed import add_ray_arguments
+from .loaders import CliError, add_threads_argument, apply_threads, ray_config_from_args, read_result_rows
 
 RESULT_HEADER = ["index", "eps", "method", "result", "margin_lb", "time_s"]
 NORMS = {"inf": math.inf, "2": 2.0, "1": 1.0}
@@ -102,20 +102,12 @@ def parse_methods(values: list[str] | None) -> tuple[str, ...]:
 def read_results(path: Path) -> dict[tuple[int, float, str], tuple]:
     """Rows of an existing results file by ``(index, eps, method)``."""
     out: dict[tuple[int, float, str], tuple] = {}
-    with path.open(newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            return out
-        if [h.strip() for h in header] != RESULT_HEADER:
-            raise CliError(f"--output {path} exists and is not a certify results file (header {header!r}); "
-                           "remove it or choose another file")
-        for row in reader:
-            try:
-                index, eps, method = int(row[0]), float(row[1]), row[2].strip()
-                out[(index, eps, method)] = (row[3].strip(), float(row[4]), float(row[5]))
-            except (ValueError, IndexError):
-                continue  # a row cut short by an interrupted run: redo it
+    for row in read_result_rows(path, RESULT_HEADER, "certify results"):
+        try:
+            index, eps, method = int(row[0]), float(row[1]), row[2].strip()
+            out[(index, eps, method)] = (row[3].strip(), float(row[4]), float(row[5]))
+        except (ValueError, IndexError):
+            continue  # a row cut short by an interrupted run: redo it
     return out
 
 
@@ -170,14 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
     apply_threads(args.threads)
-    ray_config = None
-    if args.ray is not None:
-        ray_config = RayConfig.from_args(args)
-        try:
-            ray_config.validate()
-            require_ray()
-        except (ValueError, RayUnavailable) as err:
-            raise CliError(str(err)) from None
+    ray_config = ray_config_from_args(args)
     if args.plot is not None:
         from .plot import require_matplotlib
 

@@ -55,6 +55,37 @@ def apply_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def ray_config_from_args(args) -> Any:
+    """The checked :class:`~boundprop.distributed.RayConfig` of ``--ray`` (None without it); bad
+    settings or a missing Ray install are a one-line error, raised before any work starts."""
+    if getattr(args, "ray", None) is None:
+        return None
+    from ..distributed import RayConfig, RayUnavailable, require_ray
+
+    config = RayConfig.from_args(args)
+    try:
+        config.validate()
+        require_ray()
+    except (ValueError, RayUnavailable) as err:
+        raise CliError(str(err)) from None
+    return config
+
+
+def read_result_rows(path: Path, header: list[str], what: str) -> list[list[str]]:
+    """The rows of an existing results CSV (``--output``, to resume), after checking its header."""
+    import csv
+
+    with path.open(newline="") as fh:
+        reader = csv.reader(fh)
+        found = next(reader, None)
+        if found is None:
+            return []
+        if [h.strip() for h in found] != header:
+            raise CliError(f"--output {path} exists and is not a {what} file (header {found!r}); "
+                           "remove it or choose another file")
+        return list(reader)
+
+
 @dataclass
 class LoadedModel:
     """What ``--model`` resolved to: a module (or an already imported graph) and a description."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed import add_ray_arguments
-from .loaders import CliError, add_threads_argument, apply_threads
+from .loaders import CliError, add_threads_argument, apply_threads, ray_config_from_args
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -127,18 +127,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _ray_config(args: argparse.Namespace):
     """The Ray settings of ``--ray`` (None without it); a missing Ray install is a one-line error."""
-    from ..distributed import RayConfig, RayUnavailable, require_ray
-
     if getattr(args, "ray", None) is None:
         if args.parts is not None:
             raise CliError("--parts applies to --ray")
         return None
-    config = RayConfig.from_args(args)
-    try:
-        config.validate()
-        require_ray()
-    except (ValueError, RayUnavailable) as err:
-        raise CliError(str(err)) from None
+    config = ray_config_from_args(args)
     if args.parts is not None and args.parts < 1:
         raise CliError(f"--parts must be >= 1, got {args.parts}")
     return config

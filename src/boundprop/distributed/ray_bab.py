@@ -144,7 +144,7 @@ class BabPool:
                log: Callable[[str], None] | None = None) -> Any:
         """Decide ``spec`` (a :class:`~boundprop.spec.vnnlib.Property` or a ``.vnnlib`` path); see
         :func:`verify_distributed`. After an early stop the actors still busy are cancelled."""
-        from ..bab.verifier import VerificationResult
+        from ..bab.verifier import VerificationResult, decide_regions
         from ..spec.vnnlib import read_vnnlib
 
         start = time.perf_counter()
@@ -152,20 +152,10 @@ class BabPool:
         prop = read_vnnlib(spec) if isinstance(spec, (str, Path)) else spec
         stats: dict[str, Any] = {"regions": len(prop.regions), "parts": 0, "resplits": 0, "workers": len(self.actors)}
         first_slice = slice_s if slice_s is not None else max(1.0, timeout / 8)
-        verdict = "unsat"
-        for region in prop.regions:
-            if not region.disjuncts:
-                continue
-            outcome, cex = _region(self.ray, self.actors, region, prop.n_outputs, parts or 2 * len(self.actors),
-                                   first_slice, deadline, stats, log)
-            if outcome == "sat":
-                return VerificationResult("sat", cex, time.perf_counter() - start, stats)
-            if outcome == "timeout":
-                verdict = "timeout"
-                break
-            if outcome != "unsat":
-                verdict = outcome
-        return VerificationResult(verdict, None, time.perf_counter() - start, stats)
+        verdict, cex = decide_regions(prop, lambda region: _region(
+            self.ray, self.actors, region, prop.n_outputs, parts or 2 * len(self.actors), first_slice, deadline,
+            stats, log))
+        return VerificationResult(verdict, cex, time.perf_counter() - start, stats)
 
 
 def verify_distributed(model: Any, spec: Any, timeout: float = 60.0, *, input_shape: tuple[int, ...] | None = None,

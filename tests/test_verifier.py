@@ -337,9 +337,11 @@ def test_python_api():
     assert boundprop.verify is verify and "verify" in boundprop.__all__
 
 
-@pytest.mark.parametrize("benchmark", ["acasxu", "rl_benchmarks"])
+@pytest.mark.parametrize("benchmark", ["acasxu", "rl_benchmarks", "collins_rul_cnn_2022"])
 def test_shipped_benchmark_sample_has_no_wrong_verdict(benchmark, tmp_path, capsys):
-    """Every shipped instance is decided, as its ground truth says, within its VNN-COMP timeout."""
+    """Every shipped instance is decided, as its ground truth says, within its VNN-COMP timeout.
+    (collins if_then_9levels is sat with a counterexample that only a search finds: a development
+    version of the ReLU-split search once called it unsat.)"""
     out = tmp_path / "results.csv"
     assert main(["bench", str(SAMPLE / benchmark / "instances.csv"), "--output", str(out), "--quiet"]) == 0
     summary = dict(re.findall(r"^\s+(\S.*?)\s{2,}(\S.*)$", capsys.readouterr().out, re.M))

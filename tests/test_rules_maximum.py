@@ -4,7 +4,7 @@ import math
 
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from op_bounds import check_op, one_node_graph, random_box
 from soundness import assert_sound
@@ -16,6 +16,7 @@ aten = torch.ops.aten
 
 
 @settings(max_examples=80, deadline=None)
+@example(k=1, seed=30434, scale=2.7734375, degenerate=False, spread=3.0, padded=False)  # float32 cancellation
 @given(k=st.integers(1, 6), seed=st.integers(0, 2**16), scale=st.floats(-7, 3), degenerate=st.booleans(),
        spread=st.sampled_from([0.3, 3.0, 30.0]), padded=st.booleans())
 def test_max_relaxation_sound(k, seed, scale, degenerate, spread, padded):

@@ -63,7 +63,6 @@ layer densifies to 2048 x 3072 or 4096 x 3072); other graphs keep the verifier's
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,7 +71,7 @@ import numpy as np
 import torch
 
 from .attack import violation
-from .chain import ChainBounder, ReluChain, _Adam, extract_relu_chain, restrict_chain
+from .chain import ChainBounder, ReluChain, _Adam, restrict_chain
 from .search import Confirmer, refuted_groups
 
 #: dense segments up to this many entries are extracted for ReLU splitting (CIFAR conv nets: ~13M)
@@ -471,19 +470,6 @@ def _check(bounder: BetaCrown, x: torch.Tensor, lower: torch.Tensor, confirm) ->
 # ----------------------------------------------------------------------------------------------
 # the verifier's entry point
 
-_CHAINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def chain_for(net: Any) -> ReluChain | None:
-    """The network's ReLU chain (dense segments up to :data:`MAX_ENTRIES`), cached per network."""
-    if net not in _CHAINS:
-        chain = net._chain if net._chain not in (False, None) else None
-        if chain is None:
-            chain = extract_relu_chain(net.graph, net.input_shape, max_entries=MAX_ENTRIES)
-        _CHAINS[net] = chain
-    return _CHAINS[net]
-
-
 def _graph_intervals(net: Any, lo: torch.Tensor, hi: torch.Tensor, A: torch.Tensor, method: str, n_layers: int,
                      max_time: float = 1e9):
     """Pre-activation intervals of the ReLUs from the graph's ``method`` bounds (flattened, per layer),
@@ -521,7 +507,7 @@ def relu_split_region(net: Any, region: Any, A: torch.Tensor, b: torch.Tensor, g
     network is not a ReLU chain (the caller falls back)."""
     if net.dtype != torch.float64:
         return None
-    chain = chain_for(net)
+    chain = net.relu_chain(MAX_ENTRIES)
     if chain is None or chain.n_relu_layers == 0:
         return None
     t0 = time.perf_counter()
@@ -597,4 +583,4 @@ def relu_split_region(net: Any, region: Any, A: torch.Tensor, b: torch.Tensor, g
     return outcome.status, None
 
 
-__all__ = ["BetaCrown", "Domains", "SplitOptions", "chain_for", "children", "relu_split_region", "split_search"]
+__all__ = ["BetaCrown", "Domains", "SplitOptions", "children", "relu_split_region", "split_search"]

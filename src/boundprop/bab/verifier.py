@@ -52,7 +52,7 @@ import torch
 from ..graph.ir import Graph, ParamSource, evaluate
 from ..spec.vnnlib import Property, Region, read_vnnlib
 from .attack import pgd_attack, violation
-from .chain import ReluChain, extract_relu_chain, restrict_chain
+from .chain import MAX_ENTRIES, ReluChain, extract_relu_chain, restrict_chain
 from .search import ChainSearch, Confirmer, GraphSearch, SearchLimits, refuted_groups
 
 VERDICTS = ("sat", "unsat", "timeout", "unknown")
@@ -165,7 +165,7 @@ class Network:
             self.params = {name: v.detach().to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v
                            for name, v in graph.param_values().items()}
         self.checker = _Checker(onnx_source, graph, self.input_shape)
-        self._chain: ReluChain | None | bool = False  # False: not extracted yet
+        self._chains: dict[int, ReluChain | None] = {}  # extracted chains by their max_entries
 
     @classmethod
     def from_onnx(cls, path: str | Path, float64: bool = True) -> Network:
@@ -188,14 +188,25 @@ class Network:
 
     @property
     def chain(self) -> ReluChain | None:
-        if self._chain is False:
-            self._chain = extract_relu_chain(self.graph, self.input_shape)
-        return self._chain  # type: ignore[return-value]
+        """:meth:`relu_chain` with the default size limit."""
+        return self.relu_chain()
+
+    def relu_chain(self, max_entries: int = MAX_ENTRIES) -> ReluChain | None:
+        """The network as a chain of dense affine maps and ReLUs, segments of at most ``max_entries``
+        entries (None when it is not one or is too big); extracted once per limit. A chain found
+        under a smaller limit serves a larger one, and None under a larger limit answers a smaller one."""
+        for limit, chain in self._chains.items():
+            if (chain is not None and limit <= max_entries) or (chain is None and limit >= max_entries):
+                return chain
+        chain = extract_relu_chain(self.graph, self.input_shape, max_entries=max_entries)
+        self._chains[max_entries] = chain
+        return chain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Outputs ``(n, n_out)`` at flattened inputs ``(n, n_in)`` in the bound dtype."""
-        if self._chain not in (False, None) and self.dtype == torch.float64:  # extracted for branch and bound
-            return self._chain.forward(x.double())  # type: ignore[union-attr]
+        chain = next((c for c in self._chains.values() if c is not None), None)
+        if chain is not None and self.dtype == torch.float64:  # extracted for branch and bound
+            return chain.forward(x.double())
         x = x.to(self.dtype).reshape(-1, *self.input_shape[1:])
         return evaluate(self.bound_graph, (x,), self.params)[self.bound_graph.output].reshape(x.shape[0], -1)
 

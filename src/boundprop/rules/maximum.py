@@ -84,13 +84,27 @@ def max_relaxation(lower: torch.Tensor, upper: torch.Tensor, valid: torch.Tensor
         b = torch.where(big | done, b, mid)
     T = torch.where(done, a, (a + b) / 2)
     wu = torch.where(valid & finite, _weights(lo_f, hi_f, width, T), torch.zeros_like(lower))
-    term = torch.where(valid & finite, upper - wu * width, ninf)
-    bu = term.amax(-1) - (wu * lo_f).sum(-1)
+    bu = _upper_offset(lower, upper, wu, valid & finite)
     const = torch.where(valid, upper, ninf).amax(-1)
     fin = finite.squeeze(-1)
     bu = torch.where(fin, bu, const)
     wu = torch.where(finite, wu, torch.zeros_like(wu))
     return MaxLinear(wl, torch.zeros_like(bu), wu, bu)
+
+
+def _upper_offset(lower: torch.Tensor, upper: torch.Tensor, wu: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+    """``max_j (u_j - w_j (u_j - l_j)) - sum_i w_i l_i`` over the candidates ``use``, rounded upward.
+
+    The terms cancel (a dominant candidate gives exactly 0), so in the inputs' precision rounding
+    could leave the offset below its true value and the upper line below ``max`` (seen: -3e-5 for
+    ``x`` in [-510, 520] in float32). Computed in float64 -- products and differences of float32
+    values are exact there -- and rounded up to the inputs' dtype."""
+    l64, u64, w64 = lower.double(), upper.double(), wu.double()
+    ninf = torch.full_like(l64, -torch.inf)
+    term = torch.where(use, u64 - w64 * (u64 - l64), ninf)
+    exact = term.amax(-1) - torch.where(use, w64 * l64, torch.zeros_like(l64)).sum(-1)
+    out = exact.to(lower.dtype)
+    return torch.where(out.double() < exact, torch.nextafter(out, torch.full_like(out, torch.inf)), out)
 
 
 def _safe_mul(lam: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -204,6 +204,36 @@ def test_alpha_crown_same_in_both_modes():
     torch.testing.assert_close(fast.upper, dense.upper, rtol=1e-4, atol=1e-5)
 
 
+def test_window_alphas_equal_dense_alphas():
+    """Patch-form walks keep alpha-CROWN's parameters in window layout (whole, and in chunks of rows
+    that each take their rows); the optimisation is the same as with dense parameters."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Conv2d(4, 3, 3, padding=1), nn.LeakyReLU(0.1), nn.Flatten(), nn.Linear(3 * 6 * 6, 3))
+    x = torch.randn(2, 2, 12, 12)
+    graph = boundprop.capture(net, x)
+    ptb = {graph.inputs[0]: PerturbationLpNorm(0.1)}
+    opts = {"optimize_bound_args": {"iteration": 4, "lr_alpha": 0.3}}
+    dense = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", opts={**opts, "conv_mode": "matrix"})
+    for extra in ({}, {"max_coefficient_elements": 400}):
+        fast = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", opts={**opts, **extra})
+        torch.testing.assert_close(fast.lower, dense.lower, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fast.upper, dense.upper, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_transpose_matches_conv_transpose():
+    """The one-output-channel transposed convolution (matrix product + col2im) against torch's."""
+    from boundprop.domains.patches import conv_transpose2d
+
+    g = torch.Generator().manual_seed(0)
+    for stride, padding, output_padding, dilation in [(1, 0, 0, 1), (2, 1, 1, 1), (2, 0, 0, 2), ((2, 1), (1, 0), 0, 1)]:
+        x = torch.randn(5, 3, 6, 7, generator=g)
+        w = torch.randn(3, 1, 3, 2, generator=g)
+        ours = conv_transpose2d(x, w, stride, padding, output_padding, 1, dilation)
+        ref = torch.nn.functional.conv_transpose2d(x, w, None, stride, padding, output_padding, 1, dilation)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 def _peer(name: str, batch: int):
     sys.path.insert(0, str(PEER))
     import peer_models

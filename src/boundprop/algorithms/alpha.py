@@ -47,12 +47,13 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ..domains import Interval
+from ..domains.patches import Patches
 from ..rules import RelaxCall, Var
 from .backward import AlphaLookup, backward
 from .crown import refine_intermediate, unstable_mask
@@ -104,13 +105,22 @@ def alpha_options(opts: dict) -> dict[str, Any]:
 
 @dataclass
 class _Param:
-    """One parameter tensor and what projecting it needs (the last interval it was used on)."""
+    """One parameter tensor and what projecting it needs (the last interval it was used on, and for
+    window-layout parameters the windows of every row)."""
 
     tensor: torch.Tensor
     project: Callable  # project(alpha, l, u, call)
     call: RelaxCall
     lower: torch.Tensor
     upper: torch.Tensor
+    windows: Patches | None = None
+
+    def interval(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The interval broadcast to the parameter's layout: ``(batch, 1, *shape)`` or the windows."""
+        lo, hi = self.lower.detach(), self.upper.detach()
+        if self.windows is not None:
+            return tuple(self.windows.gather(lo, hi))
+        return lo.unsqueeze(1), hi.unsqueeze(1)
 
 
 def _projector(project: Callable) -> Callable:
@@ -157,16 +167,19 @@ class AlphaSet:
                 if not bool((first[rows] == index).all()):
                     raise RuntimeError(f"alpha-CROWN: {start} has unstable neurons that were stable under looser "
                                        "bounds (an `unstable` rule that is not monotone in the interval)")
-        return lambda node, direction: self._get(start, node, direction, rows)
+        return _StartLookup(self, start, rows)
 
     def spec_size(self, start: str) -> int:
         if self.shared:
             return 1
         return self.n_out_spec if start == self.target else int(self._index[start].numel())
 
-    def _get(self, start: str, name: str, direction: str, rows: torch.Tensor | None) -> torch.Tensor | None:
+    def _get(self, start: str, name: str, direction: str, rows: torch.Tensor | None,
+             windows: Patches | None = None) -> torch.Tensor | None:
+        """``alpha[start, name, direction]`` for the start's current rows: ``(batch, rows, *shape)``, or
+        with ``windows`` (the walk's Patches at ``name``) in their window layout ``(batch, rows, C, kh, kw)``."""
         state = self.state
-        key = (start, name, direction)
+        key = (start, name, direction, windows is not None)
         param = self.params.get(key)
         node = state.graph.node(name)
         x_name = node.inputs[0]
@@ -179,17 +192,26 @@ class AlphaSet:
             if any(isinstance(a, Var) for a in args[1:]):
                 return None
             call = RelaxCall(tuple(args[1:]), kwargs, state.opts, None, direction)
+            every = self._all_rows(start, windows) if windows is not None else None
+            param = _Param(bounds.lower, _projector(spec.project), call, bounds.lower, bounds.upper, every)
             with torch.no_grad():
-                init = spec.init(bounds.lower.detach(), bounds.upper.detach(), call)
-                init = torch.as_tensor(init, dtype=bounds.lower.dtype, device=bounds.lower.device)
-                init = init.expand(bounds.lower.shape).unsqueeze(1)
-                n = self.spec_size(start)
-                tensor = init.expand(init.shape[0], n, *init.shape[2:]).clone()
-            tensor.requires_grad_(True)
-            param = _Param(tensor, _projector(spec.project), call, bounds.lower, bounds.upper)
+                lo, hi = param.interval()
+                init = torch.as_tensor(spec.init(lo, hi, call), dtype=lo.dtype, device=lo.device)
+                shape = (lo.shape[0], self.spec_size(start), *lo.shape[2:])
+                param.tensor = init.expand(lo.shape).expand(shape).clone()
+            param.tensor.requires_grad_(True)
             self.params[key] = param
         param.lower, param.upper = bounds.lower, bounds.upper
         return param.tensor if rows is None else param.tensor.index_select(1, rows)
+
+    def _all_rows(self, start: str, P: Patches) -> Patches:
+        """Patches with ``P``'s window geometry and one row per neuron of the start's spec (all rows)."""
+        first = self._index[start]
+        H0, W0 = self.state.values[start].shape[-2:]
+        rows_h, rows_w = (first // W0) % H0, first % W0
+        row_range = (int(rows_h.min()), int(rows_h.max()), int(rows_w.min()), int(rows_w.max()))
+        dummy = P.data[:, :1].expand(P.data.shape[0], first.numel(), *P.data.shape[2:])
+        return replace(P, data=dummy, rows_h=rows_h, rows_w=rows_w, row_range=row_range, dirty=False, unit=None)
 
     def tensors(self) -> list[torch.Tensor]:
         return [p.tensor for p in self.params.values()]
@@ -197,8 +219,34 @@ class AlphaSet:
     @torch.no_grad()
     def project(self) -> None:
         for p in self.params.values():
-            lo, hi = p.lower.detach().unsqueeze(1), p.upper.detach().unsqueeze(1)
+            lo, hi = p.interval()
             p.tensor.copy_(p.project(p.tensor, lo, hi, p.call).expand_as(p.tensor))
+
+
+class _StartLookup:
+    """The :data:`AlphaLookup` of one walk start: dense parameters, and for intermediate starts on a
+    2-D map (whose walks run on Patches) window-layout ones."""
+
+    def __init__(self, owner: AlphaSet, start: str, rows: torch.Tensor | None):
+        self.owner, self.start, self.rows = owner, start, rows
+
+    def __call__(self, node: str, direction: str) -> torch.Tensor | None:
+        return self.owner._get(self.start, node, direction, self.rows)
+
+    def windows(self, node: str, direction: str, P: Patches, begin: int = 0) -> torch.Tensor | None:
+        """Window-layout parameters of the rows ``begin:begin+P.spec`` of this walk (None: use dense ones)."""
+        owner = self.owner
+        if self.start == owner.target or owner.shared or owner.state.values[self.start].dim() != 4:
+            return None
+        alpha = owner._get(self.start, node, direction, self.rows, P)
+        if alpha is None:
+            return None
+        every = owner.params[(self.start, node, direction, True)].windows
+        picked = torch.arange(every.spec, device=alpha.device) if self.rows is None else self.rows
+        picked = picked[begin:begin + P.spec]
+        if not (torch.equal(every.rows_h[picked], P.rows_h) and torch.equal(every.rows_w[picked], P.rows_w)):
+            raise RuntimeError(f"alpha-CROWN: the rows of the walk from {self.start} do not match its spec")
+        return alpha.narrow(1, begin, P.spec)
 
 
 @dataclass

@@ -46,7 +46,10 @@ from ..rules.generic import AffinePullback, collect_vars
 from .patches import patch_rule_for
 from .state import PropagationState
 
-#: ``alpha_for(node_name, direction) -> Tensor | None``: free relaxation parameters for a node.
+#: ``alpha_for(node_name, direction) -> Tensor | None``: free relaxation parameters for a node,
+#: ``(batch, spec, *node.shape)``. A lookup may also offer ``alpha_for.windows(node_name, direction, P)``:
+#: parameters in the window layout of Patches ``P`` (``(batch, P.spec, C, kh, kw)``, one per row and
+#: window entry, which is all a row of a patch-form walk can use), or None (see :func:`_window_relaxation`).
 AlphaLookup = Callable[[str, str], torch.Tensor | None]
 
 
@@ -119,6 +122,8 @@ class PreparedRelaxation:
                 f = torch.broadcast_to(f, (shape[0], f.shape[1], *shape[1:]))
             full.append(f)
         lw, d, lb, db = full
+        if per_spec:  # d = uw - lw follows the parameters: nonzero in practice, and large to scan
+            return PreparedRelaxation(lw, d, *(None if not bool(f.any()) else f for f in (lb, db)), per_spec)
         return PreparedRelaxation(lw, *(None if not bool(f.any()) else f for f in (d, lb, db)), per_spec)
 
     def laid_out_like(self, A: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -383,10 +388,53 @@ def _full_batch(state: PropagationState, A):
     return A.contiguous() if A is not None else None
 
 
+def _window_relaxation(state: PropagationState, node: Node, lA: Patches | None, uA: Patches | None,
+                       windows_for) -> BackwardOut | None:
+    """A parametrised relaxation applied to Patches in window layout (alpha-CROWN, patch-form walks).
+
+    Row ``r`` of Patches ``P`` only multiplies the node's neurons inside its window, so its
+    parameters are ``alpha[b, r, c, i, j]`` (``(batch, R, C, kh, kw)``) and the relaxation is
+    evaluated on the interval gathered over the same windows::
+
+        l_w, u_w = P.gather(l, u);   relaxation(l_w, u_w; alpha)  ->  lw, uw, lb, ub  (batch, R, C, kh, kw)
+
+    The dense alternative, ``alpha`` of shape ``(batch, R, C, H, W)`` with the relaxation evaluated
+    over the whole map for every row and then gathered, holds the same free values (entries outside
+    a row's window have no effect) at ``H W / (kh kw)`` times the memory and work. Window entries
+    outside the node meet ``l = u = 0`` and coefficients cleaned to zero. None if the lookup has
+    no window parameters for this node.
+    """
+    x_name = node.inputs[0]
+    args, kwargs = state.resolve_for_linear(node)
+    if any(isinstance(a, Var) for a in args[1:]):
+        return None
+    iv = state.intervals[x_name]
+    relaxation = state.rules(node).relaxation
+    sides: list[tuple[Any, Any]] = []
+    for direction, A in (("lower", lA), ("upper", uA)):
+        if A is None:
+            sides.append((None, 0.0))
+            continue
+        alpha = windows_for(node.name, direction, A)
+        if alpha is None:
+            return None
+        A = A.clean()
+        lo, hi = A.gather(iv.lower, iv.upper)
+        relax = relaxation(lo, hi, RelaxCall(tuple(args[1:]), kwargs, state.opts, alpha, direction))
+        prep = PreparedRelaxation.of(relax, lo.shape)
+        sides.append(_relax_side(A, prep, direction == "upper", (prep.lw, prep.d, prep.lb, prep.db)))
+    return BackwardOut([(x_name, sides[0][0], sides[1][0])], sides[0][1], sides[1][1])
+
+
 def _patches_out(state: PropagationState, node: Node, lA, uA, alpha_for: AlphaLookup | None) -> BackwardOut | None:
     """Propagation of Patches coefficients (both sides in patch form, or None); None if no patch rule."""
     entry = state.rules(node)
     if entry.relaxation is not None and not state.is_affine_here(node):
+        windows_for = getattr(alpha_for, "windows", None)
+        if windows_for is not None and entry.alpha is not None:
+            out = _window_relaxation(state, node, lA, uA, windows_for)
+            if out is not None:
+                return out
         alpha_l = alpha_for(node.name, "lower") if (alpha_for and lA is not None) else None
         alpha_u = alpha_for(node.name, "upper") if (alpha_for and uA is not None) else None
         relax_l = prepared_relaxation(state, node, "lower", alpha_l) if lA is not None else None

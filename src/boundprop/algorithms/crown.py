@@ -155,13 +155,19 @@ def spec_chunk_size(state: PropagationState, start: str) -> int:
     return max(1, budget // (state.batch_size * widest))
 
 
-def _spec_rows(alpha_for: AlphaLookup, begin: int, count: int) -> AlphaLookup:
+class _SpecRows:
     """The rows ``begin:begin+count`` of spec-dependent alphas (for one chunk of specs)."""
-    def lookup(node: str, direction: str) -> torch.Tensor | None:
-        alpha = alpha_for(node, direction)
-        return alpha if alpha is None or alpha.shape[1] == 1 else alpha[:, begin:begin + count]
 
-    return lookup
+    def __init__(self, alpha_for: AlphaLookup, begin: int, count: int):
+        self.alpha_for, self.begin, self.count = alpha_for, begin, count
+
+    def __call__(self, node: str, direction: str) -> torch.Tensor | None:
+        alpha = self.alpha_for(node, direction)
+        return alpha if alpha is None or alpha.shape[1] == 1 else alpha[:, self.begin:self.begin + self.count]
+
+    def windows(self, node: str, direction: str, P, begin: int = 0) -> torch.Tensor | None:
+        inner = getattr(self.alpha_for, "windows", None)
+        return None if inner is None else inner(node, direction, P, self.begin + begin)
 
 
 def _patch_form(state: PropagationState, name: str) -> bool:
@@ -210,7 +216,7 @@ def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None
         part = index[start:start + chunk]
         lookup = alpha_for
         if alpha_for is not None and part.numel() < index.numel():
-            lookup = _spec_rows(alpha_for, start, part.numel())
+            lookup = _SpecRows(alpha_for, start, part.numel())
         with nullcontext() if record else torch.no_grad():
             res = backward(state, name, _walk_start(state, name, part, flat_l.dtype), alpha_for=lookup)
         lo, hi = torch.maximum(flat_l[:, part], res.lower), torch.minimum(flat_u[:, part], res.upper)

@@ -37,8 +37,8 @@ def interval_of(state: PropagationState, name: str) -> Interval:
 
 def _guard_nan(out: Interval) -> Interval:
     """A NaN end (e.g. inf - inf) is replaced by the infinite end it stands for: never unsound."""
-    lower = torch.where(torch.isnan(out.lower), -torch.inf, out.lower)
-    upper = torch.where(torch.isnan(out.upper), torch.inf, out.upper)
+    lower = torch.nan_to_num(out.lower, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    upper = torch.nan_to_num(out.upper, nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)
     return Interval(lower, upper)
 
 

@@ -35,6 +35,8 @@ def _default_lower_slope(l, u, s: float, option: str):
         return torch.ones_like(l)
     if option == "same-slope":
         return _chord(l, u, s)[0]
+    if s == 0.0:
+        return (u > -l).to(l.dtype)
     return torch.where(u > -l, torch.ones_like(l), torch.full_like(l, s))
 
 
@@ -42,9 +44,13 @@ def _chord(l, u, s: float):
     """Upper line of ``max(x, s x)`` on ``[l, u]``, ``l < 0 < u``: the chord, or on unbounded intervals
     the sound limits ``x + (s - 1) l`` (u = inf) and ``max(u, s u)`` (l = -inf; u = inf too: +inf)."""
     width = (u - l).clamp_min(1e-12)
-    slope = (u - s * l) / width
-    bias = s * l - slope * l
-    if bool(torch.isinf(l).any() or torch.isinf(u).any()):
+    if s == 0.0:  # ReLU: fewer ops (this runs once per layer and call, often on small maps)
+        slope = u / width
+        bias = -slope * l
+    else:
+        slope = (u - s * l) / width
+        bias = s * l - slope * l
+    if not bool(torch.isfinite(l + u).all()):  # an infinite end (l + u is then +-inf or nan)
         up_inf, low_inf = torch.isinf(u), torch.isinf(l)
         only_up = up_inf & ~low_inf
         slope = torch.where(only_up, torch.ones_like(slope), torch.where(low_inf, torch.zeros_like(slope), slope))
@@ -57,7 +63,7 @@ def piecewise_relaxation(l, u, s: float, call: RelaxCall) -> Relaxation:
     option = call.opts.get("activation_bound_option", "adaptive")
     unstable = (l < 0) & (u > 0)
     active = l >= 0
-    stable_slope = torch.where(active, torch.ones_like(l), torch.full_like(l, s))
+    stable_slope = active.to(l.dtype) if s == 0.0 else torch.where(active, torch.ones_like(l), torch.full_like(l, s))
     chord_slope, chord_bias = _chord(l, u, s)
     uw = torch.where(unstable, chord_slope, stable_slope)
     ub = torch.where(unstable, chord_bias, torch.zeros_like(l))
@@ -66,7 +72,7 @@ def piecewise_relaxation(l, u, s: float, call: RelaxCall) -> Relaxation:
     else:
         lower_slope = _default_lower_slope(l, u, s, option)
     lw = torch.where(unstable, lower_slope, stable_slope)
-    return Relaxation(lw, torch.zeros_like(lw), uw, ub)
+    return Relaxation(lw, torch.zeros_like(l), uw, ub)  # lb: no spec dimension even when alpha has one
 
 
 def unstable_mask(l, u):

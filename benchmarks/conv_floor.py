@@ -1,0 +1,118 @@
+"""The arithmetic floor of CROWN-IBP on the peer CNNs: its transposed convolutions alone, in forwards.
+
+CROWN-IBP on the logits (no specification matrix, both sides) walks back from the 10 outputs
+once: after the first ReLU the lower and upper sides differ, so every convolution is crossed by
+``2 * batch * 10`` coefficient maps, one transposed convolution per layer. This script times, on
+one thread and next to one plain forward pass of the same model:
+
+* ``floor``: those transposed convolutions alone, with the kernels the backward walk uses
+  (:func:`boundprop.domains.patches.conv_transpose2d`, channels-last), on random maps of the
+  right shapes; nothing else a walk needs (relaxations, linear layers, IBP, the forward pass
+  that gives the values) is counted;
+* ``ours``: one whole CROWN-IBP call (``compute_bounds``);
+
+and compares both with auto_LiRPA 0.7.1's cost and with half of it (the issue's target).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/conv_floor.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peer_compare import PEER, forward_time, load, peer_costs  # noqa: E402
+
+import boundprop  # noqa: E402
+from boundprop import PerturbationLpNorm, compute_bounds  # noqa: E402
+from boundprop.domains.patches import conv_transpose2d  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "conv_floor.md"
+SPEC = 10
+
+
+def median_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def conv_layers(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.nn.Conv2d, tuple, tuple]]:
+    """Each Conv2d with its input and output shapes (one forward pass with hooks)."""
+    found = []
+    hooks = [m.register_forward_hook(lambda m, i, o: found.append((m, tuple(i[0].shape), tuple(o.shape))))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return found
+
+
+def transposed_convs(layers, rows: int):
+    """A closure running one channels-last transposed convolution of ``rows`` maps per layer."""
+    work = []
+    for conv, in_shape, out_shape in layers:
+        A = torch.randn(rows, *out_shape[1:]).contiguous(memory_format=torch.channels_last)
+        out_padding = tuple(in_shape[2 + i] - ((out_shape[2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i]
+                                               + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1) for i in range(2))
+        work.append((A, conv.weight.detach(), conv.stride, conv.padding, out_padding, conv.groups, conv.dilation))
+
+    def run():
+        for A, w, s, p, op, g, d in work:
+            conv_transpose2d(A, w, s, p, op, g, d, channels_last=True)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["cnn", "resnet_small"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    costs = peer_costs()
+    lines = ["| model | batch | forward (ms) | transposed convs (ms) | floor (forwards) | ours (forwards) | "
+             "auto_LiRPA (forwards) | target (forwards) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in args.models:
+        for batch in args.batches:
+            if not (PEER / f"{name}_b{batch}.pt").exists():
+                continue
+            model, data = load(name, batch)
+            x = data["x"]
+            graph = boundprop.capture(model, x)
+            ptb = {graph.inputs[0]: PerturbationLpNorm(data["eps"])}
+            fwd, _ = forward_time(model, x)
+            floor = median_time(transposed_convs(conv_layers(model, x), 2 * batch * SPEC), args.reps)
+            with torch.no_grad():
+                call = lambda g=graph, x=x, p=ptb: compute_bounds(g, (x,), p, method="CROWN-IBP")  # noqa: E731
+                ours = median_time(call, args.reps)
+            theirs = costs[(name, batch, "CROWN-IBP")]
+            line = (f"| {name} | {batch} | {fwd * 1e3:.3f} | {floor * 1e3:.2f} | {floor / fwd:.1f} | "
+                    f"{ours / fwd:.1f} | {theirs:.1f} | {theirs / 2:.1f} |")
+            lines.append(line)
+            print(line, flush=True)
+    text = ("# CROWN-IBP: the transposed convolutions alone\n\n" + "\n".join(lines) + "\n\n"
+            f"One thread, torch {torch.__version__}. `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/conv_floor.py`. "
+            "floor = the transposed convolutions of one CROWN-IBP walk (2 sides x batch x 10 rows per "
+            "convolution, channels-last, the walk's own kernels) / one forward pass; ours = one whole "
+            "CROWN-IBP call / one forward pass; target = half of auto_LiRPA's cost.\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    prose = args.out.with_suffix(".notes.md")
+    args.out.write_text(text + ("\n" + prose.read_text() if prose.exists() else ""))
+
+
+if __name__ == "__main__":
+    main()

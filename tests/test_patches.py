@@ -204,18 +204,20 @@ def test_alpha_crown_same_in_both_modes():
     torch.testing.assert_close(fast.upper, dense.upper, rtol=1e-4, atol=1e-5)
 
 
-def test_window_alphas_equal_dense_alphas():
+@pytest.mark.parametrize("acts, chunk", [((nn.ReLU, nn.ReLU, lambda: nn.LeakyReLU(0.1)), 400),
+                                         ((nn.Tanh, nn.GELU, nn.Sigmoid), 5000)])  # smooth: every neuron walks
+def test_window_alphas_equal_dense_alphas(acts, chunk):
     """Patch-form walks keep alpha-CROWN's parameters in window layout (whole, and in chunks of rows
     that each take their rows); the optimisation is the same as with dense parameters."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(),
-                        nn.Conv2d(4, 3, 3, padding=1), nn.LeakyReLU(0.1), nn.Flatten(), nn.Linear(3 * 6 * 6, 3))
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), acts[0](), nn.Conv2d(4, 4, 3, stride=2, padding=1), acts[1](),
+                        nn.Conv2d(4, 3, 3, padding=1), acts[2](), nn.Flatten(), nn.Linear(3 * 6 * 6, 3))
     x = torch.randn(2, 2, 12, 12)
     graph = boundprop.capture(net, x)
     ptb = {graph.inputs[0]: PerturbationLpNorm(0.1)}
-    opts = {"optimize_bound_args": {"iteration": 4, "lr_alpha": 0.3}}
+    opts = {"optimize_bound_args": {"iteration": 4 if chunk < 1000 else 2, "lr_alpha": 0.3}}
     dense = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", opts={**opts, "conv_mode": "matrix"})
-    for extra in ({}, {"max_coefficient_elements": 400}):
+    for extra in ({}, {"max_coefficient_elements": chunk}):
         fast = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", opts={**opts, **extra})
         torch.testing.assert_close(fast.lower, dense.lower, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(fast.upper, dense.upper, rtol=1e-4, atol=1e-5)

@@ -31,9 +31,14 @@ Procedure (one call):
    produced it); the intermediate intervals returned in ``state.intervals`` are the
    intersection of all intervals met (each is sound).
 
+Walks that run on Patches (from a 2-D feature map) keep their parameters in window layout,
+``(batch, spec_of_start, C, kh, kw)``: a row only reaches the neurons of ``n`` inside its window
+(see :func:`~boundprop.algorithms.backward._window_relaxation`).
+
 Cost: about ``2 * iteration`` CROWN computations per side (each evaluation plus its gradient),
 and memory for the parameters: sum over starts ``s`` and relaxation nodes ``n`` before ``s`` of
-``batch * unstable(s) * size(n)``, times two directions.
+``batch * unstable(s) * size(n)`` (``size(n)`` the window size ``C kh kw`` on patch-form walks),
+times two directions.
 
 Relaxation rules see parameters with a spec dimension: ``call.alpha`` has shape
 ``(batch, spec, *shape)`` and the interval arrives as ``(batch, 1, *shape)`` so that the rule's

@@ -19,15 +19,13 @@ and compares both with auto_LiRPA 0.7.1's cost and with half of it (the issue's 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peer_compare import PEER, forward_time, load, peer_costs  # noqa: E402
+from peer_compare import PEER, clocked, forward_time, load, peer_costs  # noqa: E402
 
 import boundprop  # noqa: E402
 from boundprop import PerturbationLpNorm, compute_bounds  # noqa: E402
@@ -38,13 +36,8 @@ SPEC = 10
 
 
 def median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall time of ``fn()`` after a warm-up call."""
+    return clocked(fn, reps, float("inf"))[0]
 
 
 def conv_layers(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.nn.Conv2d, tuple, tuple]]:

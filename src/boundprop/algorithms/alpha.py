@@ -243,14 +243,17 @@ class _StartLookup:
         owner = self.owner
         if self.start == owner.target or owner.shared or owner.state.values[self.start].dim() != 4:
             return None
+        key = (self.start, node, direction, True)
+        new = key not in owner.params
         alpha = owner._get(self.start, node, direction, self.rows, P)
         if alpha is None:
             return None
-        every = owner.params[(self.start, node, direction, True)].windows
-        picked = torch.arange(every.spec, device=alpha.device) if self.rows is None else self.rows
-        picked = picked[begin:begin + P.spec]
-        if not (torch.equal(every.rows_h[picked], P.rows_h) and torch.equal(every.rows_w[picked], P.rows_w)):
-            raise RuntimeError(f"alpha-CROWN: the rows of the walk from {self.start} do not match its spec")
+        if new:  # the windows were laid out from the start's spec: check once that they are this walk's
+            every = owner.params[key].windows
+            rows = torch.arange(every.spec, device=alpha.device) if self.rows is None else self.rows
+            rows = rows[begin:begin + P.spec]
+            if not (torch.equal(every.rows_h[rows], P.rows_h) and torch.equal(every.rows_w[rows], P.rows_w)):
+                raise RuntimeError(f"alpha-CROWN: the rows of the walk from {self.start} do not match its spec")
         return alpha.narrow(1, begin, P.spec)
 
 

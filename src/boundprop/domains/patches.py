@@ -216,6 +216,10 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, out
     return F.conv_transpose2d(x, weight, None, stride, padding, output_padding, groups, dilation)
 
 
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[-1])) if isinstance(v, (list, tuple)) else (int(v),) * 2
+
+
 def _as_forward_conv(weight: torch.Tensor, stride, padding, output_padding, groups: int, dilation):
     """``(weight', None, 1, padding', dilation)`` with ``conv2d(x, weight', ...) = conv_transpose2d(x, weight, ...)``,
     or None. A stride-1 transposed convolution is the "full" convolution with the kernel flipped and
@@ -223,8 +227,7 @@ def _as_forward_conv(weight: torch.Tensor, stride, padding, output_padding, grou
     ``d (k - 1) - p``. oneDNN's forward convolution in channels-last layout is 10-25 % faster than its
     transposed one (measured on ResNet-sized maps, 20 and 640 rows, one thread).
     """
-    pair = lambda v: (int(v[0]), int(v[-1])) if isinstance(v, (list, tuple)) else (int(v),) * 2  # noqa: E731
-    stride, padding, output_padding, dilation = (pair(v) for v in (stride, padding, output_padding, dilation))
+    stride, padding, output_padding, dilation = (_pair(v) for v in (stride, padding, output_padding, dilation))
     k = weight.shape[2:]
     full = tuple(dilation[i] * (k[i] - 1) - padding[i] for i in range(2))
     if groups != 1 or stride != (1, 1) or output_padding != (0, 0) or min(full) < 0:
@@ -242,8 +245,7 @@ def _fold_transpose(x: torch.Tensor, weight: torch.Tensor, stride, padding, outp
     (measured 11.7 vs 40.6 and 12.1 ms for 640 windows of 16 x 13 x 13, 33 vs 138 and 59 ms for
     12,800 windows of 16 x 4 x 4, one thread).
     """
-    pair = lambda v: (int(v[0]), int(v[-1])) if isinstance(v, (list, tuple)) else (int(v),) * 2  # noqa: E731
-    stride, padding, output_padding, dilation = (pair(v) for v in (stride, padding, output_padding, dilation))
+    stride, padding, output_padding, dilation = (_pair(v) for v in (stride, padding, output_padding, dilation))
     N, C, h, w = x.shape
     k = tuple(weight.shape[2:])
     size = tuple((n - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1 + output_padding[i]

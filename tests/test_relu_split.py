@@ -128,6 +128,14 @@ def domain(l, u, split, R=1, alpha=None, beta=None) -> Domains:
                    beta.unsqueeze(0).clone(), torch.zeros(1, R, dtype=torch.bool))
 
 
+def random_split(size: int, candidates: torch.Tensor, count: int, g: torch.Generator) -> torch.Tensor:
+    """Split signs (+1 active, -1 inactive, 0 free) for ``count`` random neurons among ``candidates``."""
+    split = torch.zeros(size, dtype=torch.int64)
+    pick = candidates[torch.randperm(candidates.numel(), generator=g)[:count]]
+    split[pick] = torch.where(torch.rand(pick.numel(), generator=g) < 0.5, -1, 1)
+    return split
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_domain_bounds_are_sound(seed):
     """For random split assignments, every sampled input satisfying the splits, and the exact MILP minimum
@@ -143,9 +151,7 @@ def test_domain_bounds_are_sound(seed):
     assert unstable.numel() >= 3
     checked = 0
     for trial in range(8):
-        split = torch.zeros(l.numel(), dtype=torch.int64)
-        pick = unstable[torch.randperm(unstable.numel(), generator=g)[:1 + trial % 4]]
-        split[pick] = torch.where(torch.rand(pick.numel(), generator=g) < 0.5, -1, 1)
+        split = random_split(l.numel(), unstable, 1 + trial % 4, g)
         feasible = ((z * split) >= 0).all(1)
         exact = milp_min(chain, a[0], float(b[0]), lo, hi, l, u, split)
         for kind in ("random", "large", "optimised"):
@@ -181,9 +187,7 @@ def test_refined_intervals_hold_on_the_domain(seed):
     assert unstable0.numel() >= 2
     tightened = 0
     for trial in range(6):
-        split = torch.zeros(l.numel(), dtype=torch.int64)
-        pick = unstable0[torch.randperm(unstable0.numel(), generator=g)[:1 + trial % 3]]
-        split[pick] = torch.where(torch.rand(pick.numel(), generator=g) < 0.5, -1, 1)
+        split = random_split(l.numel(), unstable0, 1 + trial % 3, g)
         dom = domain(l, u, split)
         before_l, before_u = dom.l.clone(), dom.u.clone()
         refine_intervals(bounder, dom, torch.zeros(1, dtype=torch.long), 10**6 if trial % 2 else 7)  # 7: a subset

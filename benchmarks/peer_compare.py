@@ -4,17 +4,16 @@ For each stored model and batch (``<model>_b<batch>.pt``: weights, input batch, 
 auto_LiRPA's bounds per method) and each method (IBP, CROWN-IBP, CROWN, forward, alpha-CROWN with
 auto_LiRPA's 20 iterations and lr 0.5), on one thread:
 
-* the median wall time of one ``compute_bounds`` call after a warm-up call (``--reps`` calls, or
-  one when a call takes longer than ``--long``), every method but alpha-CROWN under
-  ``torch.no_grad()``;
-* the median time of one plain forward pass of the same model and batch, measured right before
-  the method in the same run, and the cost as a multiple of it (also in CPU time, which a shared,
-  loaded machine disturbs less than wall time);
+* the wall time of ``compute_bounds`` calls after a warm-up call (``--reps`` calls, or one when a
+  call takes longer than ``--long``), every method but alpha-CROWN under ``torch.no_grad()``,
+  each call right after a burst of plain forward passes of the same model and batch;
+* the cost of a call as a multiple of one forward pass of its burst, and the median of those
+  costs (also in CPU time); pairing follows the drifts of a shared machine's speed;
 * auto_LiRPA's cost in forwards (``results.csv``, measured on this machine kind) and the ratios
-  (ours / theirs) of the wall-clock cost and of the CPU-time cost. On a loaded machine the wall
-  cost of a long call is inflated: the median of many short forward passes skips the ones the
-  scheduler interrupted, a call of several milliseconds cannot; the CPU-time cost is not biased
-  that way;
+  (ours / theirs) of the wall-clock cost and of the CPU-time cost;
+* by default with freed memory kept in the process (:func:`boundprop.runtime.keep_freed_memory`,
+  as the ``boundprop`` command runs; ``--malloc default`` keeps glibc's defaults), for our calls
+  and the forward passes alike;
 * the mean bound width (mean of upper - lower) of both libraries and the largest difference
   between the bounds, relative to ``max(1, |auto_LiRPA's bound|)``.
 
@@ -44,6 +43,7 @@ import torch
 
 import boundprop
 from boundprop import PerturbationLpNorm, compute_bounds
+from boundprop.runtime import keep_freed_memory
 
 PEER = Path("/work/shared/peer")
 RESULTS = Path(__file__).parent / "results" / "peer_compare.md"
@@ -75,6 +75,51 @@ def forward_time(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]
             n += 1
         wall, cpu, _ = clocked(lambda: model(x), max(10, min(n, 200)), 1e9)
     return wall, cpu
+
+
+def paired_cost(call, model: torch.nn.Module, x: torch.Tensor, reps: int, long_s: float):
+    """Time ``call()`` ``reps`` times (once if a call is long, up to 100 times if it is short), each right
+    after a burst of forward passes.
+
+    Returns ``(median call wall time, median forward wall time, median of the per-call wall-time
+    ratios, the same in CPU time, the last result)``. Pairing each call with the forward passes
+    just before it follows drifts in the machine's speed, which on a shared host reach 1.5x within
+    minutes; a median of ratios then ignores the calls that a drift or an interruption hit.
+    """
+    start = time.perf_counter()
+    out = call()
+    took = time.perf_counter() - start
+    if took > long_s:
+        reps = 1
+    elif took < 0.05:  # short calls: more pairs, about a second's worth of calls
+        reps = max(reps, min(100, int(1.0 / max(took, 1e-4))))
+    with torch.no_grad():
+        model(x)
+    walls, fwds, costs, cpu_costs = [], [], [], []
+    for _ in range(reps):
+        fwd_wall, fwd_cpu = forward_burst(model, x)
+        w, c = time.perf_counter(), time.process_time()
+        out = call()
+        wall, cpu = time.perf_counter() - w, time.process_time() - c
+        walls.append(wall)
+        fwds.append(fwd_wall)
+        costs.append(wall / fwd_wall)
+        cpu_costs.append(cpu / fwd_cpu)
+    med = statistics.median
+    return med(walls), med(fwds), med(costs), med(cpu_costs), out
+
+
+def forward_burst(model: torch.nn.Module, x: torch.Tensor, seconds: float = 0.02, least: int = 10):
+    """Median wall and CPU time of one forward pass over a burst of at least ``least`` passes and ``seconds``."""
+    walls, cpus = [], []
+    start = time.perf_counter()
+    with torch.no_grad():
+        while len(walls) < least or time.perf_counter() - start < seconds:
+            w, c = time.perf_counter(), time.process_time()
+            model(x)
+            walls.append(time.perf_counter() - w)
+            cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def peer_costs() -> dict[tuple[str, int, str], float]:
@@ -120,16 +165,15 @@ def run(args) -> list[dict]:
                 def call(graph=graph, x=x, ptb=ptb, method=method, opts=opts):
                     return compute_bounds(graph, (x,), ptb, method=method, opts=opts)
 
-                fwd_wall, fwd_cpu = forward_time(model, x)
                 try:
                     with contextlib.nullcontext() if grad else torch.no_grad():
-                        wall, cpu, res = clocked(call, args.reps, args.long)
+                        wall, fwd_wall, cost, cpu_cost, res = paired_cost(call, model, x, args.reps, args.long)
                 except NotImplementedError as err:
                     rows.append({"model": model_name, "batch": batch, "method": method,
                                  "note": f"NotImplementedError: {err}"})
                     continue
                 row = {"model": model_name, "batch": batch, "method": method, "time": wall, "forward": fwd_wall,
-                       "cost": wall / fwd_wall, "cpu_cost": cpu / fwd_cpu,
+                       "cost": cost, "cpu_cost": cpu_cost,
                        "peer_cost": costs.get((model_name, batch, method)),
                        "width": float((res.upper - res.lower).mean())}
                 if peer_bounds is not None:
@@ -191,7 +235,10 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="also run what auto_LiRPA did not")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--merge", action="store_true", help="keep the output file's rows for triples not run now")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep freed memory in the process (boundprop.runtime) or glibc's defaults")
     args = parser.parse_args()
+    kept = args.malloc == "keep" and keep_freed_memory()
     print(HEADER, flush=True)
     rows = run(args)
     lines = [format_row(r) for r in rows]
@@ -199,8 +246,10 @@ def main() -> None:
         lines = merged(args.out.read_text(), rows)
     table = "\n".join([HEADER] + lines)
     notes = (f"\n\nboundprop vs auto_LiRPA 0.7.1 (`{PEER}/results.csv`), one thread, "
-             f"{datetime.date.today()}, torch {torch.__version__}, {platform.processor() or platform.machine()}. "
-             "cost = median time of one call / median time of one forward pass measured just before it "
+             f"{datetime.date.today()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+             f"{'freed memory kept (boundprop.runtime)' if kept else 'glibc malloc defaults'}. "
+             "cost = median over the timed calls of (time of the call / median time of one forward pass in "
+             "a burst of at least 10 passes and 0.02 s just before it); time and forward: medians "
              "(wall clock; 'CPU time' uses process CPU time for both). ratio = cost / auto_LiRPA's cost "
              "(auto_LiRPA's is wall clock). "
              "max rel. diff = max |ours - auto_LiRPA| / max(1, |auto_LiRPA|) over both bounds.\n")

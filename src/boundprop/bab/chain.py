@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..graph.ir import Graph, evaluate, run_node
+from .adam import Adam
 
 aten = torch.ops.aten
 
@@ -339,7 +340,7 @@ class ChainBounder:
         alphas = [r[0][box].clone() for r in relax]  # (batch * G, n_i), start from the adaptive slopes
         free = [m[box] for m in unstable]
         params = [logits.requires_grad_(True)] + [a.requires_grad_(True) for a in alphas]
-        adam = _Adam(params, lr)
+        adam = Adam(params, lr)
         best = torch.full((batch, n_groups), -torch.inf, dtype=lo.dtype)
         if row_lower is not None:
             best = best.scatter_reduce(1, groups.expand(batch, -1), row_lower, reduce="amax")
@@ -365,24 +366,3 @@ class ChainBounder:
                 grads = torch.autograd.grad(loss, params)
             adam.step(grads)
         return best
-
-
-class _Adam:
-    """Adam (Kingma and Ba) without torch.optim (whose first import costs seconds)."""
-
-    def __init__(self, params: list[torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-        self.t = 0
-
-    @torch.no_grad()
-    def step(self, grads) -> None:
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
-            g = torch.nan_to_num(g, 0.0, 0.0, 0.0)
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.sub_(self.lr * (m / c1) / ((v / c2).sqrt() + self.eps))

@@ -70,8 +70,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .adam import Adam
 from .attack import violation
-from .chain import ChainBounder, ReluChain, _Adam, restrict_chain
+from .chain import ChainBounder, ReluChain, restrict_chain
 from .search import Confirmer, refuted_groups
 
 #: dense segments up to this many entries are extracted for ReLU splitting (CIFAR conv nets: ~13M)
@@ -215,7 +216,7 @@ class BetaCrown:
         beta = dom.beta.clone().requires_grad_(True)
         best_a, best_b = dom.alpha.clone(), dom.beta.clone()
         best = torch.full((len(dom),), -torch.inf)
-        adam_a, adam_b = _Adam([alpha], lr_alpha), _Adam([beta], lr_beta)
+        adam_a, adam_b = Adam([alpha], lr_alpha), Adam([beta], lr_beta)
         goal = (self.margin_of(dom) if target is None else target).float() + 1e-4
         goal = goal.expand(len(dom), dom.done.shape[1])
         for step in range(iterations + 1):

@@ -13,6 +13,9 @@ Subcommands:
 ``bench``, ``certify`` and ``verify`` take ``--ray [ADDRESS]`` (optional Ray back end, see
 :mod:`boundprop.distributed`).
 
+The command keeps freed memory in the process (:func:`boundprop.runtime.keep_freed_memory`;
+``BOUNDPROP_MALLOC=default`` keeps the C library's defaults).
+
 User errors (bad method, missing file, ...) end with one message on stderr and exit status 2.
 """
 
@@ -24,6 +27,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from ..runtime import keep_freed_memory
 from . import bench, bounds, certify, train, verify
 from .loaders import CliError
 
@@ -62,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(None if argv is None else list(argv))
     args.started = started
+    keep_freed_memory()
     try:
         return int(args.run(args) or 0)
     except CliError as err:

@@ -118,7 +118,7 @@ def _random_net(seed: int, c_in: int, size: int) -> nn.Module:
         c = c_out
     if pick(2):
         layers += [nn.AvgPool2d(2, ceil_mode=True)]
-    net = nn.Sequential(*layers, nn.Flatten())
+    net = nn.Sequential(*layers, nn.Flatten()).eval()  # eval: batch norm on a 1 x 1 map in the probe
     with torch.no_grad():
         n = net(torch.zeros(1, c_in, size, size)).shape[1]
     net.append(nn.Linear(n, 3))

@@ -19,13 +19,15 @@ and compares both with auto_LiRPA 0.7.1's cost and with half of it (the issue's 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peer_compare import PEER, clocked, forward_time, load, peer_costs  # noqa: E402
+from peer_compare import PEER, forward_burst, load, peer_costs  # noqa: E402
 
 import boundprop  # noqa: E402
 from boundprop import PerturbationLpNorm, compute_bounds  # noqa: E402
@@ -37,7 +39,13 @@ SPEC = 10
 
 def median_time(fn, reps: int) -> float:
     """Median wall time of ``fn()`` after a warm-up call."""
-    return clocked(fn, reps, float("inf"))[0]
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def conv_layers(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.nn.Conv2d, tuple, tuple]]:
@@ -87,7 +95,7 @@ def main() -> None:
             x = data["x"]
             graph = boundprop.capture(model, x)
             ptb = {graph.inputs[0]: PerturbationLpNorm(data["eps"])}
-            fwd, _ = forward_time(model, x)
+            fwd, _ = forward_burst(model, x, seconds=0.3)
             floor = median_time(transposed_convs(conv_layers(model, x), 2 * batch * SPEC), args.reps)
             with torch.no_grad():
                 call = lambda g=graph, x=x, p=ptb: compute_bounds(g, (x,), p, method="CROWN-IBP")  # noqa: E731

@@ -51,32 +51,6 @@ METHODS = ("IBP", "CROWN-IBP", "CROWN", "forward", "alpha-CROWN")
 ALPHA_OPTS = {"optimize_bound_args": {"iteration": 20, "lr_alpha": 0.5}}
 
 
-def clocked(fn, reps: int, long_s: float) -> tuple[float, float, object]:
-    """Median wall and CPU time of ``fn()`` after one warm-up call (one rep if a call is long)."""
-    start = time.perf_counter()
-    out = fn()
-    if time.perf_counter() - start > long_s:
-        reps = 1
-    walls, cpus = [], []
-    for _ in range(reps):
-        w, c = time.perf_counter(), time.process_time()
-        out = fn()
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return statistics.median(walls), statistics.median(cpus), out
-
-
-def forward_time(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
-    with torch.no_grad():
-        model(x)
-        start, n = time.perf_counter(), 0
-        while n < 10 or (time.perf_counter() - start < 0.3 and n < 2000):
-            model(x)
-            n += 1
-        wall, cpu, _ = clocked(lambda: model(x), max(10, min(n, 200)), 1e9)
-    return wall, cpu
-
-
 def paired_cost(call, model: torch.nn.Module, x: torch.Tensor, reps: int, long_s: float):
     """Time ``call()`` ``reps`` times (once if a call is long, up to 100 times if it is short), each right
     after a burst of forward passes.
@@ -93,8 +67,6 @@ def paired_cost(call, model: torch.nn.Module, x: torch.Tensor, reps: int, long_s
         reps = 1
     elif took < 0.05:  # short calls: more pairs, about a second's worth of calls
         reps = max(reps, min(100, int(1.0 / max(took, 1e-4))))
-    with torch.no_grad():
-        model(x)
     walls, fwds, costs, cpu_costs = [], [], [], []
     for _ in range(reps):
         fwd_wall, fwd_cpu = forward_burst(model, x)

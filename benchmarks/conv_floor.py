@@ -1,4 +1,4 @@
-"""The arithmetic floor of CROWN-IBP on the peer CNNs: its transposed convolutions alone, in forwards.
+"""The arithmetic floor of CROWN-IBP on the peer CNNs, and the convolution kernels behind it.
 
 CROWN-IBP on the logits (no specification matrix, both sides) walks back from the 10 outputs
 once: after the first ReLU the lower and upper sides differ, so every convolution is crossed by
@@ -6,12 +6,16 @@ once: after the first ReLU the lower and upper sides differ, so every convolutio
 one thread and next to one plain forward pass of the same model:
 
 * ``floor``: those transposed convolutions alone, with the kernels the backward walk uses
-  (:func:`boundprop.domains.patches.conv_transpose2d`, channels-last), on random maps of the
-  right shapes; nothing else a walk needs (relaxations, linear layers, IBP, the forward pass
-  that gives the values) is counted;
+  (:func:`boundprop.kernels.conv_transpose2d`, which picks the fastest per shape), on random
+  maps of the right shapes; nothing else a walk needs (relaxations, linear layers, IBP, the
+  forward pass that gives the values) is counted;
 * ``ours``: one whole CROWN-IBP call (``compute_bounds``);
 
 and compares both with auto_LiRPA 0.7.1's cost and with half of it (the issue's target).
+
+A second table times every kernel :mod:`boundprop.kernels` chooses from, per layer: the
+convolutions of IBP (batch ``b``, with ``W`` and ``|W|``) and the transposed ones of the walk
+(``2 * b * 10`` maps), so that the choice it makes can be checked against the figures.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/conv_floor.py
 """
@@ -30,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from peer_compare import PEER, forward_burst, load, peer_costs  # noqa: E402
 
 import boundprop  # noqa: E402
-from boundprop import PerturbationLpNorm, compute_bounds  # noqa: E402
-from boundprop.domains.patches import conv_transpose2d  # noqa: E402
+from boundprop import PerturbationLpNorm, compute_bounds, kernels  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "conv_floor.md"
 SPEC = 10
@@ -60,20 +63,45 @@ def conv_layers(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.nn.
     return found
 
 
+def _transpose_args(conv: torch.nn.Conv2d, in_shape: tuple, out_shape: tuple, rows: int) -> tuple:
+    A = torch.randn(rows, *out_shape[1:])
+    out_padding = tuple(in_shape[2 + i] - ((out_shape[2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i]
+                                           + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1) for i in range(2))
+    return A, conv.weight.detach(), conv.stride, conv.padding, out_padding, conv.groups, conv.dilation
+
+
 def transposed_convs(layers, rows: int):
-    """A closure running one channels-last transposed convolution of ``rows`` maps per layer."""
-    work = []
-    for conv, in_shape, out_shape in layers:
-        A = torch.randn(rows, *out_shape[1:]).contiguous(memory_format=torch.channels_last)
-        out_padding = tuple(in_shape[2 + i] - ((out_shape[2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i]
-                                               + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1) for i in range(2))
-        work.append((A, conv.weight.detach(), conv.stride, conv.padding, out_padding, conv.groups, conv.dilation))
+    """A closure running one transposed convolution of ``rows`` maps per layer (the walk's kernels)."""
+    work = [_transpose_args(conv, i, o, rows) for conv, i, o in layers]
 
     def run():
-        for A, w, s, p, op, g, d in work:
-            conv_transpose2d(A, w, s, p, op, g, d, channels_last=True)
+        for args in work:
+            kernels.conv_transpose2d(*args)
 
     return run
+
+
+def kernel_rows(name: str, batch: int, layers, reps: int) -> list[str]:
+    """One table row per layer and op: the time of each candidate kernel (ms), the fastest in bold."""
+    rows = []
+    for index, (conv, in_shape, out_shape) in enumerate(layers):
+        w = conv.weight.detach()
+        forward = kernels.conv2d_candidates(torch.rand(in_shape), w.abs(), None, conv.stride, conv.padding,
+                                            conv.dilation, conv.groups)
+        A, w, s, p, op, g, d = _transpose_args(conv, in_shape, out_shape, 2 * batch * SPEC)
+        transposed = kernels.conv_transpose2d_candidates(A, w, s, p, op, g, d)
+        names = {"conv2d": ["default", "im2col", "oneDNN NHWC"],
+                 "transposed": (["product + col2im", "oneDNN NHWC", "default", "im2col"] if w.shape[1] == 1 else
+                                ["oneDNN NHWC", "default", "im2col", "product + col2im"])}
+        geometry = f"{conv.in_channels}->{conv.out_channels} k{conv.kernel_size[0]} s{conv.stride[0]}"
+        for op_name, candidates, n in (("conv2d", forward, batch), ("transposed", transposed, 2 * batch * SPEC)):
+            times = [median_time(run, reps) * 1e3 for run in candidates]
+            cells = [(f"**{label} {t:.3f}**" if t == min(times) else f"{label} {t:.3f}")
+                     for label, t in zip(names[op_name], times)]
+            rows.append(f"| {name} | {index}: {geometry}, {in_shape[2]}x{in_shape[3]} | {op_name} | {n} | "
+                        + ", ".join(cells) + " |")
+            print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
@@ -82,9 +110,11 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
     args = parser.parse_args()
     torch.set_num_threads(1)
     costs = peer_costs()
+    kernel_lines = ["| model | layer | op | maps | time per kernel (ms) |", "|---|---|---|---:|---|"]
     lines = ["| model | batch | forward (ms) | transposed convs (ms) | floor (forwards) | ours (forwards) | "
              "auto_LiRPA (forwards) | target (forwards) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in args.models:
@@ -105,11 +135,22 @@ def main() -> None:
                     f"{ours / fwd:.1f} | {theirs:.1f} | {theirs / 2:.1f} |")
             lines.append(line)
             print(line, flush=True)
+            if not args.no_kernels:
+                kernel_lines += kernel_rows(name, batch, conv_layers(model, x), args.reps)
     text = ("# CROWN-IBP: the transposed convolutions alone\n\n" + "\n".join(lines) + "\n\n"
             f"One thread, torch {torch.__version__}. `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/conv_floor.py`. "
             "floor = the transposed convolutions of one CROWN-IBP walk (2 sides x batch x 10 rows per "
-            "convolution, channels-last, the walk's own kernels) / one forward pass; ours = one whole "
+            "convolution, the walk's own kernels) / one forward pass; ours = one whole "
             "CROWN-IBP call / one forward pass; target = half of auto_LiRPA's cost.\n")
+    if not args.no_kernels:
+        text += ("\n## The kernels, per layer (ms, median of the reps; the fastest in bold)\n\n"
+                 + "\n".join(kernel_lines) + "\n\nconv2d: IBP's convolution of one batch (input in [0, 1), "
+                 "weights |W|): PyTorch's default, its im2col kernel (`thnn_conv2d`), oneDNN on a "
+                 "channels-last copy. transposed: the walk's transposed convolution of 2 x batch x 10 maps "
+                 "(contiguous input): oneDNN channels-last (as a flipped forward convolution at "
+                 "stride 1), PyTorch's default, its im2col kernel (`slow_conv_transpose2d`), a matrix "
+                 "product + col2im, in the order `boundprop.kernels` tries them. It times the same "
+                 "candidates once per case and keeps the fastest.\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     prose = args.out.with_suffix(".notes.md")
     args.out.write_text(text + ("\n" + prose.read_text() if prose.exists() else ""))

@@ -1,11 +1,13 @@
 """The cost-only paths of the backward walk give the bounds of the plain path.
 
-``algorithms/backward.py`` has three paths that change only how the same numbers are computed:
+``algorithms/backward.py`` has paths that change only how the same numbers are computed:
 ``_shared_columns`` (a linear layer after a walk's first relaxation: ``uA W = lA W + (uA - lA) W``
-over the differing columns), ``_joint`` (both sides of a small linear/conv layer in one call) and
-the per-example matrix-vector products of ``_sum_product``. Each is switched off through its
-threshold and the bounds compared (CROWN and CROWN-IBP, batch 1 and 3, dense and channels-last
-coefficients); the soundness of the bounds themselves is checked by the whole-model tests.
+over the differing columns), ``_joint`` (both sides of a small linear/conv layer in one call), the
+per-example matrix-vector products of ``_sum_product``, stacked sides (``[C; -C]`` walked as one
+side) and ReLU's prepared relaxation; convolutions also pick their kernel per shape
+(:mod:`boundprop.kernels`). Each is switched off and the bounds compared (CROWN and CROWN-IBP,
+batch 1 and 3, dense and channels-last coefficients); the soundness of the bounds themselves is
+checked by the whole-model tests.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import torch
 import boundprop
 from boundprop import PerturbationLpNorm, compute_bounds
 from boundprop.algorithms import backward
+from boundprop.rules import RelaxCall
+from boundprop.rules.registry import rules_for
+from boundprop.rules.relu import relu_prepared, relu_relaxation
 
 _MODELS: dict = {}
 
@@ -63,6 +68,9 @@ def test_fast_paths_match_plain_path(monkeypatch, name, batch, method):
         m.setattr(backward, "SHARED_ELEMENTS", 2**62)
         m.setattr(backward, "JOINT_ELEMENTS", 0)
         m.setattr(backward, "PER_EXAMPLE_ELEMENTS", 2**62)
+        m.setattr(backward, "STACK_ROWS", 0)
+        m.setattr(rules_for(torch.ops.aten.relu.default), "prepared", None)
+        m.setenv("BOUNDPROP_CONV_TUNING", "0")
         plain = _bounds(model, x, method, conv_mode)
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast[1], plain[1], rtol=1e-5, atol=1e-5)
@@ -86,3 +94,29 @@ def test_shared_columns_is_exact_on_random_sides(monkeypatch):
     torch.testing.assert_close(up[0], uA @ weight, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(lbias, lA @ bias)
     torch.testing.assert_close(ubias, uA @ bias)
+
+
+def test_relu_prepared_equals_general_relaxation():
+    """ReLU's prepared relaxation is the general rule's ``(lw, uw - lw, lb, ub - lb)`` on stable, unstable
+    and one-sided intervals; ``l = u = 0`` has slopes 0 (exact too); an infinite end defers (None)."""
+    gen = torch.Generator().manual_seed(0)
+    centre, radius = torch.randn(4, 50, generator=gen), torch.rand(4, 50, generator=gen)
+    l, u = centre - radius, centre + radius
+    l[0, :5], u[0, :5] = 0.0, torch.rand(5, generator=gen)  # l = 0
+    l[1, :5], u[1, :5] = -torch.rand(5, generator=gen), 0.0  # u = 0
+    l[2, :5] = u[2, :5] = 0.0  # a point at 0
+    call = RelaxCall()
+    lw, d, lb, db = relu_prepared(l, u, call)
+    general = backward.PreparedRelaxation.of(relu_relaxation(l, u, call), l.shape)
+    point = (l == 0) & (u == 0)
+    assert lb is None and general.lb is None
+    torch.testing.assert_close(lw[~point], general.lw[~point])
+    torch.testing.assert_close(d, general.d)
+    torch.testing.assert_close(db, general.db)
+    assert bool((lw[point] == 0).all()) and bool((d[point] == 0).all())
+    assert relu_prepared(l.abs() + 1, u.abs() + 2, call)[1:] == (None, None, None)  # all active: exact
+    for end in (torch.inf, -torch.inf):
+        bad_l, bad_u = l.clone(), u.clone()
+        (bad_u if end > 0 else bad_l)[3, 0] = end
+        assert relu_prepared(bad_l, bad_u, call) is None
+    assert relu_prepared(l, u, RelaxCall(opts={"activation_bound_option": "zero-lb"})) is None

@@ -225,13 +225,13 @@ def test_window_alphas_equal_dense_alphas(acts, chunk):
 
 def test_fold_transpose_matches_conv_transpose():
     """The one-output-channel transposed convolution (matrix product + col2im) against torch's."""
-    from boundprop.domains.patches import conv_transpose2d
+    from boundprop.kernels import _fold_transpose
 
     g = torch.Generator().manual_seed(0)
     for stride, padding, output_padding, dilation in [(1, 0, 0, 1), (2, 1, 1, 1), (2, 0, 0, 2), ((2, 1), (1, 0), 0, 1)]:
         x = torch.randn(5, 3, 6, 7, generator=g)
         w = torch.randn(3, 1, 3, 2, generator=g)
-        ours = conv_transpose2d(x, w, stride, padding, output_padding, 1, dilation)
+        ours = _fold_transpose(x, w, stride, padding, output_padding, dilation)
         ref = torch.nn.functional.conv_transpose2d(x, w, None, stride, padding, output_padding, 1, dilation)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..kernels import conv_transpose2d
+
 
 @dataclass(frozen=True)
 class Patches:
@@ -196,62 +198,6 @@ class Patches:
         """
         c, r = self.gather(center, radius)
         return _dot(self.data, c) + sign * _dot(self.data.abs(), r)
-
-
-def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, output_padding, groups: int,
-                     dilation, channels_last: bool = False) -> torch.Tensor:
-    """``F.conv_transpose2d`` without bias, with the fastest CPU kernel we know for the case.
-
-    One output channel: a matrix product and ``F.fold`` (col2im), see :func:`_fold_transpose`
-    (oneDNN is 3-4 times slower there). ``channels_last``: the input goes (and the output stays)
-    in channels-last layout, where oneDNN is 2-4 times faster on large inputs.
-    """
-    if groups == 1 and weight.shape[1] == 1 and x.device.type == "cpu":
-        return _fold_transpose(x, weight, stride, padding, output_padding, dilation)
-    if channels_last and x.device.type == "cpu":
-        x = x.contiguous(memory_format=torch.channels_last)
-        flipped = _as_forward_conv(weight, stride, padding, output_padding, groups, dilation)
-        if flipped is not None:
-            return F.conv2d(x, *flipped)
-    return F.conv_transpose2d(x, weight, None, stride, padding, output_padding, groups, dilation)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v[0]), int(v[-1])) if isinstance(v, (list, tuple)) else (int(v),) * 2
-
-
-def _as_forward_conv(weight: torch.Tensor, stride, padding, output_padding, groups: int, dilation):
-    """``(weight', None, 1, padding', dilation)`` with ``conv2d(x, weight', ...) = conv_transpose2d(x, weight, ...)``,
-    or None. A stride-1 transposed convolution is the "full" convolution with the kernel flipped and
-    its channel axes swapped: ``weight'[o, c, i, j] = weight[c, o, kh-1-i, kw-1-j]``, padding
-    ``d (k - 1) - p``. oneDNN's forward convolution in channels-last layout is 10-25 % faster than its
-    transposed one (measured on ResNet-sized maps, 20 and 640 rows, one thread).
-    """
-    stride, padding, output_padding, dilation = (_pair(v) for v in (stride, padding, output_padding, dilation))
-    k = weight.shape[2:]
-    full = tuple(dilation[i] * (k[i] - 1) - padding[i] for i in range(2))
-    if groups != 1 or stride != (1, 1) or output_padding != (0, 0) or min(full) < 0:
-        return None
-    return weight.flip(-2, -1).transpose(0, 1), None, 1, full, dilation
-
-
-def _fold_transpose(x: torch.Tensor, weight: torch.Tensor, stride, padding, output_padding, dilation) -> torch.Tensor:
-    """``conv_transpose2d(x, weight)`` (groups 1, no bias) as one product and a col2im::
-
-        cols[n, (o, p, q), (i, j)] = sum_c weight[c, o, p, q] x[n, c, i, j]      (N, O kh kw, h w)
-        out[n, o, i s + p d - pad, j s + q d - pad] += cols[n, (o, p, q), (i, j)]  (F.fold)
-
-    On CPU this beats both oneDNN and ATen's per-sample im2col kernel for one output channel
-    (measured 11.7 vs 40.6 and 12.1 ms for 640 windows of 16 x 13 x 13, 33 vs 138 and 59 ms for
-    12,800 windows of 16 x 4 x 4, one thread).
-    """
-    stride, padding, output_padding, dilation = (_pair(v) for v in (stride, padding, output_padding, dilation))
-    N, C, h, w = x.shape
-    k = tuple(weight.shape[2:])
-    size = tuple((n - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1 + output_padding[i]
-                 for i, n in enumerate((h, w)))
-    cols = weight.reshape(C, -1).T @ x.reshape(N, C, h * w)
-    return F.fold(cols, size, k, dilation=dilation, padding=padding, stride=stride)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

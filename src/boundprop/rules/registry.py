@@ -88,6 +88,7 @@ class OpRules:
     affine_when: Callable[[tuple], bool] | None = None  # affine only for some perturbed arguments
     affine_backward: Callable[..., Any] | None = None  # fast path for the affine case
     relaxation: Callable[..., Relaxation] | None = None
+    prepared: Callable[..., tuple | None] | None = None  # fast path for the default relaxation
     unstable: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     alpha: AlphaSpec | None = None
     backward: Callable[..., Any] | None = None
@@ -138,17 +139,21 @@ def perturbed_positions(args: tuple) -> tuple[int, ...]:
     return tuple(i for i, a in enumerate(args) if is_perturbed(a))
 
 
-def relaxation_rule(*targets: Any, unstable: Callable | None = None, alpha: AlphaSpec | None = None) -> Callable:
+def relaxation_rule(*targets: Any, unstable: Callable | None = None, alpha: AlphaSpec | None = None,
+                    prepared: Callable | None = None) -> Callable:
     """Register ``fn(l, u, call: RelaxCall) -> Relaxation`` for element-wise ops.
 
     ``unstable(l, u) -> bool tensor`` marks the neurons whose relaxation is not exact (CROWN
-    refines only those; default: all).
+    refines only those; default: all). ``prepared(l, u, call) -> (lw, d, lb, db) | None``: optional,
+    the same relaxation (without alpha) in the form the backward walk applies, ``d = uw - lw`` and
+    ``db = ub - lb`` (None for a field that is zero), in fewer tensor operations; None defers to ``fn``.
     """
 
     def register(fn: Callable) -> Callable:
         for target in targets:
             entry = _entry(target)
             entry.relaxation = fn
+            entry.prepared = prepared
             entry.unstable = unstable
             entry.alpha = alpha
             entry.needs_bounds = True

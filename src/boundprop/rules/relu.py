@@ -14,6 +14,8 @@ free ``alpha`` projected into ``[s, 1]``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..domains import Relaxation
@@ -87,7 +89,33 @@ def _alpha_init(l, u, call: RelaxCall):
 RELU_ALPHA = AlphaSpec(init=_alpha_init, project=lambda alpha, l, u, call=None: alpha.clamp(0.0, 1.0))
 
 
-@relaxation_rule(aten.relu.default, unstable=unstable_mask, alpha=RELU_ALPHA)
+def relu_prepared(l, u, call: RelaxCall):
+    """ReLU's default (adaptive) relaxation as ``(lw, uw - lw, None, ub)``, in 8 tensor operations
+    instead of about 30 (they dominate the cost of a backward walk at batch 1)::
+
+        u+ = max(u, 0),  l- = min(l, 0),  uw = u+ / max(u+ - l-, 1e-12),  ub = -uw l-,  lw = [u + l > 0]
+
+    ``uw, ub`` is the chord on unstable neurons and ``(1, 0)``/``(0, 0)`` on active/inactive ones;
+    ``lw`` is 1 where ``u > -l`` (so on active neurons) and 0 elsewhere. The one difference from
+    :func:`piecewise_relaxation` is a neuron with ``l = u = 0``, where both slopes are 0 here and 1
+    there: both exact, since the neuron is 0. Intervals with an infinite end (``ub`` then not
+    finite) and other options defer to the general rule (None).
+    """
+    if call.alpha is not None or call.opts.get("activation_bound_option", "adaptive") != "adaptive":
+        return None
+    up, low = u.clamp(min=0), l.clamp(max=0)
+    uw = up / (up - low).clamp_min(1e-12)
+    ub = uw * low.neg()
+    if not math.isfinite(float(ub.sum())):
+        return None
+    lw = (u + l > 0).to(l.dtype)
+    d = uw - lw
+    if not bool(d.count_nonzero()):
+        return lw, None, None, None
+    return lw, d, None, ub
+
+
+@relaxation_rule(aten.relu.default, unstable=unstable_mask, alpha=RELU_ALPHA, prepared=relu_prepared)
 def relu_relaxation(l, u, call: RelaxCall) -> Relaxation:
     return piecewise_relaxation(l, u, 0.0, call)
 

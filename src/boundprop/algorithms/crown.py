@@ -146,11 +146,11 @@ def coefficient_budget(state: PropagationState, dtype: torch.dtype = torch.float
 
 def spec_chunk_size(state: PropagationState, start: str) -> int:
     """How many one-hot specs to walk back at once so that one dense coefficient tensor stays small."""
-    budget = coefficient_budget(state, state.values[start].dtype)
+    budget = coefficient_budget(state, state.example(start).dtype)
     widest = 1
     for name in ancestors(state, start):
-        value = state.values.get(name)
-        if name in state.perturbed and torch.is_tensor(value):
+        value = state.example(name) if name in state.perturbed else None
+        if torch.is_tensor(value):
             widest = max(widest, value[0].numel() if name in state.batched else value.numel())
     return max(1, budget // (state.batch_size * widest))
 
@@ -172,14 +172,13 @@ class _SpecRows:
 
 def _patch_form(state: PropagationState, name: str) -> bool:
     """Walks from this node start in patch form (a 2-D feature map, unless ``conv_mode="matrix"``)."""
-    return (state.values[name].dim() == 4 and name in state.batched
+    return (state.example(name).dim() == 4 and name in state.batched
             and state.opts.get("conv_mode", "patches") == "patches")
 
 
 def _walk_start(state: PropagationState, name: str, part: torch.Tensor, dtype: torch.dtype):
     """One-hot specs for the neurons ``part`` of ``name``: Patches on a 2-D map, else a dense tensor."""
-    value = state.values[name]
-    shape = value.shape[1:]
+    shape = state.example(name).shape[1:]
     if _patch_form(state, name):
         return Patches.identity(part, tuple(shape), dtype)
     n = shape.numel()
@@ -202,7 +201,7 @@ def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None
     if index.numel() == 0:
         return old
     new_l, new_u = flat_l.clone(), flat_u.clone()
-    value = state.values[name]
+    value = old.lower
     if alpha_for is None and value.dim() == 4:
         # position-major order (rows of one pixel together): a chunk of rows then covers a compact
         # band of the map, and patch-form walks gather windows from that band only

@@ -58,7 +58,7 @@ def _conv_patches(P: Patches, x: Var, weight, bias, stride, padding, dilation, g
     if not torch.is_tensor(weight) or weight.dim() != 4 or isinstance(padding, str):
         return None
     moved = P.through_conv2d(weight, _pair(stride), _pair(padding), _pair(dilation), int(groups),
-                             tuple(x.value.shape[2:]))
+                             tuple(x.shape[2:]))
     bias_term = P.channel_sum() @ bias if bias is not None else 0.0
     return [(x.name, _densify_if_large(moved))], bias_term
 
@@ -118,7 +118,7 @@ def _sum_patches(node_shape: torch.Size, P: Patches, terms: list[tuple[object, f
     out, bias = [], 0.0
     for arg, coeff in terms:
         if isinstance(arg, Var):
-            if tuple(arg.value.shape[1:]) != tuple(node_shape[1:]) or not arg.batched:
+            if tuple(arg.shape[1:]) != tuple(node_shape[1:]) or not arg.batched:
                 return None  # broadcasting between perturbed maps: dense
             out.append((arg.name, P if coeff == 1 else P.with_data(P.data * coeff)))
         else:
@@ -132,13 +132,13 @@ def _sum_patches(node_shape: torch.Size, P: Patches, terms: list[tuple[object, f
 @_patch_rule(aten.add.Tensor, aten.add.Scalar)
 def add_patches(state, node, args, kwargs, P):
     alpha = kwargs.get("alpha", 1)
-    return _sum_patches(state.values[node.name].shape, P, [(args[0], 1), (args[1], alpha)])
+    return _sum_patches(state.example(node.name).shape, P, [(args[0], 1), (args[1], alpha)])
 
 
 @_patch_rule(aten.sub.Tensor, aten.sub.Scalar)
 def sub_patches(state, node, args, kwargs, P):
     alpha = kwargs.get("alpha", 1)
-    return _sum_patches(state.values[node.name].shape, P, [(args[0], 1), (args[1], -alpha)])
+    return _sum_patches(state.example(node.name).shape, P, [(args[0], 1), (args[1], -alpha)])
 
 
 @_patch_rule(aten.neg.default)
@@ -153,7 +153,7 @@ def mul_patches(state, node, args, kwargs, P):
         return None
     if node.target in (aten.div.Tensor, aten.div.Scalar):
         c = torch.reciprocal(c) if torch.is_tensor(c) else 1.0 / c
-    data = _scale(P, c, state.values[node.name].shape)
+    data = _scale(P, c, state.example(node.name).shape)
     return None if data is None else ([(x.name, P.with_data(data))], 0.0)
 
 

@@ -119,17 +119,18 @@ def _intersect_with_ibp(state: PropagationState, target: str, C, spec, lower, up
 def run_method(state: PropagationState, method: str, target: str, C: torch.Tensor | None, lower: bool,
                upper: bool, keep_A: set[str] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
     """Bounds of ``C y`` (y = ``target``) by ``method`` on a prepared state."""
-    value = state.values[target]
-    spec = identity_spec(value) if C is None else C
+    if method in ("ibp", "crown", "crown-ibp"):
+        ibp(state, until=target)  # first: then y's shape comes from its interval, not from a forward pass
+        spec = identity_spec(state.intervals[target].lower) if C is None else C
+    else:
+        spec = identity_spec(state.values[target]) if C is None else C
     if method == "ibp":
-        ibp(state, until=target)
         if C is None:
             out = state.intervals[target]
             return (out.lower if lower else None), (out.upper if upper else None), {}
         out = _ibp_with_spec(state, target, spec)
         return (out.lower if lower else None), (out.upper if upper else None), {}
     if method in ("crown", "crown-ibp"):
-        ibp(state, until=target)
         if method == "crown":
             refine_intermediate(state, target)
         res = backward(state, target, spec, lower, upper, keep_A=keep_A)
@@ -181,7 +182,7 @@ def compute_bounds(graph: Graph, inputs: Sequence[torch.Tensor], perturbations: 
         state.refined.add(name)
     lo, hi, A = run_method(state, method, target, C, lower, upper, set(need_A or ()))
     if C is None:
-        shape = state.values[target].shape
+        shape = state.intervals[target].shape if target in state.intervals else state.values[target].shape
         lo = lo.reshape(shape) if lo is not None else None
         hi = hi.reshape(shape) if hi is not None else None
     A_dict = {name: {"lA": a[0], "uA": a[1], "lbias": a[2], "ubias": a[3]} for name, a in A.items()}

@@ -16,7 +16,7 @@ import torch
 
 from ..domains import Interval
 from ..graph.capture import SHAPE_OPS
-from ..graph.ir import Graph, Node, Ref, evaluate, map_refs
+from ..graph.ir import Graph, Node, Ref, map_refs, run_node
 from ..perturbation import Perturbation
 from ..rules import OpRules, Var, rules_for
 
@@ -27,7 +27,8 @@ class PropagationState:
 
     Attributes:
         graph: the captured graph.
-        values: the value of every leaf and node at the unperturbed inputs.
+        values: the value of every leaf and node at the unperturbed inputs (nodes computed on first
+            use, see :class:`NominalValues`).
         perturbations: the perturbation of each perturbed leaf.
         perturbed: names of leaves and nodes whose value depends on a perturbed leaf.
         batched: names of perturbed nodes that carry a batch dimension.
@@ -54,6 +55,12 @@ class PropagationState:
     def batch_size(self) -> int:
         return self.values[self.graph.inputs[0]].shape[0] if self.graph.inputs else 1
 
+    def example(self, name: str) -> torch.Tensor:
+        """A tensor of the node's shape, dtype and device: its interval's lower end when there is one,
+        so that no forward pass is needed for it (see :class:`NominalValues`), else its value."""
+        box = self.intervals.get(name)
+        return box.lower if box is not None else self.values[name]
+
     def rules(self, node: Node) -> OpRules:
         entry = rules_for(node.target)
         if entry is None:
@@ -72,9 +79,10 @@ class PropagationState:
     def resolve_for_linear(self, node: Node) -> tuple[tuple, dict]:
         """Node arguments with perturbed ones as :class:`Var` and the rest as values."""
         def resolve(ref: Ref):
-            if ref.name in self.perturbed:
-                return Var(ref.name, self.values[ref.name], self.intervals.get(ref.name), ref.name in self.batched)
-            return self.values[ref.name]
+            name = ref.name
+            if name in self.perturbed:
+                return Var(name, lambda: self.values[name], self.intervals.get(name), name in self.batched)
+            return self.values[name]
 
         return map_refs(node.args, resolve), map_refs(dict(node.kwargs), resolve)
 
@@ -136,10 +144,48 @@ def static_facts(graph: Graph, perturbed_leaves) -> dict:
     return entry[1].setdefault(frozenset(perturbed_leaves), {})
 
 
+class NominalValues(dict):
+    """The value of every leaf and node at the unperturbed inputs, each node computed on first use.
+
+    Leaves are given; a node's value is computed (from its arguments' values, recursively) when it
+    is first read. Bounds never need most of them: IBP and CROWN read the values of unperturbed
+    nodes (constants, shapes) and the shapes of perturbed ones, which their intervals give, so the
+    forward pass that computing every value up front costs (1-3 forward passes of the model in
+    time, through the graph's interpreter) is skipped. ``get`` and ``in`` see every node.
+    """
+
+    def __init__(self, graph: Graph, leaves: Mapping[str, Any]) -> None:
+        super().__init__(leaves)
+        self._graph = graph
+
+    def __missing__(self, name: str) -> Any:
+        if not self._graph.has_node(name):
+            raise KeyError(name)
+        node = self._graph.node(name)
+        if not all(dict.__contains__(self, parent) for parent in node.inputs):
+            # the missing ancestors first, in topological order (no recursion: graphs can be deep)
+            order = {n.name: i for i, n in enumerate(self._graph.nodes)}
+            missing = [n for n in self._graph.ancestors(name) if n != name and not dict.__contains__(self, n)]
+            for n in sorted(missing, key=order.__getitem__):
+                self[n] = run_node(self._graph.node(n), self)
+        value = self[name] = run_node(node, self)
+        return value
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or (isinstance(name, str) and self._graph.has_node(name))
+
+
 def make_state(graph: Graph, inputs: tuple[torch.Tensor, ...], perturbations: Mapping[str, Perturbation],
                params: Mapping[str, torch.Tensor] | None = None, opts: dict | None = None) -> PropagationState:
-    """Evaluate the graph at the nominal inputs and find the perturbed nodes."""
-    values = evaluate(graph, inputs, params)
+    """The state of a call at the nominal inputs (node values computed on demand) with the perturbed nodes found."""
+    if len(inputs) != len(graph.inputs):
+        raise ValueError(f"the model takes {len(graph.inputs)} input(s), got {len(inputs)}")
+    leaves = dict(zip(graph.inputs, inputs))
+    leaves.update(graph.param_values() if params is None else params)
+    values = NominalValues(graph, leaves)
     static = static_facts(graph, perturbations)
     if "perturbed" not in static:
         perturbed = set(perturbations)

@@ -117,9 +117,9 @@ def _add_sub_back(sign: float):
         coeffs, bias = [], 0.0
         for operand, scale in ((a, 1.0), (b, sign * alpha)):
             if isinstance(operand, Var):
-                if operand.value.dim() == 0:
+                if len(operand.shape) == 0:
                     return None
-                part = sum_to_shape(A, _batched_shape(operand.value))
+                part = sum_to_shape(A, _batched_shape(operand))
                 coeffs.append(part if scale == 1.0 else part * scale)
             else:
                 bias = bias + _const_term(A, operand) * scale if torch.is_tensor(operand) or operand != 0 else bias
@@ -134,10 +134,10 @@ def _scale_back(divide: bool):
         x, c = (args[0], args[1]) if isinstance(args[0], Var) else (args[1], args[0])
         if divide and not isinstance(args[0], Var):
             return None
-        if x.value.dim() == 0:
+        if len(x.shape) == 0:
             return None
         factor = (1.0 / c if not torch.is_tensor(c) else torch.reciprocal(c)) if divide else c
-        return [sum_to_shape(A * _align(factor, A), _batched_shape(x.value))], 0.0
+        return [sum_to_shape(A * _align(factor, A), _batched_shape(x))], 0.0
 
     rule.__doc__ = "``A . (c x) = (c A) . x`` element-wise (summed over broadcast dimensions)."
     return rule

@@ -196,7 +196,7 @@ def _conv_backward(dims: int):
         if isinstance(padding, str):
             return None
         stride, padding, dilation = (_tuple(v, dims) for v in (stride, padding, dilation))
-        in_size = x.value.shape[2:]
+        in_size = x.shape[2:]
         out_size = A.shape[3:]
         k = weight.shape[2:]
         output_padding = tuple(in_size[i] - ((out_size[i] - 1) * stride[i] - 2 * padding[i]

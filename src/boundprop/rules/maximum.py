@@ -171,11 +171,11 @@ def _reduce_backward(call, is_min: bool):
 
     x, dims, _keepdim = _reduce_args(call.args, call.kwargs)
     x = _var_check(x)
-    rank = x.value.dim()
+    rank = len(x.shape)
     dims = _reduce_dims(rank, dims)
     kept = [d for d in range(1, rank) if d not in dims]
     perm = [0, *kept, *dims]
-    shape = x.value.shape
+    shape = x.shape
     kept_shape = [shape[d] for d in kept]
     red_shape = [shape[d] for d in dims]
 
@@ -245,7 +245,7 @@ def _binary_backward(call, is_min: bool):
     ends = []
     for arg in (a, b):
         if isinstance(arg, Var):
-            if arg.value.dim() != len(full):
+            if len(arg.shape) != len(full):
                 raise NotImplementedError("maximum/minimum of perturbed tensors of different ranks")
             lo, hi = arg.bounds.lower, arg.bounds.upper
         else:
@@ -266,7 +266,7 @@ def _binary_backward(call, is_min: bool):
         for i, arg in enumerate((a, b)):
             c = coef[..., i]
             if isinstance(arg, Var):
-                per_arg.append(c.sum_to_size(A.shape[0], A.shape[1], *arg.value.shape[1:]))
+                per_arg.append(c.sum_to_size(A.shape[0], A.shape[1], *arg.shape[1:]))
             else:
                 const = ends[i][0].unsqueeze(1)
                 bias = bias + torch.where(c == 0, torch.zeros_like(c), c * const).flatten(2).sum(-1)

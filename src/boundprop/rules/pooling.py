@@ -79,7 +79,7 @@ def max_pool2d_backward(call):
     if not isinstance(x, Var):
         raise NotImplementedError("max_pool2d: the input must be the perturbed argument")
     kernel, stride, padding, dilation, ceil_mode = _max_pool_args(call.args, call.kwargs)
-    shape = x.value.shape
+    shape = x.shape
     H, W = shape[-2], shape[-1]
     lead = shape[1:-2]
     out_hw = [_out_size(n, kernel[i], stride[i], padding[i], dilation[i], ceil_mode) for i, n in enumerate((H, W))]
@@ -137,7 +137,7 @@ def _fold_spec(A: torch.Tensor) -> torch.Tensor:
 
 
 def _zeros_like_input(x: Var, A: torch.Tensor) -> torch.Tensor:
-    shape = (A.shape[0] * A.shape[1], *x.value.shape[1:])
+    shape = (A.shape[0] * A.shape[1], *x.shape[1:])
     return torch.zeros((), dtype=A.dtype, device=A.device).expand(shape)
 
 
@@ -146,7 +146,7 @@ def avg_pool2d_backward(A, args, kwargs):
     """``A . avg_pool(x) = avg_pool_backward(A) . x`` with the spec folded into the batch."""
     x = args[0]
     grad = aten.avg_pool2d_backward.default(_fold_spec(A), _zeros_like_input(x, A), *_avg_pool_args(args, kwargs))
-    return [grad.reshape(A.shape[0], A.shape[1], *x.value.shape[1:])], 0.0
+    return [grad.reshape(A.shape[0], A.shape[1], *x.shape[1:])], 0.0
 
 
 @affine_backward_rule(aten.adaptive_avg_pool2d.default, aten._adaptive_avg_pool2d.default)
@@ -154,4 +154,4 @@ def adaptive_avg_pool2d_backward(A, args, kwargs):
     """``A . adaptive_avg_pool(x) = adaptive_avg_pool_backward(A) . x`` (spec folded into the batch)."""
     x = args[0]
     grad = aten._adaptive_avg_pool2d_backward.default(_fold_spec(A).contiguous(), _zeros_like_input(x, A))
-    return [grad.reshape(A.shape[0], A.shape[1], *x.value.shape[1:])], 0.0
+    return [grad.reshape(A.shape[0], A.shape[1], *x.shape[1:])], 0.0

@@ -29,23 +29,39 @@ import torch
 from ..domains import Interval, Relaxation
 
 
-@dataclass(frozen=True)
 class Var:
     """A perturbed tensor argument as a backward/forward rule sees it.
 
     Attributes:
         name: the graph node (or leaf) it is the value of.
-        value: its value at the unperturbed input, shape ``(batch, *shape)``.
+        value: its value at the unperturbed input, shape ``(batch, *shape)``. May be given as a
+            function of no arguments, called on first use: the nominal value of an inner node costs
+            a forward pass, which IBP and CROWN do not need (they need its ``shape``).
         bounds: its interval, when the algorithm has one (always, for ops that declare
             ``needs_bounds``).
         batched: whether ``value`` carries the batch dimension first (False for a perturbed
             parameter: its linear coefficients are then ``(batch, spec, *value.shape)``).
     """
 
-    name: str
-    value: torch.Tensor
-    bounds: Interval | None = None
-    batched: bool = True
+    __slots__ = ("name", "_value", "bounds", "batched")
+
+    def __init__(self, name: str, value: torch.Tensor | Callable[[], torch.Tensor], bounds: Interval | None = None,
+                 batched: bool = True) -> None:
+        self.name, self._value, self.bounds, self.batched = name, value, bounds, batched
+
+    @property
+    def value(self) -> torch.Tensor:
+        if callable(self._value):
+            self._value = self._value()
+        return self._value
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of ``value`` (from ``bounds`` when known, without computing the value)."""
+        return self.bounds.lower.shape if self.bounds is not None else self.value.shape
+
+    def __repr__(self) -> str:
+        return f"Var({self.name!r}, batched={self.batched})"
 
 
 @dataclass

@@ -70,7 +70,7 @@ affine_ops(aten.constant_pad_nd.default)  # the pad value is a constant term
 
 
 def _in_shape(var) -> tuple[int, ...]:
-    return tuple(var.value.shape[1:])
+    return tuple(var.shape[1:])
 
 
 def _reshape_back(A, args, kwargs):
@@ -93,7 +93,7 @@ def _permute_back(A, args, kwargs):
 
 def _transpose_back(A, args, kwargs):
     x, d0, d1 = args[0], args[1], args[2]
-    rank = x.value.dim()
+    rank = len(x.shape)
     d0, d1 = d0 % rank, d1 % rank
     if 0 in (d0, d1):
         return None

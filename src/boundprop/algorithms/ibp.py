@@ -32,7 +32,13 @@ def interval_of(state: PropagationState, name: str) -> Interval:
         raise NotImplementedError(f"no interval rule for {node.op_name} <- {node.source or node.name}")
     args, kwargs = state.resolve_for_interval(node)
     out = rule(args, kwargs)
-    return _guard_nan(out)
+    return out if node.target in _NAN_FREE else _guard_nan(out)
+
+
+#: ops whose interval rule maps NaN-free intervals to NaN-free ones (monotone maps of both ends,
+#: re-indexing): their outputs skip the guard below (two passes over the node per call)
+_NAN_FREE = {torch.ops.aten.relu.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default,
+             torch.ops.aten.reshape.default, torch.ops.aten.flatten.using_ints}
 
 
 def _guard_nan(out: Interval) -> Interval:

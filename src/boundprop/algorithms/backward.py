@@ -524,7 +524,7 @@ def _box(state: PropagationState, name: str) -> tuple[torch.Tensor, torch.Tensor
     key = ("box", name)
     if key not in state.cache:
         box = ptb.interval(state.values[name])
-        state.cache[key] = (box.center, box.radius)
+        state.cache[key] = box.center_radius()
     return state.cache[key]
 
 

@@ -24,11 +24,18 @@ class Interval:
 
     @property
     def center(self) -> torch.Tensor:
-        return (self.upper + self.lower) / 2
+        return torch.lerp(self.lower, self.upper, 0.5)
 
     @property
     def radius(self) -> torch.Tensor:
-        return (self.upper - self.lower) / 2
+        return (self.upper - self.lower) * 0.5
+
+    def center_radius(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c, r)`` with ``[c - r, c + r] = [lower, upper]``, in two tensor operations (IBP reads both for
+        every affine layer): ``c = lerp(lower, upper, 1/2) = upper - (upper - lower)/2 <= upper`` and
+        ``r = upper - c >= 0`` (infinite ends give infinite ``r``; both infinite, NaN as before)."""
+        c = torch.lerp(self.lower, self.upper, 0.5)
+        return c, self.upper - c
 
     @property
     def shape(self) -> torch.Size:

@@ -48,6 +48,15 @@ def iter_refs(obj: Any) -> Iterator[Ref]:
 
 def map_refs(obj: Any, fn: Callable[[Ref], Any]) -> Any:
     """Return ``obj`` with every :class:`Ref` replaced by ``fn(ref)`` (structure preserved)."""
+    kind = type(obj)  # exact types first: this runs for every argument of every node in every walk
+    if kind is Ref:
+        return fn(obj)
+    if kind is tuple:
+        return tuple([map_refs(item, fn) for item in obj])
+    if kind is list:
+        return [map_refs(item, fn) for item in obj]
+    if kind in _LITERALS:
+        return obj
     if isinstance(obj, Ref):
         return fn(obj)
     if isinstance(obj, list):
@@ -57,6 +66,10 @@ def map_refs(obj: Any, fn: Callable[[Ref], Any]) -> Any:
     if isinstance(obj, Mapping):
         return {key: map_refs(item, fn) for key, item in obj.items()}
     return obj
+
+
+_LITERALS = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
+                       torch.layout})
 
 
 @dataclass(frozen=True)

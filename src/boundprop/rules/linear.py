@@ -57,8 +57,9 @@ def linear_interval(args, kwargs) -> Interval:
     x, weight, *rest = args
     bias = rest[0] if rest else kwargs.get("bias")
     if not is_perturbed(weight):
-        c = torch.nn.functional.linear(x.center, weight, None if is_perturbed(bias) else bias)
-        r = torch.nn.functional.linear(x.radius, weight.abs())
+        xc, xr = x.center_radius()
+        c = torch.nn.functional.linear(xc, weight, None if is_perturbed(bias) else bias)
+        r = torch.nn.functional.linear(xr, weight.abs())
         out = Interval(c - r, c + r)
     else:
         out = bilinear_interval(lambda a, w: torch.nn.functional.linear(a, w), x, weight)
@@ -82,8 +83,9 @@ def _conv_interval(fn):
                 shape = [1, -1] + [1] * (out.lower.dim() - 2)
                 out = Interval(out.lower + b.lower.reshape(shape), out.upper + b.upper.reshape(shape))
             return out
-        c = fn(x.center, weight, bias, *rest)
-        r = fn(x.radius, weight.abs(), None, *rest)
+        xc, xr = x.center_radius()
+        c = fn(xc, weight, bias, *rest)
+        r = fn(xr, weight.abs(), None, *rest)
         return Interval(c - r, c + r)
 
     rule.__doc__ = f"IBP of {fn}: centre/radius with |W|."

@@ -73,6 +73,7 @@ def _transpose_args(conv: torch.nn.Conv2d, in_shape: tuple, out_shape: tuple, ro
 def transposed_convs(layers, rows: int):
     """A closure running one transposed convolution of ``rows`` maps per layer (the walk's kernels)."""
     work = [_transpose_args(conv, i, o, rows) for conv, i, o in layers]
+    work = [(A.contiguous(memory_format=torch.channels_last), *rest) for A, *rest in work]  # as after a conv
 
     def run():
         for args in work:
@@ -140,10 +141,11 @@ def main() -> None:
     text = ("# CROWN-IBP: the transposed convolutions alone\n\n" + "\n".join(lines) + "\n\n"
             f"One thread, torch {torch.__version__}. `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/conv_floor.py`. "
             "floor = the transposed convolutions of one CROWN-IBP walk (2 sides x batch x 10 rows per "
-            "convolution, the walk's own kernels) / one forward pass; ours = one whole "
+            "convolution, channels-last input as the walk has it after its first convolution, the walk's own "
+            "kernels) / one forward pass; ours = one whole "
             "CROWN-IBP call / one forward pass; target = half of auto_LiRPA's cost.\n")
     if not args.no_kernels:
-        text += ("\n## The kernels, per layer (ms, median of the reps; the fastest in bold)\n\n"
+        text += ("\n### The kernels, per layer (ms, median of the reps; the fastest in bold)\n\n"
                  + "\n".join(kernel_lines) + "\n\nconv2d: IBP's convolution of one batch (input in [0, 1), "
                  "weights |W|): PyTorch's default, its im2col kernel (`thnn_conv2d`), oneDNN on a "
                  "channels-last copy. transposed: the walk's transposed convolution of 2 x batch x 10 maps "

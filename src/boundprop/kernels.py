@@ -1,18 +1,19 @@
 """2-D convolutions with the fastest CPU kernel for each shape, measured once per process.
 
 PyTorch's CPU convolution chooses between oneDNN and its own im2col + matrix-product kernel by a
-fixed rule, and the faster of the two differs by shape, layout and batch size, by up to 4x either
-way (one thread, torch 2.13; the cases below are layers of the peer models):
+fixed rule, and the faster one differs by shape, layout and batch size, by up to 4x either way.
+One thread, torch 2.13, milliseconds, on layers of the peer models (``benchmarks/conv_floor.py``,
+``conv_floor.md``):
 
-======================================================  ========  =========  ===============
-case                                                     default   im2col     oneDNN, NHWC
-======================================================  ========  =========  ===============
-conv 1->16, k4 s2, 28x28, batch 1 (IBP)                  106 us    29 us      109 us
-conv 16->32, k4 s2, 13x13, batch 1 (IBP)                 140 us    53 us      116 us
-conv 3->16, k3, 32x32, batch 32 (IBP)                    4.8 ms    1.9 ms     0.9 ms
-transposed 16->1, k4 s2, 20 rows (CROWN-IBP)             756 us    164 us     192 us
-transposed 32->16, k3 s1, 20 rows (CROWN-IBP)            1.6 ms    5.2 ms     2.1 ms
-======================================================  ========  =========  ===============
+==================================================  =======  ======  ===========  =============
+case                                                default  im2col  oneDNN NHWC  product+col2im
+==================================================  =======  ======  ===========  =============
+IBP: conv 1->16, k4 s2, 28x28, batch 1              0.067    0.017   0.069
+IBP: conv 16->32, k4 s2, 13x13, batch 1             0.085    0.034   0.084
+walk: transposed into 1 channel, k4 s2, 20 maps     0.728    0.161   0.755        0.168
+walk: transposed into 3 channels, k3 s1, 20 maps    0.830    1.148   1.460        1.219
+walk: transposed 32->16, k3 s2, 32x32, 640 maps     127.1    148.4   63.1         143.0
+==================================================  =======  ======  ===========  =============
 
 So, as ``torch.backends.cudnn.benchmark`` does on GPUs, :func:`conv2d` and :func:`conv_transpose2d`
 time the candidate kernels the first time they meet a case and keep the fastest for the rest of

@@ -114,6 +114,10 @@ def test_relu_prepared_equals_general_relaxation():
     torch.testing.assert_close(d, general.d)
     torch.testing.assert_close(db, general.db)
     assert bool((lw[point] == 0).all()) and bool((d[point] == 0).all())
+    t = torch.rand(64, *l.shape, generator=gen)  # sampled points (corners included) lie between the lines
+    points = torch.cat([l[None], u[None], l + t * (u - l)])
+    below, above = lw * points, (lw + d) * points + db
+    assert bool((below <= torch.relu(points) + 1e-6).all()) and bool((torch.relu(points) <= above + 1e-6).all())
     assert relu_prepared(l.abs() + 1, u.abs() + 2, call)[1:] == (None, None, None)  # all active: exact
     for end in (torch.inf, -torch.inf):
         bad_l, bad_u = l.clone(), u.clone()

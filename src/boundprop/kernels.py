@@ -53,7 +53,8 @@ def tuning_enabled() -> bool:
     return os.environ.get("BOUNDPROP_CONV_TUNING", "1") != "0"
 
 
-def _pair(v) -> tuple[int, int]:
+def as_pair(v) -> tuple[int, int]:
+    """A 2-D conv argument (int or sequence) as a pair of ints."""
     return (int(v[0]), int(v[-1])) if isinstance(v, (list, tuple)) else (int(v),) * 2
 
 
@@ -107,7 +108,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     """
     if x.device.type != "cpu" or x.dim() != 4 or isinstance(padding, str):
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding, dilation = as_pair(stride), as_pair(padding), as_pair(dilation)
     key = ("conv2d", _bucket(x.shape[0]), *x.shape[1:], _layout(x), *weight.shape, bias is None, stride, padding,
            dilation, groups, x.dtype)
     return _choose(key, conv2d_candidates(x, weight, bias, stride, padding, dilation, groups))
@@ -137,7 +138,7 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, out
     product + col2im for one output channel (3-4 times faster than oneDNN there), else channels-last
     oneDNN (2-4 times faster than its default layout on large inputs).
     """
-    stride, padding, output_padding, dilation = (_pair(v) for v in (stride, padding, output_padding, dilation))
+    stride, padding, output_padding, dilation = (as_pair(v) for v in (stride, padding, output_padding, dilation))
     if x.device.type != "cpu":
         return F.conv_transpose2d(x, weight, None, stride, padding, output_padding, groups, dilation)
     key = ("conv_transpose2d", _bucket(x.shape[0]), *x.shape[1:], _layout(x), *weight.shape, stride, padding,
@@ -197,7 +198,7 @@ def _fold_transpose(x: torch.Tensor, weight: torch.Tensor, stride, padding, outp
     of 16 x 13 x 13, one thread). Needs ``output_padding < stride`` (else ``F.fold`` counts windows
     that are not there).
     """
-    stride, padding, output_padding, dilation = (_pair(v) for v in (stride, padding, output_padding, dilation))
+    stride, padding, output_padding, dilation = (as_pair(v) for v in (stride, padding, output_padding, dilation))
     N, C, h, w = x.shape
     k = tuple(weight.shape[2:])
     size = tuple((n - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1 + output_padding[i]

@@ -25,6 +25,7 @@ import torch
 from ..domains.patches import Patches
 from ..graph import ops
 from ..graph.ir import Node
+from ..kernels import as_pair
 from ..rules import Var
 
 aten = torch.ops.aten
@@ -43,10 +44,6 @@ def _patch_rule(*targets) -> Callable:
     return register
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v[0]), int(v[-1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
-
-
 def _densify_if_large(P: Patches) -> Patches | torch.Tensor:
     """A dense tensor once a window is as large as the map (patches no longer save anything)."""
     kh, kw = P.kernel
@@ -57,7 +54,7 @@ def _densify_if_large(P: Patches) -> Patches | torch.Tensor:
 def _conv_patches(P: Patches, x: Var, weight, bias, stride, padding, dilation, groups):
     if not torch.is_tensor(weight) or weight.dim() != 4 or isinstance(padding, str):
         return None
-    moved = P.through_conv2d(weight, _pair(stride), _pair(padding), _pair(dilation), int(groups),
+    moved = P.through_conv2d(weight, as_pair(stride), as_pair(padding), as_pair(dilation), int(groups),
                              tuple(x.shape[2:]))
     bias_term = P.channel_sum() @ bias if bias is not None else 0.0
     return [(x.name, _densify_if_large(moved))], bias_term

@@ -163,11 +163,11 @@ class NominalValues(dict):
             raise KeyError(name)
         node = self._graph.node(name)
         if not all(dict.__contains__(self, parent) for parent in node.inputs):
-            # the missing ancestors first, in topological order (no recursion: graphs can be deep)
-            order = {n.name: i for i, n in enumerate(self._graph.nodes)}
-            missing = [n for n in self._graph.ancestors(name) if n != name and not dict.__contains__(self, n)]
-            for n in sorted(missing, key=order.__getitem__):
-                self[n] = run_node(self._graph.node(n), self)
+            # the missing ancestors first, in the graph's (topological) order: no recursion, graphs can be deep
+            needed = self._graph.ancestors(name)
+            for other in self._graph.nodes:
+                if other.name != name and other.name in needed and not dict.__contains__(self, other.name):
+                    self[other.name] = run_node(other, self)
         value = self[name] = run_node(node, self)
         return value
 

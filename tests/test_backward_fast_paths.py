@@ -4,7 +4,7 @@
 ``_shared_columns`` (a linear layer after a walk's first relaxation: ``uA W = lA W + (uA - lA) W``
 over the differing columns), ``_joint`` (both sides of a small linear/conv layer in one call), the
 per-example matrix-vector products of ``_sum_product``, stacked sides (``[C; -C]`` walked as one
-side) and ReLU's prepared relaxation; convolutions also pick their kernel per shape
+side), ReLU's prepared relaxation and relaxations applied a slice of the batch at a time; convolutions also pick their kernel per shape
 (:mod:`boundprop.kernels`). Each is switched off and the bounds compared (CROWN and CROWN-IBP,
 batch 1 and 3, dense and channels-last coefficients); the soundness of the bounds themselves is
 checked by the whole-model tests.
@@ -63,12 +63,15 @@ def test_fast_paths_match_plain_path(monkeypatch, name, batch, method):
         m.setattr(backward, "SHARED_ELEMENTS", 1)
         m.setattr(backward, "SHARED_FRACTION", 1.0)
         m.setattr(backward, "PER_EXAMPLE_ELEMENTS", 1)
+        m.setattr(backward, "SLICED_BYTES", 0)
+        m.setattr(backward, "SLICE_BYTES", 1)
         fast = _bounds(model, x, method, conv_mode)
     with monkeypatch.context() as m:  # every fast path off
         m.setattr(backward, "SHARED_ELEMENTS", 2**62)
         m.setattr(backward, "JOINT_ELEMENTS", 0)
         m.setattr(backward, "PER_EXAMPLE_ELEMENTS", 2**62)
         m.setattr(backward, "STACK_ROWS", 0)
+        m.setattr(backward, "SLICED_BYTES", 2**62)
         m.setattr(rules_for(torch.ops.aten.relu.default), "prepared", None)
         m.setenv("BOUNDPROP_CONV_TUNING", "0")
         plain = _bounds(model, x, method, conv_mode)
@@ -94,6 +97,33 @@ def test_shared_columns_is_exact_on_random_sides(monkeypatch):
     torch.testing.assert_close(up[0], uA @ weight, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(lbias, lA @ bias)
     torch.testing.assert_close(ubias, uA @ bias)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("upper", [False, True])
+def test_sliced_relaxation_equals_whole(monkeypatch, channels_last, upper):
+    """Slices of 1 and 2 examples (and a batch that does not divide) give the whole tensor's coefficients,
+    in its layout, and its bias; under autograd the whole-tensor path is kept."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(5 * 3, 4, 6, 6, generator=gen)
+    if channels_last:
+        A = A.contiguous(memory_format=torch.channels_last)
+    A = A.view(5, 3, 4, 6, 6)
+    centre, radius = torch.randn(5, 4, 6, 6, generator=gen), torch.rand(5, 4, 6, 6, generator=gen)
+    l, u = centre - radius, centre + radius
+    prep = backward.PreparedRelaxation.of(relu_relaxation(l, u, RelaxCall()), l.shape)
+    monkeypatch.setattr(backward, "SLICED_BYTES", 2**62)
+    whole, whole_bias = backward._relax_side(A, prep, upper)
+    monkeypatch.setattr(backward, "SLICED_BYTES", 0)
+    for slice_bytes in (1, 2 * A[0].numel() * A.element_size()):
+        monkeypatch.setattr(backward, "SLICE_BYTES", slice_bytes)
+        assert backward._in_slices(A, (prep.lw,))
+        new, bias = backward._relax_side(A, prep, upper)
+        torch.testing.assert_close(new, whole)
+        torch.testing.assert_close(bias, whole_bias)
+        assert new.stride() == whole.stride()
+    assert not backward._in_slices(A.requires_grad_(), (prep.lw,))
+    assert not backward._in_slices(A[:1], (prep.lw[:1],))
 
 
 def test_relu_prepared_equals_general_relaxation():

@@ -193,10 +193,48 @@ def _relax_side(A, prep: PreparedRelaxation, upper: bool, windows=None):
         per_spec = prep.per_spec
         if not per_spec:
             lw, d = lw.unsqueeze(1), (d.unsqueeze(1) if d is not None else None)
+    fields = (lw, d, lb, db)
+    if not patches and _in_slices(data, fields):
+        new = torch.empty_like(data)
+        rows = max(1, SLICE_BYTES // (data[0].numel() * data.element_size()))
+        parts = [_relax_dense(data[i:i + rows], *(f[i:i + rows] if f is not None else None for f in fields),
+                              per_spec, upper, out=new[i:i + rows])[1] for i in range(0, data.shape[0], rows)]
+        return new, torch.cat(parts) if torch.is_tensor(parts[0]) else 0.0
+    new, bias = _relax_dense(data, lw, d, lb, db, per_spec, upper)
+    return (A.with_data(new, dirty=False) if patches else new), bias
+
+
+#: Dense coefficients larger than this (bytes) are relaxed a slice of the batch at a time, on CPU
+SLICED_BYTES = 2**23
+#: Bytes per slice (at least one example)
+SLICE_BYTES = 2**20
+
+
+def _in_slices(data: torch.Tensor, fields: tuple) -> bool:
+    """Whether :func:`_relax_side` goes through the batch in slices of about :data:`SLICE_BYTES`.
+
+    Why: the relaxation makes four passes over the coefficients (sign split, product, update, bias
+    term). On a tensor larger than the cache each pass streams it from memory; slice by slice, the
+    three after the first find it in cache. CROWN-IBP on the peer ResNet at batch 32 (40 MiB of
+    coefficients per ReLU layer): 30 -> 22 ms per layer; 20 MiB: 11.8 -> 9.2 ms; one thread.
+    Not under autograd (the slices are written in place), not when the fields broadcast over the
+    batch, not off the CPU (a GPU has no such cache to fit).
+    """
+    if data.device.type != "cpu" or data.shape[0] < 2 or data.numel() * data.element_size() <= SLICED_BYTES:
+        return False
+    present = [f for f in fields if f is not None]
+    if any(f.shape[0] != data.shape[0] for f in present):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (data, *present)))
+
+
+def _relax_dense(data, lw, d, lb, db, per_spec: bool, upper: bool, out: torch.Tensor | None = None):
+    """``(data lw + S d, sum(data lb + S db))`` with ``S = pos(data)`` (upper) or ``neg(data)``; the
+    first written into ``out`` if given."""
     S = None
     if d is not None or db is not None:
         S = data.clamp(min=0) if upper else data.clamp(max=0)
-    new = data * lw
+    new = torch.mul(data, lw, out=out) if out is not None else data * lw
     if d is not None:
         new.addcmul_(S, d)
     bias: Any = 0.0
@@ -204,7 +242,7 @@ def _relax_side(A, prep: PreparedRelaxation, upper: bool, windows=None):
         bias = _sum_product(data, lb, per_spec)
     if db is not None:
         bias = bias + _sum_product(S, db, per_spec)
-    return (A.with_data(new, dirty=False) if patches else new), bias
+    return new, bias
 
 
 def apply_relaxation(relax_l: PreparedRelaxation | None, relax_u: PreparedRelaxation | None, lA, uA):

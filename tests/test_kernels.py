@@ -81,23 +81,3 @@ def test_choice_is_cached_per_case_and_tuning_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("BOUNDPROP_CONV_TUNING", "0")
     kernels.conv2d(torch.randn(3, 2, 7, 7), weight, None, 1, 1)
     assert len(kernels._CHOICE) == 1  # a new case, not tuned
-
-
-def test_large_inputs_are_tuned_on_a_probe(monkeypatch):
-    """Inputs with more than PROBE_ROWS maps time the candidates on their first rows only, and the chosen
-    kernel then runs on the whole input."""
-    monkeypatch.setattr(kernels, "_CHOICE", {})
-    monkeypatch.setattr(kernels, "PROBE_ROWS", 2)
-    seen = []
-    real = kernels.conv2d_candidates
-
-    def spy(x, *args):
-        seen.append(x.shape[0])
-        return real(x, *args)
-
-    monkeypatch.setattr(kernels, "conv2d_candidates", spy)
-    x, weight = torch.randn(5, 2, 6, 6), torch.randn(4, 2, 3, 3)
-    torch.testing.assert_close(kernels.conv2d(x, weight, None, 1, 1), F.conv2d(x, weight, None, 1, 1))
-    assert seen == [5, 2] and len(kernels._CHOICE) == 1
-    kernels.conv2d(x, weight, None, 1, 1)
-    assert seen == [5, 2, 5]  # chosen: no probe again

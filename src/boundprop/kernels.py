@@ -24,13 +24,10 @@ groups, dtype. Every candidate computes the same function (they differ in roundi
 1e-7 relative in float32), so the choice never changes a bound beyond floating-point noise.
 
 Tuning costs one untimed and one to three timed runs of each candidate, once per case (a few
-milliseconds for batch-1 layers). Inputs with more than :data:`PROBE_ROWS` maps are tuned on their
-first :data:`PROBE_ROWS` (the ranking holds from there on: on the 14 transposed convolutions of
-the peer CNN's and ResNet's walks, both layouts, the fastest kernel at 20 maps is the fastest at
-640, or within 1 % of it), so that tuning a CROWN-IBP walk at batch 32 costs a fraction of one
-call, once. A case whose first candidate takes longer than :data:`TUNE_LIMIT_S` even so is not
-tuned (fixed overheads are negligible there): it keeps the first candidate, the best choice on
-large inputs. ``BOUNDPROP_CONV_TUNING=0`` turns tuning off (first candidates everywhere). Off the CPU
+milliseconds for batch-1 layers). A case whose first candidate takes longer than
+:data:`TUNE_LIMIT_S` is not tuned (fixed overheads are negligible there, and timing every
+candidate would cost more than a call): it keeps the first candidate, the best choice on large
+inputs. ``BOUNDPROP_CONV_TUNING=0`` turns tuning off (first candidates everywhere). Off the CPU
 PyTorch's default kernels are always used.
 """
 
@@ -47,8 +44,6 @@ aten = torch.ops.aten
 
 #: Cases whose first candidate takes longer than this (seconds) keep it untuned.
 TUNE_LIMIT_S = 0.02
-#: Larger inputs are tuned on a slice of this many maps (leading rows).
-PROBE_ROWS = 64
 
 #: case -> index of the chosen candidate
 _CHOICE: dict[tuple, int] = {}
@@ -70,21 +65,18 @@ def _layout(x: torch.Tensor) -> int:
     return 1 if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else 2
 
 
-def _choose(key: tuple, x: torch.Tensor, candidates_for: Callable[[torch.Tensor], list[Callable[[], torch.Tensor]]]
-            ) -> torch.Tensor:
-    """Run the chosen candidate for ``key`` on ``x`` (choosing it first, on at most :data:`PROBE_ROWS`
-    rows of ``x``, if the case is new); ``candidates_for(x)`` lists the kernels bound to an input."""
-    candidates = candidates_for(x)
+def _choose(key: tuple, candidates: list[Callable[[], torch.Tensor]]) -> torch.Tensor:
+    """Run the chosen candidate for ``key`` (choosing it first if the case is new)."""
     if not tuning_enabled():
         return candidates[0]()
     index = _CHOICE.get(key)
-    if index is None:
-        probes = candidates if x.shape[0] <= PROBE_ROWS else candidates_for(x[:PROBE_ROWS])
-        with torch.no_grad():
-            times = [_time(probes[0])]
-            if times[0] <= TUNE_LIMIT_S:
-                times += [_time(run) for run in probes[1:]]
-        _CHOICE[key] = index = min(range(len(times)), key=times.__getitem__)
+    if index is not None:
+        return candidates[index]()
+    with torch.no_grad():
+        times = [_time(candidates[0])]
+        if times[0] <= TUNE_LIMIT_S:
+            times += [_time(run) for run in candidates[1:]]
+    _CHOICE[key] = index = min(range(len(times)), key=times.__getitem__)
     return candidates[index]()
 
 
@@ -119,7 +111,7 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
     stride, padding, dilation = as_pair(stride), as_pair(padding), as_pair(dilation)
     key = ("conv2d", _bucket(x.shape[0]), *x.shape[1:], _layout(x), *weight.shape, bias is None, stride, padding,
            dilation, groups, x.dtype)
-    return _choose(key, x, lambda x: conv2d_candidates(x, weight, bias, stride, padding, dilation, groups))
+    return _choose(key, conv2d_candidates(x, weight, bias, stride, padding, dilation, groups))
 
 
 def conv2d_candidates(x, weight, bias, stride, padding, dilation, groups) -> list[Callable[[], torch.Tensor]]:
@@ -142,17 +134,16 @@ def conv_transpose2d(x: torch.Tensor, weight: torch.Tensor, stride, padding, out
     (:func:`conv_transpose2d_candidates`): oneDNN in channels-last layout (as a forward convolution
     with the flipped kernel when the stride is 1, see :func:`_as_forward_conv`); PyTorch's default;
     its im2col kernel (``slow_conv_transpose2d``) and a matrix product + col2im
-    (:func:`_fold_transpose`), both for groups 1. Cases too large to tune even on a probe take the
-    first: the matrix product + col2im for one output channel (3-4 times faster than oneDNN there),
-    else channels-last oneDNN (2-4 times faster than its default layout on large inputs).
+    (:func:`_fold_transpose`), both for groups 1. Cases too large to tune take the first: the matrix
+    product + col2im for one output channel (3-4 times faster than oneDNN there), else channels-last
+    oneDNN (2-4 times faster than its default layout on large inputs).
     """
     stride, padding, output_padding, dilation = (as_pair(v) for v in (stride, padding, output_padding, dilation))
     if x.device.type != "cpu":
         return F.conv_transpose2d(x, weight, None, stride, padding, output_padding, groups, dilation)
     key = ("conv_transpose2d", _bucket(x.shape[0]), *x.shape[1:], _layout(x), *weight.shape, stride, padding,
            output_padding, dilation, groups, x.dtype)
-    return _choose(key, x, lambda x: conv_transpose2d_candidates(x, weight, stride, padding, output_padding, groups,
-                                                                 dilation))
+    return _choose(key, conv_transpose2d_candidates(x, weight, stride, padding, output_padding, groups, dilation))
 
 
 def conv_transpose2d_candidates(x, weight, stride, padding, output_padding, groups,

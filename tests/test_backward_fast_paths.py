@@ -4,10 +4,10 @@
 ``_shared_columns`` (a linear layer after a walk's first relaxation: ``uA W = lA W + (uA - lA) W``
 over the differing columns), ``_joint`` (both sides of a small linear/conv layer in one call), the
 per-example matrix-vector products of ``_sum_product``, stacked sides (``[C; -C]`` walked as one
-side), ReLU's prepared relaxation and relaxations applied a slice of the batch at a time; convolutions also pick their kernel per shape
-(:mod:`boundprop.kernels`). Each is switched off and the bounds compared (CROWN and CROWN-IBP,
-batch 1 and 3, dense and channels-last coefficients); the soundness of the bounds themselves is
-checked by the whole-model tests.
+side), ReLU's prepared relaxation and relaxations applied a slice of the batch at a time;
+convolutions also pick their kernel per shape (:mod:`boundprop.kernels`). Each is switched off
+and the bounds compared (CROWN and CROWN-IBP, batch 1 and 3, dense and channels-last
+coefficients); the soundness of the bounds themselves is checked by the whole-model tests.
 """
 
 from __future__ import annotations

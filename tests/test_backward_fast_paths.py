@@ -12,6 +12,8 @@ coefficients); the soundness of the bounds themselves is checked by the whole-mo
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -154,3 +156,18 @@ def test_relu_prepared_equals_general_relaxation():
         (bad_u if end > 0 else bad_l)[3, 0] = end
         assert relu_prepared(bad_l, bad_u, call) is None
     assert relu_prepared(l, u, RelaxCall(opts={"activation_bound_option": "zero-lb"})) is None
+
+
+
+def test_prepared_relaxation_is_silent_under_autograd():
+    """Bounds trained through (parameters requiring grad, grad mode on) raise no autograd warning from
+    the prepared relaxation's finiteness check, and stay differentiable."""
+    model = _models()["mlp"]
+    x = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    graph = boundprop.capture(model, x[:1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = compute_bounds(graph, (x,), {graph.inputs[0]: PerturbationLpNorm(0.05)}, method="CROWN")
+    res.lower.sum().backward()
+    assert model[1].weight.grad is not None
+    model.zero_grad()

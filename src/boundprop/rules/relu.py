@@ -106,7 +106,7 @@ def relu_prepared(l, u, call: RelaxCall):
     up, low = u.clamp(min=0), l.clamp(max=0)
     uw = up / (up - low).clamp_min(1e-12)
     ub = uw * low.neg()
-    if not math.isfinite(float(ub.sum())):
+    if not math.isfinite(float(ub.detach().sum())):
         return None
     lw = (u + l > 0).to(l.dtype)
     d = uw - lw

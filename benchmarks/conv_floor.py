@@ -23,32 +23,20 @@ convolutions of IBP (batch ``b``, with ``W`` and ``|W|``) and the transposed one
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peer_compare import PEER, forward_burst, load, peer_costs  # noqa: E402
+from scaling_bench import median_time  # noqa: E402
 
 import boundprop  # noqa: E402
 from boundprop import PerturbationLpNorm, compute_bounds, kernels  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "conv_floor.md"
 SPEC = 10
-
-
-def median_time(fn, reps: int) -> float:
-    """Median wall time of ``fn()`` after a warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def conv_layers(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.nn.Conv2d, tuple, tuple]]:

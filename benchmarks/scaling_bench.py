@@ -40,14 +40,19 @@ from boundprop.zoo import mlp
 RESULTS = Path(__file__).parent / "results" / "scaling.md"
 
 
-def cpu_median(fn, reps: int) -> float:
+def median_time(fn, reps: int, clock=time.perf_counter) -> float:
+    """Median time of ``fn()`` by ``clock`` (wall clock by default) over ``reps`` calls after a warm-up call."""
     fn()
     times = []
     for _ in range(reps):
-        start = time.process_time()
+        start = clock()
         fn()
-        times.append(time.process_time() - start)
+        times.append(clock() - start)
     return statistics.median(times)
+
+
+def cpu_median(fn, reps: int) -> float:
+    return median_time(fn, reps, time.process_time)
 
 
 def forward_cpu(model, x) -> float:

@@ -197,9 +197,12 @@ def _relax_side(A, prep: PreparedRelaxation, upper: bool, windows=None):
     if not patches and _in_slices(data, fields):
         new = torch.empty_like(data)
         rows = max(1, SLICE_BYTES // (data[0].numel() * data.element_size()))
-        parts = [_relax_dense(data[i:i + rows], *(f[i:i + rows] if f is not None else None for f in fields),
-                              per_spec, upper, out=new[i:i + rows])[1] for i in range(0, data.shape[0], rows)]
-        return new, torch.cat(parts) if torch.is_tensor(parts[0]) else 0.0
+        biases = []
+        for i in range(0, data.shape[0], rows):
+            part = slice(i, i + rows)
+            sliced = [f[part] if f is not None else None for f in fields]
+            biases.append(_relax_dense(data[part], *sliced, per_spec, upper, out=new[part])[1])
+        return new, torch.cat(biases) if torch.is_tensor(biases[0]) else 0.0
     new, bias = _relax_dense(data, lw, d, lb, db, per_spec, upper)
     return (A.with_data(new, dirty=False) if patches else new), bias
 

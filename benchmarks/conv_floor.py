@@ -70,6 +70,11 @@ def transposed_convs(layers, rows: int):
     return run
 
 
+#: :func:`boundprop.kernels.conv_transpose2d_candidates` by function name
+TRANSPOSED_NAMES = {"fold": "product + col2im", "channels_last": "oneDNN NHWC", "default": "default",
+                    "im2col": "im2col", "pointwise": "one product (1x1)"}
+
+
 def kernel_rows(name: str, batch: int, layers, reps: int) -> list[str]:
     """One table row per layer and op: the time of each candidate kernel (ms), the fastest in bold."""
     rows = []
@@ -80,8 +85,7 @@ def kernel_rows(name: str, batch: int, layers, reps: int) -> list[str]:
         A, w, s, p, op, g, d = _transpose_args(conv, in_shape, out_shape, 2 * batch * SPEC)
         transposed = kernels.conv_transpose2d_candidates(A, w, s, p, op, g, d)
         names = {"conv2d": ["default", "im2col", "oneDNN NHWC"],
-                 "transposed": (["product + col2im", "oneDNN NHWC", "default", "im2col"] if w.shape[1] == 1 else
-                                ["oneDNN NHWC", "default", "im2col", "product + col2im"])}
+                 "transposed": [TRANSPOSED_NAMES[run.__name__] for run in transposed]}
         geometry = f"{conv.in_channels}->{conv.out_channels} k{conv.kernel_size[0]} s{conv.stride[0]}"
         for op_name, candidates, n in (("conv2d", forward, batch), ("transposed", transposed, 2 * batch * SPEC)):
             times = [median_time(run, reps) * 1e3 for run in candidates]

@@ -377,6 +377,20 @@ def test_ibp_rules_of_products_no_nan_on_infinite_ends(name):
     assert (iv.lower <= iv.upper).all()
 
 
+def test_nan_guard_keeps_finite_ends_and_maps_nan_to_the_infinite_end():
+    """Finite intervals come back as they are (also when their sum overflows); a NaN lower end
+    becomes -inf and a NaN upper end +inf; infinite ends stay."""
+    finite = Interval(torch.tensor([-1.0, 0.0]), torch.tensor([2.0, 3.0]))
+    assert _guard_nan(finite) is finite
+    huge = Interval(torch.full((4,), 3e38), torch.full((4,), 3e38))  # float32 sum overflows to inf
+    out = _guard_nan(huge)
+    assert torch.equal(out.lower, huge.lower) and torch.equal(out.upper, huge.upper)
+    bad = Interval(torch.tensor([math.nan, -math.inf, 1.0]), torch.tensor([math.nan, 2.0, math.inf]))
+    out = _guard_nan(bad)
+    assert torch.equal(out.lower, torch.tensor([-math.inf, -math.inf, 1.0]))
+    assert torch.equal(out.upper, torch.tensor([math.inf, 2.0, math.inf]))
+
+
 # --- whole models ----------------------------------------------------------------------------
 
 

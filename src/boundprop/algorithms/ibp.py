@@ -42,7 +42,15 @@ _NAN_FREE = {torch.ops.aten.relu.default, torch.ops.aten.view.default, torch.ops
 
 
 def _guard_nan(out: Interval) -> Interval:
-    """A NaN end (e.g. inf - inf) is replaced by the infinite end it stands for: never unsound."""
+    """A NaN end (e.g. inf - inf) is replaced by the infinite end it stands for: never unsound.
+
+    On CPU one sum per end comes first: when both are finite, no end is NaN or infinite and the
+    interval is returned as it is (two read passes instead of two read-write passes and two new
+    tensors). Not on other devices, where reading the sum would wait for the device.
+    """
+    if out.lower.device.type == "cpu" and all(
+            math.isfinite(float(end.detach().sum())) for end in (out.lower, out.upper)):
+        return out
     lower = torch.nan_to_num(out.lower, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     upper = torch.nan_to_num(out.upper, nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)
     return Interval(lower, upper)

@@ -19,7 +19,7 @@ import math
 import torch
 
 from ..domains import Relaxation
-from .registry import AlphaSpec, RelaxCall, interval_rule, relaxation_rule
+from .registry import AlphaSpec, RelaxCall, interval_rule, is_zero, relaxation_rule
 
 aten = torch.ops.aten
 
@@ -90,27 +90,33 @@ RELU_ALPHA = AlphaSpec(init=_alpha_init, project=lambda alpha, l, u, call=None: 
 
 
 def relu_prepared(l, u, call: RelaxCall):
-    """ReLU's default (adaptive) relaxation as ``(lw, uw - lw, None, ub)``, in 8 tensor operations
+    """ReLU's default (adaptive) relaxation as ``(lw, uw - lw, None, ub)``, in 11 tensor operations
     instead of about 30 (they dominate the cost of a backward walk at batch 1)::
 
-        u+ = max(u, 0),  l- = min(l, 0),  uw = u+ / max(u+ - l-, 1e-12),  ub = -uw l-,  lw = [u + l > 0]
+        u+ = max(u, 0),  l- = max(-l, 0),  uw = u+ / max(u+ + l-, 1e-12),  ub = uw l-,  lw = max(sign(u + l), 0)
 
     ``uw, ub`` is the chord on unstable neurons and ``(1, 0)``/``(0, 0)`` on active/inactive ones;
     ``lw`` is 1 where ``u > -l`` (so on active neurons) and 0 elsewhere. The one difference from
     :func:`piecewise_relaxation` is a neuron with ``l = u = 0``, where both slopes are 0 here and 1
     there: both exact, since the neuron is 0. Intervals with an infinite end (``ub`` then not
     finite) and other options defer to the general rule (None).
+
+    Why these operations: on CPU, a comparison into a bool tensor and ``count_nonzero`` cost 4-10
+    times an arithmetic pass (``(u + l > 0).to(dtype)``: 194 us on 65k neurons, ``sign`` and
+    ``clamp``: 26 us), so ``lw`` is built from ``sign`` and whether ``d`` is zero is read from its
+    minimum and maximum. The fields are bit-identical to the comparison form (``u + l`` rounds to
+    0 only when it is 0).
     """
     if call.alpha is not None or call.opts.get("activation_bound_option", "adaptive") != "adaptive":
         return None
-    up, low = u.clamp(min=0), l.clamp(max=0)
-    uw = up / (up - low).clamp_min(1e-12)
-    ub = uw * low.neg()
+    up, low_neg = u.clamp(min=0), l.neg().clamp_(min=0)
+    uw = up / (up + low_neg).clamp_(min=1e-12)
+    ub = uw * low_neg
     if not math.isfinite(float(ub.detach().sum())):
         return None
-    lw = (u + l > 0).to(l.dtype)
+    lw = (u + l).sign_().clamp_(min=0)
     d = uw - lw
-    if not bool(d.count_nonzero()):
+    if is_zero(d):
         return lw, None, None, None
     return lw, d, None, ub
 

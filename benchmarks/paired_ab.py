@@ -5,7 +5,10 @@ The two settings alternate call by call (ABBA order), each call right after its 
 forward passes (as ``peer_compare.py`` times them), and the result is the median cost of each,
 in forward passes, and their ratio. On a machine whose speed drifts by 1.5-2x within minutes, this
 pairing is what makes a 5 % change visible; one-off tables are not. Kernel choices
-(``boundprop.kernels``) are kept per setting, so a setting that changes layouts gets its own tuning.
+(``boundprop.kernels``) are kept per setting, so a setting that changes layouts gets its own tuning;
+``--shared-kernels`` gives both settings the same choices. Use it for changes that leave kernels and
+layouts alone: tuning is itself noisy (two kernels within 15 % of each other are picked by the
+machine's mood), and separate choices can differ by more than the change.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/paired_ab.py resnet_small 32 CROWN-IBP \\
         --old boundprop.algorithms.backward.SLICED_BYTES=2**62 --pairs 20
@@ -46,12 +49,15 @@ def main() -> None:
     parser.add_argument("method")
     parser.add_argument("--old", action="append", required=True, metavar="MODULE.NAME=EXPR")
     parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--shared-kernels", action="store_true",
+                        help="one set of kernel choices for both settings (for changes that leave layouts alone)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     keep_freed_memory()
     overrides = [parse_override(o) for o in args.old]
     settings = {"old": overrides, "new": [(m, a, getattr(m, a)) for m, a, _ in overrides]}
-    choices: dict[str, dict] = {"old": {}, "new": {}}
+    shared: dict = {}
+    choices: dict[str, dict] = {"old": shared, "new": shared} if args.shared_kernels else {"old": {}, "new": {}}
 
     def use(tag: str) -> None:
         for module, attr, value in settings[tag]:

@@ -53,20 +53,22 @@ def main(peer_dir: str, out_path: str) -> None:
             if not path.exists():
                 continue
             data = torch.load(path, weights_only=False)
-            model = peer_models.build_model(name) if hasattr(peer_models, "build_model") else getattr(peer_models, name)()
+            build = getattr(peer_models, "build_model", None)
+            model = build(name) if build is not None else getattr(peer_models, name)()
             model.load_state_dict(data["state_dict"])
             model = model.eval().to(device)
             x = data["x"].to(device)
             graph = boundprop.capture(model, x)
             ptb = {graph.inputs[0]: PerturbationLpNorm(data["eps"])}
             with torch.no_grad():
-                fwd, _ = timed(lambda: model(x), 10)
+                fwd, _ = timed(lambda m=model, x=x: m(x), 10)
             for method in METHODS:
                 if method == "alpha-CROWN" and (name == "resnet_small" or batch == 32):
                     continue
                 try:
                     with torch.no_grad():
-                        t, res = timed(lambda: compute_bounds(graph, (x,), ptb, method=method), 1 if method == "alpha-CROWN" else 3)
+                        t, res = timed(lambda g=graph, x=x, p=ptb, m=method: compute_bounds(g, (x,), p, method=m),
+                                       1 if method == "alpha-CROWN" else 3)
                 except Exception as err:  # noqa: BLE001 - report and go on
                     lines.append(f"| {name} | {batch} | {method} | error: {type(err).__name__}: {err} | | | | |")
                     continue
@@ -76,7 +78,8 @@ def main(peer_dir: str, out_path: str) -> None:
                 if ref is not None:
                     lo, hi = (r.to(device) for r in ref)
                     scale = float((hi - lo).abs().max())
-                    diff = f"{max(float((res.lower - lo).abs().max()), float((res.upper - hi).abs().max())) / scale:.1e}"
+                    worst = max(float((res.lower - lo).abs().max()), float((res.upper - hi).abs().max()))
+                    diff = f"{worst / scale:.1e}"
                 lines.append(f"| {name} | {batch} | {method} | {t * 1e3:.2f} | {fwd * 1e3:.3f} | {t / fwd:.0f} | "
                              f"{width:.6g} | {diff} |")
             print("\n".join(lines[-len(METHODS):]), flush=True)

@@ -23,8 +23,9 @@ different sizes share a choice), its memory layout, the weight's shape, stride, 
 groups, dtype. Every candidate computes the same function (they differ in rounding only: about
 1e-7 relative in float32), so the choice never changes a bound beyond floating-point noise.
 
-Tuning costs one untimed and one to three timed runs of each candidate, once per case (a few
-milliseconds for batch-1 layers). A case whose first candidate takes longer than
+Tuning costs one untimed run of each candidate and 3-7 interleaved timed rounds of all of them,
+once per case (a few tens of milliseconds for batch-1 layers). A case whose first candidate takes
+longer than
 :data:`TUNE_LIMIT_S` is not tuned (fixed overheads are negligible there, and timing every
 candidate would cost more than a call): it keeps the first candidate, the best choice on large
 inputs. ``BOUNDPROP_CONV_TUNING=0`` turns tuning off (first candidates everywhere). Off the CPU
@@ -73,25 +74,48 @@ def _choose(key: tuple, candidates: list[Callable[[], torch.Tensor]]) -> torch.T
     if index is not None:
         return candidates[index]()
     with torch.no_grad():
-        times = [_time(candidates[0])]
-        if times[0] <= TUNE_LIMIT_S:
-            times += [_time(run) for run in candidates[1:]]
-    _CHOICE[key] = index = min(range(len(times)), key=times.__getitem__)
+        first = _time(candidates[0])
+        if first > TUNE_LIMIT_S or len(candidates) == 1:
+            index = 0
+        else:
+            index = _fastest(candidates, rounds=max(3, min(TUNE_ROUNDS, int(TUNE_BUDGET_S / first))))
+    _CHOICE[key] = index
     return candidates[index]()
 
 
-def _time(run: Callable[[], torch.Tensor]) -> float:
-    """Seconds of one run after an untimed one (oneDNN builds its primitive on the first call); the
-    best of three for runs under a millisecond (the noise of a shared machine is of that order)."""
-    run()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
+#: Timed rounds per tuned case: as many runs of the first candidate as fit in TUNE_BUDGET_S, 3 to 7
+TUNE_ROUNDS = 7
+TUNE_BUDGET_S = 0.02
+
+
+def _fastest(candidates: list[Callable[[], torch.Tensor]], rounds: int) -> int:
+    """Index of the candidate with the smallest time over ``rounds`` interleaved rounds (each round runs
+    every candidate once, after one untimed run each: oneDNN builds its primitive on the first call).
+
+    Why interleaved rounds and the minimum: this machine's speed drifts by 1.5-2x within seconds, so
+    timing one candidate after the other compares phases as much as kernels. With one timed run per
+    candidate above a millisecond (the rule before), six fresh processes made six different sets of
+    choices for the 15 cases of a CROWN-IBP call on the peer ResNet at batch 1; with these rounds,
+    two or three (the cases that still differ have candidates within 10 % of each other). The
+    speed of the call did not change measurably (fresh processes, 8 alternating rounds: 0.99).
+    """
+    for run in candidates:
         run()
-        best = min(best, time.perf_counter() - start)
-        if best > 1e-3:
-            break
-    return best
+    best = [float("inf")] * len(candidates)
+    for _ in range(rounds):
+        for i, run in enumerate(candidates):
+            start = time.perf_counter()
+            run()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return min(range(len(candidates)), key=best.__getitem__)
+
+
+def _time(run: Callable[[], torch.Tensor]) -> float:
+    """Seconds of one run after an untimed one."""
+    run()
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def _bucket(n: int) -> int:
@@ -166,13 +190,13 @@ def conv_transpose2d_candidates(x, weight, stride, padding, output_padding, grou
         return aten.slow_conv_transpose2d(x.contiguous(), weight, list(weight.shape[2:]), None, list(stride),
                                           list(padding), list(output_padding), list(dilation))
 
+    def pointwise():
+        return _pointwise_transpose(x, weight, stride, output_padding)
+
     if groups != 1:
         return [channels_last, default]
     if output_padding[0] >= stride[0] or output_padding[1] >= stride[1]:  # F.fold would see extra windows
         return [channels_last, default, im2col]
-    def pointwise():
-        return _pointwise_transpose(x, weight, stride, output_padding)
-
     if tuple(weight.shape[2:]) == (1, 1) and padding == (0, 0):  # one kernel: its layout is part of its gain
         return [pointwise]
     if weight.shape[1] == 1:

@@ -90,7 +90,7 @@ RELU_ALPHA = AlphaSpec(init=_alpha_init, project=lambda alpha, l, u, call=None: 
 
 
 def relu_prepared(l, u, call: RelaxCall):
-    """ReLU's default (adaptive) relaxation as ``(lw, uw - lw, None, ub)``, in 11 tensor operations
+    """ReLU's default (adaptive) relaxation as ``(lw, uw - lw, None, ub)``, in 13 tensor operations
     instead of about 30 (they dominate the cost of a backward walk at batch 1)::
 
         u+ = max(u, 0),  l- = max(-l, 0),  uw = u+ / max(u+ + l-, 1e-12),  ub = uw l-,  lw = max(sign(u + l), 0)
@@ -104,8 +104,8 @@ def relu_prepared(l, u, call: RelaxCall):
     Why these operations: on CPU, a comparison into a bool tensor and ``count_nonzero`` cost 4-10
     times an arithmetic pass (``(u + l > 0).to(dtype)``: 194 us on 65k neurons, ``sign`` and
     ``clamp``: 26 us), so ``lw`` is built from ``sign`` and whether ``d`` is zero is read from its
-    minimum and maximum. The fields are bit-identical to the comparison form (``u + l`` rounds to
-    0 only when it is 0).
+    minimum and maximum. The fields equal the comparison form's (``u + l`` rounds to 0 only when it
+    is 0; a zero may carry the other sign).
     """
     if call.alpha is not None or call.opts.get("activation_bound_option", "adaptive") != "adaptive":
         return None

@@ -73,6 +73,19 @@ def test_conv_transpose2d_candidates_equal_conv_transpose2d(geometry, output_pad
                (x, weight))
 
 
+def test_no_channels_last_candidate_for_1x1_kernels_with_unequal_strides():
+    """oneDNN's backward pass of such a convolution on channels-last input can crash the process (torch
+    2.13), so the tuner never converts a contiguous input for it; its other candidates stay exact."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(3, 4, 1, 1, generator=gen, requires_grad=True)
+    x = torch.randn(5, 4, 9, 8, generator=gen, requires_grad=True)
+    for stride in ((1, 2), (3, 1), (3, 2)):
+        candidates = kernels.conv2d_candidates(x, weight, None, stride, (0, 0), (1, 1), 1)
+        assert len(candidates) == 2  # PyTorch's default and im2col, both on the contiguous input
+        _check(candidates, lambda stride=stride: F.conv2d(x, weight, None, stride), (x, weight))
+    assert len(kernels.conv2d_candidates(x, weight, None, (2, 2), (0, 0), (1, 1), 1)) == 3
+
+
 def test_choice_is_cached_per_case_and_tuning_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(kernels, "_CHOICE", {})
     x, weight = torch.randn(3, 2, 6, 6), torch.randn(4, 2, 3, 3)

@@ -25,10 +25,9 @@ groups, dtype. Every candidate computes the same function (they differ in roundi
 
 Tuning costs one untimed run of each candidate and 3-7 interleaved timed rounds of all of them,
 once per case (a few tens of milliseconds for batch-1 layers). A case whose first candidate takes
-longer than
-:data:`TUNE_LIMIT_S` is not tuned (fixed overheads are negligible there, and timing every
-candidate would cost more than a call): it keeps the first candidate, the best choice on large
-inputs. ``BOUNDPROP_CONV_TUNING=0`` turns tuning off (first candidates everywhere). Off the CPU
+longer than :data:`TUNE_LIMIT_S` is not tuned (fixed overheads are negligible there, and timing
+every candidate would cost more than a call): it keeps the first candidate, the best choice on
+large inputs. ``BOUNDPROP_CONV_TUNING=0`` turns tuning off (first candidates everywhere). Off the CPU
 PyTorch's default kernels are always used.
 """
 

@@ -6,8 +6,9 @@ Usage (on a machine with a GPU, from the repository root)::
 
 ``PEER_DIR`` holds ``peer_models.py`` and the ``<model>_b<batch>.pt`` files (auto_LiRPA's bounds,
 computed on a CPU). For every model, batch and method: the median time of 3 calls after a warm-up
-(``torch.cuda.synchronize`` around each), one forward pass's time, and the largest difference to
-the stored auto_LiRPA bounds relative to their width.
+(``torch.cuda.synchronize`` around each), one forward pass's time, the largest difference to
+the stored auto_LiRPA bounds relative to their width, and the syncs one call makes (CUDA's own
+sync debug mode; ``benchmarks/host_syncs.py`` counts the same reads on a CPU).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,6 +39,18 @@ def timed(fn, repeats: int = 3) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def cuda_syncs(fn) -> int:
+    """Synchronising operations in one call of ``fn``, as CUDA's sync debug mode reports them."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def main(peer_dir: str, out_path: str) -> None:
     sys.path.insert(0, peer_dir)
     import peer_models
@@ -46,7 +60,7 @@ def main(peer_dir: str, out_path: str) -> None:
     device = torch.device("cuda")
     lines = [f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, float32, TF32 off", "",
              "| model | batch | method | time (ms) | forward (ms) | cost in forwards | mean width | "
-             "max diff / width vs auto_LiRPA |", "|---|---|---|---|---|---|---|---|"]
+             "max diff / width vs auto_LiRPA | syncs per call |", "|---|---|---|---|---|---|---|---|---|"]
     for name in ("mlp", "cnn", "resnet_small"):
         for batch in (1, 32):
             path = Path(peer_dir) / f"{name}_b{batch}.pt"
@@ -70,7 +84,7 @@ def main(peer_dir: str, out_path: str) -> None:
                         t, res = timed(lambda g=graph, x=x, p=ptb, m=method: compute_bounds(g, (x,), p, method=m),
                                        1 if method == "alpha-CROWN" else 3)
                 except Exception as err:  # noqa: BLE001 - report and go on
-                    lines.append(f"| {name} | {batch} | {method} | error: {type(err).__name__}: {err} | | | | |")
+                    lines.append(f"| {name} | {batch} | {method} | error: {type(err).__name__}: {err} | | | | | |")
                     continue
                 width = float((res.upper - res.lower).mean())
                 ref = data["bounds"].get(method)
@@ -80,8 +94,9 @@ def main(peer_dir: str, out_path: str) -> None:
                     scale = float((hi - lo).abs().max())
                     worst = max(float((res.lower - lo).abs().max()), float((res.upper - hi).abs().max()))
                     diff = f"{worst / scale:.1e}"
+                syncs = cuda_syncs(lambda g=graph, x=x, p=ptb, m=method: compute_bounds(g, (x,), p, method=m))
                 lines.append(f"| {name} | {batch} | {method} | {t * 1e3:.2f} | {fwd * 1e3:.3f} | {t / fwd:.0f} | "
-                             f"{width:.6g} | {diff} |")
+                             f"{width:.6g} | {diff} | {syncs} |")
             print("\n".join(lines[-len(METHODS):]), flush=True)
     Path(out_path).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -23,6 +23,7 @@ from boundprop.algorithms import backward
 from boundprop.rules import RelaxCall
 from boundprop.rules.registry import rules_for
 from boundprop.rules.relu import relu_prepared, relu_relaxation
+from boundprop.syncs import device_paths
 
 _MODELS: dict = {}
 
@@ -157,6 +158,22 @@ def test_relu_prepared_equals_general_relaxation():
         assert relu_prepared(bad_l, bad_u, call) is None
     assert relu_prepared(l, u, RelaxCall(opts={"activation_bound_option": "zero-lb"})) is None
 
+
+
+def test_relu_prepared_without_host_reads_equals_general_rule_at_infinite_ends():
+    """Where values may not be read (accelerators), the prepared relaxation takes the general rule's
+    limits at infinite ends, branch-free: fields equal to the general rule's, ends of every kind."""
+    inf = torch.inf
+    l = torch.tensor([[-1.0, -inf, -inf, -inf, 0.5, -2.0, -inf, -3.0, 1.0, -1.0]])
+    u = torch.tensor([[inf, 2.0, -1.0, inf, inf, 3.0, 0.0, -1.0, 2.0, 0.0]])
+    call = RelaxCall()
+    general = backward.PreparedRelaxation.of(relu_relaxation(l, u, call), l.shape)
+    with device_paths():
+        lw, d, lb, db = relu_prepared(l, u, call)
+    assert lb is None and general.lb is None
+    torch.testing.assert_close(lw, general.lw)
+    torch.testing.assert_close(d, general.d)
+    torch.testing.assert_close(db, general.db)
 
 
 def test_prepared_relaxation_is_silent_under_autograd():

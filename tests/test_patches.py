@@ -149,6 +149,8 @@ def test_patch_crown_equals_dense_crown(seed, batch, eps):
     torch.testing.assert_close(fast.lower / scale, dense.lower / scale, rtol=0, atol=2e-5)
     torch.testing.assert_close(fast.upper / scale, dense.upper / scale, rtol=0, atol=2e-5)
     for name, iv in dense.intervals.items():
+        if iv.upper.numel() == 0:  # an empty slice (the random nets slice channels)
+            continue
         s = iv.upper.abs().max().clamp_min(1.0)
         torch.testing.assert_close(fast.intervals[name].lower / s, iv.lower / s, rtol=0, atol=2e-5)
         torch.testing.assert_close(fast.intervals[name].upper / s, iv.upper / s, rtol=0, atol=2e-5)

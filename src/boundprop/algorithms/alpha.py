@@ -60,8 +60,9 @@ import torch
 from ..domains import Interval
 from ..domains.patches import Patches
 from ..rules import RelaxCall, Var
+from ..syncs import may_read, read_flags, to_device
 from .backward import AlphaLookup, backward
-from .crown import refine_intermediate, unstable_mask
+from .crown import refine_intermediate
 from .ibp import ibp
 from .state import PropagationState
 
@@ -140,7 +141,7 @@ def _projector(project: Callable) -> Callable:
 class AlphaSet:
     """The parameters of one optimisation (one side), created lazily on first use.
 
-    ``for_start(start)`` is the ``alpha_for_start`` hook of :func:`refine_intermediate`; the
+    ``for_start(start, rows)`` is the ``alpha_for_start`` hook of :func:`refine_intermediate`; the
     lookup it returns creates ``alpha[start, node, direction]`` the first time a walk asks, from
     ``AlphaSpec.init`` on the node's current interval, broadcast over the start's spec.
 
@@ -156,20 +157,21 @@ class AlphaSet:
         self.shared = shared
         self.params: dict[tuple[str, str, str], _Param] = {}
         self._index: dict[str, torch.Tensor] = {}  # spec rows of each intermediate start (neuron ids)
+        self._host_index: dict[str, torch.Tensor] = {}  # the same on the host
 
-    def _refined_index(self, start: str) -> torch.Tensor:
-        """The neurons of ``start`` that crown_interval will walk from (same selection)."""
-        mask = unstable_mask(self.state, start)
-        return mask.reshape(self.state.batch_size, -1).any(0).nonzero().flatten()
-
-    def for_start(self, start: str) -> AlphaLookup | None:
+    def for_start(self, start: str, on_host: torch.Tensor | None = None) -> AlphaLookup | None:
+        """Parameters of the walk from ``start``'s neurons ``on_host`` (:func:`unstable_rows`; None for
+        the target, whose rows are the spec)."""
         rows = None
         if start != self.target and not self.shared:
-            index = self._refined_index(start)
+            self._host_index.setdefault(start, on_host)
+            index = to_device(on_host, self.state.values[start].device)
             first = self._index.setdefault(start, index)
             if index.numel() != first.numel():
                 rows = torch.searchsorted(first, index).clamp(max=first.numel() - 1)
-                if not bool((first[rows] == index).all()):
+                # a check of the rules (not of soundness: any parameter in its set is sound), so
+                # not where it would wait for a device
+                if may_read(index) and not bool((first[rows] == index).all()):
                     raise RuntimeError(f"alpha-CROWN: {start} has unstable neurons that were stable under looser "
                                        "bounds (an `unstable` rule that is not monotone in the interval)")
         return _StartLookup(self, start, rows)
@@ -211,10 +213,11 @@ class AlphaSet:
 
     def _all_rows(self, start: str, P: Patches) -> Patches:
         """Patches with ``P``'s window geometry and one row per neuron of the start's spec (all rows)."""
-        first = self._index[start]
+        first, host = self._index[start], self._host_index[start]
         H0, W0 = self.state.values[start].shape[-2:]
         rows_h, rows_w = (first // W0) % H0, first % W0
-        row_range = (int(rows_h.min()), int(rows_h.max()), int(rows_w.min()), int(rows_w.max()))
+        host_h, host_w = (host // W0) % H0, host % W0
+        row_range = (int(host_h.min()), int(host_h.max()), int(host_w.min()), int(host_w.max()))
         dummy = P.data[:, :1].expand(P.data.shape[0], first.numel(), *P.data.shape[2:])
         return replace(P, data=dummy, rows_h=rows_h, rows_w=rows_w, row_range=row_range, dirty=False, unit=None)
 
@@ -311,18 +314,21 @@ class _Best:
     def better(self, bound: torch.Tensor) -> torch.Tensor:
         return bound > self.bound if self.side == 0 else bound < self.bound
 
-    def update(self, bound: torch.Tensor, A: dict, keep_best: bool) -> bool:
+    def update(self, bound: torch.Tensor, A: dict, keep_best: bool) -> torch.Tensor:
+        """Keep ``bound``'s elements that improve on the best; returns whether any did (a 0-dim bool
+        tensor: the caller reads it together with its stop test, in one host read)."""
         bound = bound.detach()
         mask = self.better(bound) if keep_best else torch.ones_like(bound, dtype=torch.bool)
-        if not bool(mask.any()):
-            return False
+        improved = mask.any()
+        if may_read(improved) and not bool(improved):  # on CPU: skip the updates
+            return improved
         self.bound = torch.where(mask, bound, self.bound)
         for name, (coeff, bias) in self.A.items():
             entry = A[name]
             new_coeff, new_bias = _dense(entry[self.side]), _bias_tensor(entry[2 + self.side], self.bound)
             self.A[name] = (_pick_rows(mask, new_coeff, coeff) if coeff is not None else None,
                             torch.where(mask, new_bias, bias))
-        return True
+        return improved
 
 
 def _keep_tightest(best: dict[str, Interval], intervals: dict[str, Interval]) -> None:
@@ -353,9 +359,9 @@ def _optimise_side(state: PropagationState, target: str, C: torch.Tensor, side: 
         bound = res.lower if idx == 0 else res.upper
         _keep_tightest(tightest, state.intervals)
         improved = best.update(bound, res.A, bool(o["keep_best"]))
-        patience = 0 if improved else patience + 1
         criterion = o["stop_criterion_func"](bound.detach() if idx == 0 else -bound.detach())
-        stop_all = bool(criterion.all()) if torch.is_tensor(criterion) else bool(criterion)
+        improved, stop_all = read_flags(improved, criterion.all() if torch.is_tensor(criterion) else criterion)
+        patience = 0 if improved else patience + 1
         if (last or stop_all or patience > int(o["early_stop_patience"])
                 or time.perf_counter() - began > float(o["max_time"])):
             break

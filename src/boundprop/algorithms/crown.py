@@ -45,12 +45,14 @@ from ..domains.patches import Patches
 from ..graph import ops
 from ..perturbation import PerturbationLpNorm
 from ..rules.shape import MOVEMENT_OPS
+from ..syncs import to_device, to_host
 from .backward import AlphaLookup, ancestors, backward
 from .ibp import interval_of
 from .state import PropagationState
 
-#: ``alpha_for_start(start_name) -> AlphaLookup | None`` (alpha-CROWN's parameters per walk).
-AlphaForStart = Callable[[str], AlphaLookup | None]
+#: ``alpha_for_start(start_name, rows) -> AlphaLookup | None``: alpha-CROWN's parameters for the walk
+#: from ``start_name``'s neurons ``rows`` (:func:`unstable_rows`).
+AlphaForStart = Callable[[str, torch.Tensor], AlphaLookup | None]
 
 _MOVEMENT = set(MOVEMENT_OPS)
 
@@ -176,28 +178,35 @@ def _patch_form(state: PropagationState, name: str) -> bool:
             and state.opts.get("conv_mode", "patches") == "patches")
 
 
-def _walk_start(state: PropagationState, name: str, part: torch.Tensor, dtype: torch.dtype):
-    """One-hot specs for the neurons ``part`` of ``name``: Patches on a 2-D map, else a dense tensor."""
+def unstable_rows(state: PropagationState, name: str) -> torch.Tensor:
+    """Flat indices, on the host, of the neurons of ``name`` unstable in some example
+    (:func:`unstable_mask`): the rows of its CROWN walk, as in auto_LiRPA. A data-dependent shape:
+    one host read (of the mask) on any device."""
+    return to_host(unstable_mask(state, name).reshape(state.batch_size, -1).any(0)).nonzero().flatten()
+
+
+def _walk_start(state: PropagationState, name: str, part: torch.Tensor, dtype: torch.dtype,
+                part_on_host: torch.Tensor):
+    """One-hot specs for the neurons ``part`` of ``name``: Patches on a 2-D map, else a dense tensor.
+    ``part_on_host``: the same indices on the CPU (for the Patches' row range, without a device read)."""
     shape = state.example(name).shape[1:]
     if _patch_form(state, name):
-        return Patches.identity(part, tuple(shape), dtype)
+        return Patches.identity(part, tuple(shape), dtype, part_on_host)
     n = shape.numel()
     C = torch.zeros(1, part.numel(), n, dtype=dtype, device=part.device)
     C[0, torch.arange(part.numel(), device=part.device), part] = 1.0
     return C.reshape(1, part.numel(), *shape)
 
 
-def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None = None,
+def crown_interval(state: PropagationState, name: str, rows: torch.Tensor | None = None,
                    alpha_for: AlphaLookup | None = None) -> Interval:
-    """CROWN bounds of the neurons of ``name`` selected by ``mask`` (others keep their interval)."""
+    """CROWN bounds of the neurons ``rows`` (flat indices on the host, :func:`unstable_rows`; None:
+    all) of ``name``; the others keep their interval."""
     old = state.intervals[name]
     batch = state.batch_size
     flat_l, flat_u = old.lower.reshape(batch, -1), old.upper.reshape(batch, -1)
     n = flat_l.shape[1]
-    if mask is None:
-        index = torch.arange(n, device=flat_l.device)
-    else:
-        index = mask.reshape(batch, -1).any(0).nonzero().flatten()
+    index = torch.arange(n) if rows is None else rows
     if index.numel() == 0:
         return old
     new_l, new_u = flat_l.clone(), flat_u.clone()
@@ -207,6 +216,7 @@ def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None
         # band of the map, and patch-form walks gather windows from that band only
         C, pixels = value.shape[1], value.shape[2] * value.shape[3]
         index = index[torch.argsort((index % pixels) * C + index // pixels)]
+    on_host, index = index, to_device(index, flat_l.device)
     chunk = spec_chunk_size(state, name)
     budget = coefficient_budget(state, flat_l.dtype, _patch_form(state, name))
     record = alpha_for is not None or state.opts.get("intermediate_grad", True)
@@ -217,7 +227,8 @@ def crown_interval(state: PropagationState, name: str, mask: torch.Tensor | None
         if alpha_for is not None and part.numel() < index.numel():
             lookup = _SpecRows(alpha_for, start, part.numel())
         with nullcontext() if record else torch.no_grad():
-            res = backward(state, name, _walk_start(state, name, part, flat_l.dtype), alpha_for=lookup)
+            spec = _walk_start(state, name, part, flat_l.dtype, on_host[start:start + chunk])
+            res = backward(state, name, spec, alpha_for=lookup)
         lo, hi = torch.maximum(flat_l[:, part], res.lower), torch.minimum(flat_u[:, part], res.upper)
         if alpha_for is not None:
             # alpha-CROWN: the gradient reaches the new bounds even where the old ones are tighter
@@ -248,8 +259,9 @@ def refine(state: PropagationState, name: str, alpha_for_start: AlphaForStart | 
             state.intervals[current] = interval_of(state, current).intersect(state.intervals[current])
         elif not _ibp_exact(state, current):
             refresh_ibp(state, current)
-            alpha_for = alpha_for_start(current) if alpha_for_start else None
-            state.intervals[current] = crown_interval(state, current, unstable_mask(state, current), alpha_for)
+            rows = unstable_rows(state, current)
+            alpha_for = alpha_for_start(current, rows) if alpha_for_start else None
+            state.intervals[current] = crown_interval(state, current, rows, alpha_for)
         state.refined.add(current)
         stack.pop()
 

@@ -38,8 +38,9 @@ from ..rules import Var
 from ..rules.affine_forward import is_nonnegative
 from ..rules.generic import AffinePushforward, collect_vars
 from ..rules.registry import ForwardCall
+from ..syncs import may_read, to_device
 from .backward import backward, propagate_node, relaxation_of
-from .crown import unstable_mask
+from .crown import unstable_rows
 from .ibp import interval_of, leaf_intervals
 from .state import PropagationState
 
@@ -114,7 +115,7 @@ def _refine_interval(state: PropagationState, name: str, layout: list[LeafSlot],
     batch = ibp_box.lower.shape[0]
     flat_l, flat_u = ibp_box.lower.reshape(batch, -1), ibp_box.upper.reshape(batch, -1)
     if state.opts.get("forward_intersect_ibp", True):
-        columns = unstable_mask(state, name).reshape(batch, -1).any(0).nonzero().flatten()
+        columns = to_device(unstable_rows(state, name), flat_l.device)
         if columns.numel() == 0:
             return ibp_box
         if columns.numel() == flat_l.shape[1]:
@@ -185,7 +186,8 @@ def affine_forms(state: PropagationState, node: Node, forms: dict[str, LinearFor
     if state.rules(node).homogeneous:
         return out
     constant = _pushforward(state, node).constant
-    if constant is None or not bool((constant != 0).any()):  # e.g. the sum of two perturbed tensors
+    # e.g. the sum of two perturbed tensors (adding a zero constant is harmless where it cannot be read)
+    if constant is None or (may_read(constant) and not bool((constant != 0).any())):
         return out
     return out.add_constant(constant, fresh=fresh)
 
@@ -204,7 +206,7 @@ def relaxed_forms(state: PropagationState, node: Node, forms: dict[str, LinearFo
     shape = state.values[node.name].shape
     lw, lb, uw, ub = (torch.broadcast_to(t, shape) for t in (relax.lw, relax.lb, relax.uw, relax.ub))
     x = forms[node.inputs[0]]
-    if x.is_exact and torch.equal(lw, uw) and torch.equal(lb, ub):  # f is affine on this box
+    if x.is_exact and may_read(lw) and torch.equal(lw, uw) and torch.equal(lb, ub):  # f is affine on this box
         return LinearForms.exact(compose(lw, x, "lower")).add_constant(lb, fresh=True)
     return LinearForms(compose(lw, x, "lower"), compose(uw, x, "upper")).add_constant(lb, ub, fresh=True)
 

@@ -14,6 +14,7 @@ import math
 import torch
 
 from ..domains import Interval
+from ..syncs import may_read
 from .state import PropagationState
 
 
@@ -46,9 +47,10 @@ def _guard_nan(out: Interval) -> Interval:
 
     On CPU one sum per end comes first: when both are finite, no end is NaN or infinite and the
     interval is returned as it is (two read passes instead of two read-write passes and two new
-    tensors). Not on other devices, where reading the sum would wait for the device.
+    tensors). Not on other devices, where reading the sum would wait for the device
+    (:func:`~boundprop.syncs.may_read`).
     """
-    if out.lower.device.type == "cpu" and all(
+    if may_read(out.lower) and all(
             math.isfinite(float(end.detach().sum())) for end in (out.lower, out.upper)):
         return out
     lower = torch.nan_to_num(out.lower, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)

@@ -25,6 +25,7 @@ import torch
 from ..domains import Interval
 from ..graph.ir import Graph
 from ..perturbation import Perturbation
+from ..syncs import deferred_checks, immediate_checks
 from .backward import backward
 from .crown import refine_intermediate
 from .ibp import ibp
@@ -180,7 +181,13 @@ def compute_bounds(graph: Graph, inputs: Sequence[torch.Tensor], perturbations: 
     for name, (lo, hi) in (interm_bounds or {}).items():
         state.intervals[name] = Interval(lo, hi)
         state.refined.add(name)
-    lo, hi, A = run_method(state, method, target, C, lower, upper, set(need_A or ()))
+    with deferred_checks() as checks:
+        lo, hi, A = run_method(state, method, target, C, lower, upper, set(need_A or ()))
+    if checks.failed():  # something could not be bounded: again, reading each check, for the error
+        with immediate_checks():
+            compute_bounds(graph, inputs, perturbations, method, C, lower=lower, upper=upper, opts=opts,
+                           final_node=final_node, interm_bounds=interm_bounds, need_A=need_A, params=params)
+        raise RuntimeError("a deferred check failed, then passed when read at once (nondeterministic bounds?)")
     if C is None:
         shape = state.intervals[target].shape if target in state.intervals else state.values[target].shape
         lo = lo.reshape(shape) if lo is not None else None

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..syncs import may_read
+
 
 @dataclass(frozen=True)
 class LinearForms:
@@ -89,7 +91,7 @@ def vacuous_rows(rows: torch.Tensor, sign: float) -> torch.Tensor:
     """``rows`` (``(batch, D + 1, ...)``) with zero coefficients and constant ``sign * inf`` wherever the
     constant is not finite."""
     bad = ~torch.isfinite(rows[:, -1])
-    if not bool(bad.any()):
+    if may_read(bad) and not bool(bad.any()):
         return rows
     bad = bad.unsqueeze(1)
     coeffs = torch.where(bad, torch.zeros((), dtype=rows.dtype, device=rows.device), rows[:, :-1])
@@ -108,7 +110,7 @@ def add_to_last_row(rows: torch.Tensor, c: torch.Tensor | float, fresh: bool = F
         if c == 0:
             return rows
     elif c.dim() == rows.dim() - 1 and c.shape[0] > rows.shape[0]:
-        if torch.equal(c, c[:1].expand_as(c)):
+        if may_read(c) and torch.equal(c, c[:1].expand_as(c)):  # shared rows stay shared
             c = c[:1]
         else:
             rows, fresh = rows.expand(c.shape[0], *rows.shape[1:]), False
@@ -133,8 +135,10 @@ def compose(coef: torch.Tensor, forms: LinearForms, side: str) -> torch.Tensor:
     first, second = (forms.lower, forms.upper) if side == "lower" else (forms.upper, forms.lower)
     if not torch.is_tensor(coef):
         return coef * (first if coef >= 0 else second)
-    if bool((coef >= 0).all()):  # e.g. ReLU's slopes: one product instead of two
-        return coef * first
-    if bool((coef <= 0).all()):
-        return coef * second
-    return coef.clamp(min=0) * first + coef.clamp(max=0) * second
+    if may_read(coef):  # e.g. ReLU's slopes (of one sign): one product instead of two
+        if bool((coef >= 0).all()):
+            return coef * first
+        if bool((coef <= 0).all()):
+            return coef * second
+    # each entry's own product (not coef+ first + coef- second, where 0 * inf would make a NaN)
+    return torch.where(coef >= 0, coef * first, coef * second)

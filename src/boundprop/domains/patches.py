@@ -58,13 +58,17 @@ class Patches:
     unit: torch.Tensor | None = None
 
     @staticmethod
-    def identity(index: torch.Tensor, shape: tuple[int, int, int], dtype: torch.dtype) -> Patches:
-        """One row per flat neuron index of a ``(C, H, W)`` node: ``C y = y[index]``."""
+    def identity(index: torch.Tensor, shape: tuple[int, int, int], dtype: torch.dtype,
+                 index_on_host: torch.Tensor | None = None) -> Patches:
+        """One row per flat neuron index of a ``(C, H, W)`` node: ``C y = y[index]``. The row range is
+        read from ``index_on_host`` (the same indices on the CPU) when given, else from ``index``."""
         C, H, W = shape
         rows_c, rows_h, rows_w = index // (H * W), (index // W) % H, index % W
         data = torch.zeros(1, index.numel(), C, 1, 1, dtype=dtype, device=index.device)
         data[0, torch.arange(index.numel(), device=index.device), rows_c] = 1.0
-        row_range = (int(rows_h.min()), int(rows_h.max()), int(rows_w.min()), int(rows_w.max()))
+        host = index if index_on_host is None else index_on_host
+        host_h, host_w = (host // W) % H, host % W
+        row_range = (int(host_h.min()), int(host_h.max()), int(host_w.min()), int(host_w.max()))
         return Patches(data, rows_h, rows_w, (1, 1), (0, 0), (H, W), row_range, unit=rows_c)
 
     @property

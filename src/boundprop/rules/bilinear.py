@@ -58,6 +58,7 @@ from dataclasses import dataclass
 import torch
 
 from ..domains import Interval, Relaxation
+from ..syncs import possibly_any
 from .convex import reciprocal_interval, reciprocal_relaxation  # 1/x belongs to the convex family
 from .registry import RelaxCall, Var, backward_rule
 
@@ -112,12 +113,12 @@ def mccormick_planes(lx, ux, ly, uy, t, s) -> tuple[Plane, Plane, torch.Tensor]:
     set (the caller then makes the bias infinite there).
     """
     bad = ~(torch.isfinite(lx) & torch.isfinite(ux) & torch.isfinite(ly) & torch.isfinite(uy))
-    if bool(bad.any()):
+    if possibly_any(bad):
         lx, ux, ly, uy = (torch.where(bad, 0.0, v) for v in (lx, ux, ly, uy))
     lower = Plane(t * ly + (1 - t) * uy, t * lx + (1 - t) * ux, -(t * lx * ly + (1 - t) * ux * uy))
     upper = Plane(s * uy + (1 - s) * ly, s * lx + (1 - s) * ux, -(s * lx * uy + (1 - s) * ux * ly))
     overflow = ~(torch.isfinite(lower.c) & torch.isfinite(upper.c))
-    if bool(overflow.any()):
+    if possibly_any(overflow):
         bad = bad | overflow
         lower, upper = (Plane(*(torch.where(bad, 0.0, f) for f in (p.ax, p.ay, p.c))) for p in (lower, upper))
     return lower, upper, bad
@@ -221,7 +222,7 @@ def _signed_sum(A, sign: int, lo, up, contract):
 
 def _infinite_bias(cb: torch.Tensor, A: torch.Tensor, bad: torch.Tensor | None, sign: int) -> torch.Tensor:
     """Elementwise bias ``(batch, spec, *out)`` -> ``(batch, spec)``, infinite where ``bad`` and ``A != 0``."""
-    if bad is not None and bool(bad.any()):
+    if bad is not None and possibly_any(bad):
         cb = torch.where(bad & (A != 0), sign * _INF, cb)
     return cb.flatten(2).sum(-1)
 
@@ -265,7 +266,7 @@ def _square_side(A, sign, X: _Factor, call, direction):
     rank = A.dim() - 1
     lo, hi = X.lower, X.upper
     bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
-    if bool(bad.any()):
+    if possibly_any(bad):
         lo, hi = torch.where(bad, 0.0, lo), torch.where(bad, 0.0, hi)
     alpha = call.alpha_for(direction)
     if alpha is None:
@@ -278,7 +279,7 @@ def _square_side(A, sign, X: _Factor, call, direction):
     tangent = Plane(2 * z, None, -z * z)
     chord = Plane(lo + hi, None, -lo * hi)
     overflow = ~(torch.isfinite(tangent.c) & torch.isfinite(chord.c))
-    if bool(overflow.any()):
+    if possibly_any(overflow):
         bad = bad | overflow
         tangent, chord = (Plane(torch.where(bad, 0.0, p.ax), None, torch.where(bad, 0.0, p.c))
                           for p in (tangent, chord))

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from ..domains import Interval, Relaxation
+from ..syncs import defer, possibly_any
 from .registry import AlphaSpec, RelaxCall
 
 INF = float("inf")
@@ -175,7 +176,7 @@ def _min_offset(curve: Curve, s: torch.Tensor, sp: _Split, hint: torch.Tensor, s
         a, b = sp.points[r], sp.points[r + 1]
         h_ends = torch.minimum(f(a) - s * a, f(b) - s * b)
         x = torch.minimum(torch.maximum(hint, a), b)
-        if bool((search & convex & (b > a)).any()):
+        if possibly_any(search & convex & (b > a)):
             with torch.no_grad():
                 lo, hi = _root(lambda t: df(t) - s, a.detach() + 0 * s, b.detach() + 0 * s)
             x = torch.where(search, (lo + hi) / 2, x)
@@ -204,11 +205,11 @@ def lower_line(curve: Curve, sp: _Split, alpha: torch.Tensor | None) -> tuple[to
     hint = torch.where(sp.convex_whole, d_one, low)
 
     # two regions: chord, or tangent between the near endpoint and t
-    if bool(two_regions.any()):
+    if possibly_any(two_regions):
         cl = sp.convex_left
         chord_ok = torch.where(cl, df(low) >= k, df(high) <= k)
         need = two_regions & ~chord_ok
-        if bool(need.any()):
+        if possibly_any(need):
             with torch.no_grad():
                 far = torch.where(cl, high, low).detach()
                 sign = torch.where(cl, 1.0, -1.0).to(low.dtype)
@@ -226,7 +227,7 @@ def lower_line(curve: Curve, sp: _Split, alpha: torch.Tensor | None) -> tuple[to
     slope = _finite(slope)
     offset = _min_offset(curve, slope, sp, hint, torch.zeros_like(two_regions))
     three = sp.n_inside >= 2
-    if bool(three.any()):
+    if len(sp.convex) > 2 and possibly_any(three):  # a curve with three regions, and some interval over two
         s3, b3 = _three_region_line(curve, sp, k)
         slope, offset = torch.where(three, s3, slope), torch.where(three, b3, offset)
     return slope, offset
@@ -249,7 +250,7 @@ def _three_region_line(curve: Curve, sp: _Split, k: torch.Tensor) -> tuple[torch
     best_s = k
     best_b = _min_offset(curve, k, sp, low, three)
     middle_convex = three & sp.convex[1]
-    if bool(middle_convex.any()):
+    if possibly_any(middle_convex):
         a, b = sp.points[1].detach(), sp.points[2].detach()
         with torch.no_grad():
             for far, sign in ((high, 1.0), (low, -1.0)):
@@ -283,8 +284,12 @@ RAISE_ON_UNBOUNDED = True
 
 
 def require_bounded(relax: Relaxation, low: torch.Tensor, high: torch.Tensor, what: str) -> Relaxation:
-    """``relax`` if all its offsets are finite, else NotImplementedError (see :data:`RAISE_ON_UNBOUNDED`)."""
-    if not RAISE_ON_UNBOUNDED or bool(torch.isfinite(relax.lb).all() & torch.isfinite(relax.ub).all()):
+    """``relax`` if all its offsets are finite, else NotImplementedError (see :data:`RAISE_ON_UNBOUNDED`).
+    Where the test would wait for a device, it is deferred to the end of the call (:func:`~boundprop.syncs.defer`)."""
+    if not RAISE_ON_UNBOUNDED:
+        return relax
+    finite = torch.isfinite(relax.lb).all() & torch.isfinite(relax.ub).all()
+    if defer(finite) or bool(finite):
         return relax
     bad = ~(torch.isfinite(relax.lb) & torch.isfinite(relax.ub))
     bad = torch.broadcast_to(bad, torch.broadcast_shapes(bad.shape, low.shape))

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from ..domains import Interval
+from ..syncs import possibly_any
 from .registry import Var, backward_rule, interval_rule, is_perturbed
 
 aten = torch.ops.aten
@@ -270,7 +271,7 @@ def relax(lower: torch.Tensor, upper: torch.Tensor, eps: float) -> LayerNormRela
     plane_l, plane_u = mccormick(g, c0, r0)
     r_lower, r_upper = r_relaxation(g, c0, eps)
     plane_l, plane_u, r_lower, r_upper = _or_constant(g, plane_l, plane_u, r_lower, r_upper)
-    full = g if bool(ok.all()) else group_bounds(lower, upper, eps)
+    full = g if not possibly_any(~ok) else group_bounds(lower, upper, eps)
     return LayerNormRelaxation(plane_l, plane_u, r_lower, r_upper, ok, full.n_l, full.n_u)
 
 

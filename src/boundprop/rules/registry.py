@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..domains import Interval, Relaxation
+from ..syncs import may_read
 
 
 class Var:
@@ -156,10 +157,14 @@ def perturbed_positions(args: tuple) -> tuple[int, ...]:
 
 
 def is_zero(t: torch.Tensor) -> bool:
-    """Whether every entry of ``t`` is 0 (for the None fields of ``prepared``). One min-max pass: on
-    CPU ``any`` and ``count_nonzero`` cost 6-9 times as much (65k entries: 20 us against 176 and 51)."""
+    """Whether every entry of ``t`` is known to be 0 (for the None fields of ``prepared``). One min-max
+    pass: on CPU ``any`` and ``count_nonzero`` cost 6-9 times as much (65k entries: 20 us against
+    176 and 51). False without looking where reading would wait for a device (a zero field kept
+    costs a few element-wise operations; see :mod:`boundprop.syncs`)."""
     if t.numel() == 0:
         return True
+    if not may_read(t):
+        return False
     low, high = torch.aminmax(t.detach())
     return not (bool(low) or bool(high))
 

@@ -19,6 +19,7 @@ import math
 import torch
 
 from ..domains import Relaxation
+from ..syncs import may_read
 from .registry import AlphaSpec, RelaxCall, interval_rule, is_zero, relaxation_rule
 
 aten = torch.ops.aten
@@ -52,7 +53,8 @@ def _chord(l, u, s: float):
     else:
         slope = (u - s * l) / width
         bias = s * l - slope * l
-    if not bool(torch.isfinite(l + u).all()):  # an infinite end (l + u is then +-inf or nan)
+    # an infinite end (l + u is then +-inf or nan); without a host read, the fix is always applied
+    if not may_read(l) or not bool(torch.isfinite(l + u).all()):
         up_inf, low_inf = torch.isinf(u), torch.isinf(l)
         only_up = up_inf & ~low_inf
         slope = torch.where(only_up, torch.ones_like(slope), torch.where(low_inf, torch.zeros_like(slope), slope))
@@ -99,7 +101,9 @@ def relu_prepared(l, u, call: RelaxCall):
     ``lw`` is 1 where ``u > -l`` (so on active neurons) and 0 elsewhere. The one difference from
     :func:`piecewise_relaxation` is a neuron with ``l = u = 0``, where both slopes are 0 here and 1
     there: both exact, since the neuron is 0. Intervals with an infinite end (``ub`` then not
-    finite) and other options defer to the general rule (None).
+    finite) and other options defer to the general rule (None); where the finiteness of ``ub``
+    cannot be read without waiting for a device (:func:`~boundprop.syncs.may_read`), the general
+    rule's limits at infinite ends are applied instead, always (:func:`_infinite_ends`).
 
     Why these operations: on CPU, a comparison into a bool tensor and ``count_nonzero`` cost 4-10
     times an arithmetic pass (``(u + l > 0).to(dtype)``: 194 us on 65k neurons, ``sign`` and
@@ -112,13 +116,26 @@ def relu_prepared(l, u, call: RelaxCall):
     up, low_neg = u.clamp(min=0), l.neg().clamp_(min=0)
     uw = up / (up + low_neg).clamp_(min=1e-12)
     ub = uw * low_neg
-    if not math.isfinite(float(ub.detach().sum())):
-        return None
     lw = (u + l).sign_().clamp_(min=0)
+    if not may_read(ub):
+        uw, ub, lw = _infinite_ends(l, u, up, low_neg, uw, ub, lw)
+    elif not math.isfinite(float(ub.detach().sum())):
+        return None
     d = uw - lw
     if is_zero(d):
         return lw, None, None, None
     return lw, d, None, ub
+
+
+def _infinite_ends(l, u, up, low_neg, uw, ub, lw):
+    """:func:`relu_prepared`'s fields with :func:`piecewise_relaxation`'s values where an end is
+    infinite (elsewhere unchanged): ``u = +inf``: ``uw = 1, ub = l-`` (the line ``x - l`` when
+    ``l < 0``, ``x`` when active); ``l = -inf``: ``uw = 0, ub = u+`` (``+inf`` when ``u`` is too);
+    ``lw = 0`` where ``u + l`` is NaN (both ends infinite)."""
+    low_inf, up_inf = torch.isinf(l), torch.isinf(u)
+    uw = torch.where(low_inf, 0.0, torch.where(up_inf, 1.0, uw))
+    ub = torch.where(low_inf, up, torch.where(up_inf, low_neg, ub))
+    return uw, ub, lw.nan_to_num_(0.0)
 
 
 @relaxation_rule(aten.relu.default, unstable=unstable_mask, alpha=RELU_ALPHA, prepared=relu_prepared)

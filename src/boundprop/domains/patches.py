@@ -66,8 +66,7 @@ class Patches:
         rows_c, rows_h, rows_w = index // (H * W), (index // W) % H, index % W
         data = torch.zeros(1, index.numel(), C, 1, 1, dtype=dtype, device=index.device)
         data[0, torch.arange(index.numel(), device=index.device), rows_c] = 1.0
-        host = index if index_on_host is None else index_on_host
-        host_h, host_w = (host // W) % H, host % W
+        host_h, host_w = (rows_h, rows_w) if index_on_host is None else ((index_on_host // W) % H, index_on_host % W)
         row_range = (int(host_h.min()), int(host_h.max()), int(host_w.min()), int(host_w.max()))
         return Patches(data, rows_h, rows_w, (1, 1), (0, 0), (H, W), row_range, unit=rows_c)
 

@@ -15,6 +15,7 @@ from boundprop.bab.chain import ChainBounder, ReluChain
 from boundprop.bab.relu_split import BetaCrown, Domains, SplitOptions, children, refine_intervals, split_search
 from boundprop.bab.verifier import load_network
 from boundprop.spec.vnnlib import Disjunct, Property, Region
+from boundprop.syncs import count_syncs, device_paths
 
 
 def random_net(seed: int, sizes=(4, 12, 12, 3)) -> torch.nn.Sequential:
@@ -263,6 +264,18 @@ def test_search_matches_milp(seed, branching):
         x = found[0]
         assert bool(((x >= lo) & (x <= hi)).all())
         assert float(chain.forward(x.unsqueeze(0)) @ a[0] - b_sat) <= 0
+
+
+def test_search_on_device_paths_reads_no_masks():
+    """On the GPU's branches the search gives the same verdict, and its optimisation keeps each
+    domain's best parameters without bool-mask indexing (each would be a host read per step)."""
+    model, chain, lo, hi, a, _, l, u, _ = setup(1, sizes=(5, 16, 16, 16, 3))
+    exact = milp_min(chain, a[0], 0.0, lo, hi, l, u, torch.zeros(l.numel(), dtype=torch.int64))
+    b = torch.tensor([exact - max(1e-3, 0.02 * abs(exact))], dtype=torch.float64)
+    with device_paths(), count_syncs() as c:
+        status, _ = _search(chain, a, b, lo, hi, l, u, "babsr")
+    assert status == "unsat"
+    assert not any(op.startswith("index") and where.startswith("bab/") for op, where in c.reads), c.reads
 
 
 def _property(lo, hi, rows: list[tuple[torch.Tensor, float]]) -> Property:

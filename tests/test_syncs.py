@@ -37,8 +37,10 @@ def test_counter_counts_device_reads_not_host_copies():
         assert int(host.argmax()) == 1 and bool((host * 2).any())  # reads of host copies: free
         back = to_device(host, t.device)
         int(back.argmax())  # a device tensor again
-    assert c.total == 5
-    assert {op for op, _ in c.reads} == {"_local_scalar_dense", "nonzero", "to_host"}
+        t[t > 0]  # a bool mask as an index: its entries are found on the host
+        t[torch.tensor([0, 2])]  # integer indices: no read
+    assert c.total == 6
+    assert {op for op, _ in c.reads} == {"_local_scalar_dense", "nonzero", "to_host", "index"}
 
 
 def test_counter_leaves_out_optimiser_step_counters():

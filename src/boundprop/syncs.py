@@ -17,7 +17,9 @@ What still reads on an accelerator, by design:
 * checks that refuse what cannot be bounded (a curve such as ``exp`` with no finite linear bound on
   its interval, ``rules/curves.py: require_bounded``): inside :func:`deferred_checks` (every
   ``compute_bounds`` call) they are combined on the device and read once at the end of the call;
-* checks that run once when something is first built (alpha-CROWN's window layout).
+* checks that run once when something is first built (alpha-CROWN's window layout);
+* branch and bound (``bab/relu_split.py``): its optimisation's stop test once per step, and per
+  round the reads that choose what to do next (which domains are verified, which neurons to split).
 
 :func:`count_syncs` counts reads on any device, CPU included (where they cost nothing, but are the
 same reads an accelerator would wait on), by where they happen in boundprop's code;
@@ -45,6 +47,15 @@ _forced_device_paths = 0
 _READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonzero.default, aten.equal.default,
           aten.masked_select.default, aten._unique2.default, aten.unique_consecutive.default,
           aten.unique_dim.default, aten.repeat_interleave.Tensor}
+
+
+#: indexing ops: with a bool mask as an index they find its nonzero entries first (a read)
+_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+
+
+def _bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
 
 
 def may_read(t: torch.Tensor) -> bool:
@@ -192,7 +203,7 @@ class SyncCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         host = bool(tensors) and all(_on_host(t) for t in tensors)
-        if func in _READS and not host:
+        if not host and (func in _READS or (func in _INDEXING and _bool_index(args))):
             self.note(func.overloadpacket.__name__)
         out = func(*args, **(kwargs or {}))
         if host:  # what is computed from host copies is on the host too

@@ -229,8 +229,9 @@ class BetaCrown:
                 score = torch.where(dom.done, torch.inf, value).amax(1)
                 better = score > best
                 best = torch.where(better, score, best)
-                best_a[better] = alpha.detach()[better].clamp(0, 1)
-                best_b[better] = beta.detach()[better].clamp_min(0)
+                # where, not a bool-mask assignment (which finds the mask's entries on the host)
+                best_a = torch.where(_per_domain(better, best_a), alpha.detach().clamp(0, 1), best_a)
+                best_b = torch.where(_per_domain(better, best_b), beta.detach().clamp_min(0), best_b)
             if step == iterations or bool((best >= goal.amin(1)).all()) or (
                     deadline is not None and time.perf_counter() > deadline):
                 break
@@ -256,6 +257,11 @@ class BetaCrown:
         # unstable neurons always beat stable ones (score -1), even at a zero estimate
         dom.score = torch.where(unstable, score, torch.full_like(score, -1.0))
         return x
+
+
+def _per_domain(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(domains,)`` mask shaped to broadcast against ``like`` (``(domains, ...)``)."""
+    return mask.reshape(-1, *[1] * (like.dim() - 1))
 
 
 def children(dom: Domains, neuron: torch.Tensor) -> Domains:

@@ -32,13 +32,16 @@ def pgd_attack(fn: Callable[[torch.Tensor], torch.Tensor], lower: torch.Tensor, 
     """
     batch = lower.shape[0]
     width = upper - lower
-    starts = [lower + width / 2] + [lower + width * torch.rand(lower.shape, generator=generator, dtype=lower.dtype)
+    # drawn on the CPU (where ``generator`` lives), then moved to the boxes' device
+    starts = [lower + width / 2] + [lower + width * torch.rand(lower.shape, generator=generator,
+                                                               dtype=lower.dtype).to(lower.device)
                                     for _ in range(max(0, restarts - 1))]
     x = torch.cat(starts)  # (restarts * batch, *shape)
     lo = lower.repeat(len(starts), *[1] * (lower.dim() - 1))
     hi = upper.repeat(len(starts), *[1] * (lower.dim() - 1))
     step = (hi - lo) / 4
-    best_x, best_v = x.clone(), torch.full((x.shape[0],), torch.inf, dtype=lower.dtype)
+    best_x, best_v = x.clone(), torch.full((x.shape[0],), torch.inf, dtype=lower.dtype, device=lower.device)
+    per_point = (-1, *[1] * (x.dim() - 1))  # a (points,) mask against (points, *shape)
     for _ in range(steps):
         if deadline is not None and time.perf_counter() > deadline:
             break
@@ -49,15 +52,15 @@ def pgd_attack(fn: Callable[[torch.Tensor], torch.Tensor], lower: torch.Tensor, 
         with torch.no_grad():
             better = v < best_v
             best_v = torch.where(better, v.detach(), best_v)
-            best_x[better] = x.detach()[better]
+            best_x = torch.where(better.reshape(per_point), x.detach(), best_x)  # no bool-mask read per step
             x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), hi)
             step = step * 0.9
     with torch.no_grad():
         v = objective(fn(x))
         better = v < best_v
         best_v = torch.where(better, v, best_v)
-        best_x[better] = x[better]
+        best_x = torch.where(better.reshape(per_point), x, best_x)
     best_v = best_v.reshape(len(starts), batch)
     idx = best_v.argmin(0)
-    best_x = best_x.reshape(len(starts), batch, *lower.shape[1:])[idx, torch.arange(batch)]
+    best_x = best_x.reshape(len(starts), batch, *lower.shape[1:])[idx, torch.arange(batch, device=idx.device)]
     return best_x, best_v.min(0).values

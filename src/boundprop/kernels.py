@@ -89,7 +89,8 @@ TUNE_BUDGET_S = 0.02
 
 def _fastest(candidates: list[Callable[[], torch.Tensor]], rounds: int) -> int:
     """Index of the candidate with the smallest time over ``rounds`` interleaved rounds (each round runs
-    every candidate once, after one untimed run each: oneDNN builds its primitive on the first call).
+    every candidate once, after one untimed run of each but the first, which :func:`_time` has run
+    already: oneDNN builds its primitive on the first call).
 
     Why interleaved rounds and the minimum: this machine's speed drifts by 1.5-2x within seconds, so
     timing one candidate after the other compares phases as much as kernels. With one timed run per
@@ -98,7 +99,7 @@ def _fastest(candidates: list[Callable[[], torch.Tensor]], rounds: int) -> int:
     two or three (the cases that still differ have candidates within 10 % of each other). The
     speed of the call did not change measurably (fresh processes, 8 alternating rounds: 0.99).
     """
-    for run in candidates:
+    for run in candidates[1:]:
         run()
     best = [float("inf")] * len(candidates)
     for _ in range(rounds):

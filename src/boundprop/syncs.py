@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import sys
 import threading
 from collections.abc import Iterator
@@ -68,6 +69,12 @@ def possibly_any(mask: torch.Tensor) -> bool:
     """``bool(mask.any())`` where it may be read, else True: for branches that skip work when no
     entry holds, and give the same values when taken anyway."""
     return not may_read(mask) or bool(mask.any())
+
+
+def sums_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor's sum is finite, so that no entry is NaN or infinite (one read each; a
+    float32 sum that overflows reads as not finite: callers then take their general path)."""
+    return all(math.isfinite(float(t.detach().sum())) for t in tensors)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..domains import Interval
-from ..syncs import may_read
+from ..syncs import may_read, sums_finite
 from .state import PropagationState
 
 
@@ -50,8 +50,7 @@ def _guard_nan(out: Interval) -> Interval:
     tensors). Not on other devices, where reading the sum would wait for the device
     (:func:`~boundprop.syncs.may_read`).
     """
-    if may_read(out.lower) and all(
-            math.isfinite(float(end.detach().sum())) for end in (out.lower, out.upper)):
+    if may_read(out.lower) and sums_finite(out.lower, out.upper):
         return out
     lower = torch.nan_to_num(out.lower, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     upper = torch.nan_to_num(out.upper, nan=torch.inf, posinf=torch.inf, neginf=-torch.inf)

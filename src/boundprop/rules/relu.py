@@ -14,12 +14,10 @@ free ``alpha`` projected into ``[s, 1]``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..domains import Relaxation
-from ..syncs import may_read
+from ..syncs import may_read, sums_finite
 from .registry import AlphaSpec, RelaxCall, interval_rule, is_zero, relaxation_rule
 
 aten = torch.ops.aten
@@ -119,7 +117,7 @@ def relu_prepared(l, u, call: RelaxCall):
     lw = (u + l).sign_().clamp_(min=0)
     if not may_read(ub):
         uw, ub, lw = _infinite_ends(l, u, up, low_neg, uw, ub, lw)
-    elif not math.isfinite(float(ub.detach().sum())):
+    elif not sums_finite(ub):
         return None
     d = uw - lw
     if is_zero(d):

@@ -8,7 +8,9 @@ Usage (on a machine with a GPU, from the repository root)::
 computed on a CPU). For every model, batch and method: the median time of 3 calls after a warm-up
 (``torch.cuda.synchronize`` around each), one forward pass's time, the largest difference to
 the stored auto_LiRPA bounds relative to their width, and the syncs one call makes (CUDA's own
-sync debug mode; ``benchmarks/host_syncs.py`` counts the same reads on a CPU).
+sync debug mode; ``benchmarks/host_syncs.py`` counts the same reads on a CPU). Then the verifier
+on the shipped ACAS Xu instances and one epoch of certified training, each on the CPU and on CUDA
+(same verdicts and losses expected; the times).
 """
 
 from __future__ import annotations
@@ -98,8 +100,45 @@ def main(peer_dir: str, out_path: str) -> None:
                 lines.append(f"| {name} | {batch} | {method} | {t * 1e3:.2f} | {fwd * 1e3:.3f} | {t / fwd:.0f} | "
                              f"{width:.6g} | {diff} | {syncs} |")
             print("\n".join(lines[-len(METHODS):]), flush=True)
+    lines += ["", *verifier_and_training_lines()]
     Path(out_path).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def verifier_and_training_lines() -> list[str]:
+    """The shipped ACAS Xu instances verified on the CPU and on CUDA, and one training epoch on each."""
+    import csv
+
+    from boundprop.bab.verifier import Network, verify
+    from boundprop.training import TrainConfig, Trainer
+    from boundprop.training.data import load_digits_dataset
+    from boundprop.training.models import build_digit_model
+
+    root = Path(__file__).resolve().parents[1] / "tests" / "data" / "vnncomp_sample" / "acasxu"
+    lines = ["| ACAS Xu instance | CPU verdict | CPU (s) | CUDA verdict | CUDA (s) |", "|---|---|---|---|---|"]
+    with (root / "instances.csv").open() as fh:
+        rows = [r for r in csv.reader(fh) if r][:6]
+    nets: dict[tuple[str, str], Network] = {}
+    for onnx, vnnlib, timeout in rows:
+        cells = []
+        for device in ("cpu", "cuda"):
+            net = nets.setdefault((onnx, device), Network.from_onnx(root / onnx, device=device))
+            res = verify(net, root / vnnlib, timeout=float(timeout))
+            cells += [res.verdict, f"{res.time_s:.2f}"]
+        lines.append(f"| {Path(onnx).stem} {Path(vnnlib).stem} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    train, test = load_digits_dataset(train_limit=512, test_limit=128)
+    lines += ["", "| training (digits_cnn, crown-ibp, 1 epoch of 512) | loss | verified err (IBP) | time (s) |",
+              "|---|---|---|---|"]
+    for device in ("cpu", "cuda"):
+        cfg = TrainConfig(method="crown-ibp", eps=0.05, epochs=1, batch_size=64, schedule="fixed", warmup_epochs=0,
+                          eval_methods=("ibp",), eval_pgd_steps=0, progress=False, device=device)
+        start = time.perf_counter()
+        last = Trainer(build_digit_model("digits_cnn", seed=0), train, test, cfg).fit().history[-1]
+        lines.append(f"| {device} | {last['loss']:.6f} | {last['verified_err_ibp']:.4f} | "
+                     f"{time.perf_counter() - start:.2f} |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 if __name__ == "__main__":

@@ -167,6 +167,8 @@ def test_bad_method_exits_with_a_clear_error(capsys):
     (["--input", "missing.npy"], "no such input file"),
     (["--samples", "1000"], "asked for 1000 samples"),
     (["--eps", "-1"], "--eps must be >= 0"),
+    (["--device", "quantum"], "--device"),
+    *([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),
 ])
 def test_user_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -214,6 +216,11 @@ def test_onnx_model(tmp_path, capsys, monkeypatch):
 
     if not any(loaders._find_module(name) for name, _ in loaders.ONNX_IMPORTERS):
         pytest.skip("no ONNX importer in this tree yet")
-    assert main(["bounds", "--model", str(path), "--method", "IBP,CROWN", "--samples", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "ONNX model" in out and "summary over 2 samples" in out
+    runs = []
+    for device in ("cpu", "auto"):  # auto: CUDA when available (the graph's constants move there)
+        assert main(["bounds", "--model", str(path), "--method", "IBP,CROWN", "--samples", "2",
+                     "--device", device]) == 0
+        out = capsys.readouterr().out
+        assert "ONNX model" in out and "summary over 2 samples" in out
+        runs.append({m: row[2:] for m, row in summary(out).items()})  # widths and verified counts
+    assert runs[0] == runs[1]

@@ -233,6 +233,27 @@ def test_certify_local_and_resume(tmp_path, capsys):
     assert main(certify_argv(model, data, out, "crown,complete")) == 0
     second = capsys.readouterr().out
     assert "2 of 2 batches already done" in second and _table(second) == _table(first)
+    out.unlink()  # --device auto: CUDA when available, the same table
+    assert main(certify_argv(model, data, out, "crown,complete", "--device", "auto")) == 0
+    assert _table(capsys.readouterr().out) == _table(first)
+
+
+def test_certify_places_every_tensor_it_makes(tmp_path):
+    """Every certification method makes its tensors on the network's device (or explicitly on the
+    CPU): with ``meta`` as the default device, a tensor made without one would fail. The records are
+    those of a run without it."""
+    from boundprop.certify import CertifyOptions, ModelSource, certify_batch
+
+    model, data = certify_inputs(tmp_path)
+    arrays = np.load(data)
+    x, labels = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
+    source = ModelSource((1, 4), onnx=model.read_bytes(), name=str(model), device="cpu")
+    opts = CertifyOptions(eps=(0.15, 0.3), methods=("crown", "alpha-crown", "complete", "ibp"), timeout=5)
+    want = certify_batch(source, range(12), x, labels, opts)
+    with torch.device("meta"):
+        got = certify_batch(source, range(12), x, labels, opts)
+    assert [(r.index, r.eps, r.method, r.result) for r in got] == [(r.index, r.eps, r.method, r.result) for r in want]
+    assert {r.result for r in got} >= {"certified", "falsified", "misclassified"}
 
 
 @needs_ray

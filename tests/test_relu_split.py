@@ -12,7 +12,15 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from boundprop.bab import VerifierOptions, verify
 from boundprop.bab.chain import ChainBounder, ReluChain
-from boundprop.bab.relu_split import BetaCrown, Domains, SplitOptions, children, refine_intervals, split_search
+from boundprop.bab.relu_split import (
+    BetaCrown,
+    Domains,
+    SplitOptions,
+    children,
+    finish_with_lp,
+    refine_intervals,
+    split_search,
+)
 from boundprop.bab.verifier import load_network
 from boundprop.spec.vnnlib import Disjunct, Property, Region
 from boundprop.syncs import count_syncs, device_paths
@@ -216,6 +224,43 @@ def test_beta_tightens_and_children_cover():
     bounder.evaluate(kids)
     assert bool((kids.lower >= before.lower - 1e-6).all())
     assert bool((kids.lower >= root.lower - 1e-6).all())
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("pattern", ["of a point", "random"])
+def test_fully_split_domain_is_decided_by_its_lp(seed, pattern):
+    """A domain with every unstable neuron split is an LP: just below its exact minimum (MILP) it is
+    proved (an infeasible pattern is proved whatever the threshold), just above it a counterexample is
+    found. Run with tensors made without a device landing on ``meta``: only the LP itself may be on the
+    CPU."""
+    model, chain, lo, hi, a, _, l, u, _ = setup(seed, sizes=(4, 10, 10, 3))
+    g = torch.Generator().manual_seed(seed)
+    unstable = (l < 0) & (u > 0)
+    if pattern == "of a point":
+        x = lo + (hi - lo) * torch.rand(1, lo.numel(), generator=g, dtype=torch.float64)
+        sign = torch.where(pre_activations(chain, x)[0] >= 0, 1, -1)
+    else:
+        sign = torch.where(torch.rand(l.numel(), generator=g) < 0.5, -1, 1)
+    split = torch.where(unstable, sign, 0)
+    exact = milp_min(chain, a[0], 0.0, lo, hi, l, u, split)
+    assert exact is not None or pattern == "random"
+    gap = 1e-3 if exact is None else max(1e-3, 0.02 * abs(exact))
+    for offset, want in ((-gap, "unsat"), (gap, "unsat" if exact is None else "sat")):
+        b = torch.tensor([(0.0 if exact is None else exact) + offset], dtype=torch.float64)
+        bounder = BetaCrown(chain, a, b, lo, hi, torch.full((1,), 1e-6, dtype=torch.float64))
+        dom = domain(l, u, split)
+        found = []
+
+        def confirm(points, b=b, found=found):
+            ok = ((chain.forward(points) @ a.T - b) <= 0).all(1)
+            found.extend(points[ok])
+            return bool(ok.any())
+
+        with torch.device("meta"):
+            verdict = finish_with_lp(bounder, dom, confirm)
+        assert verdict == want, (exact, offset)
+        if verdict == "sat":
+            assert bool(((found[0] >= lo) & (found[0] <= hi)).all())
 
 
 def _search(chain, a, b, lo, hi, l, u, branching, seconds=90.0):

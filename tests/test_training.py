@@ -260,3 +260,37 @@ def test_ibp_init_keeps_initial_bounds_small():
         with torch.no_grad():
             losses[name] = float(robust_ce(capture_graphs(model, x, False), x, y, 0.1, "ibp", 10).mean())
     assert losses["ibp"] < 3.0 < 50.0 < losses["default"], losses
+
+
+@pytest.mark.parametrize("method,fusion", [("crown-ibp", True), ("pgd", False)])
+def test_training_places_every_tensor_it_makes(digits, method, fusion):
+    """Training and evaluation make their tensors on the model's device (random draws on the CPU,
+    then moved): with ``meta`` as the default device, a tensor made without one would fail here
+    instead of on a GPU. The run is the same as without the default device."""
+    train, test = digits
+    small = TensorDataset(*(t[:64] for t in train.tensors))
+    histories = []
+    for default in (None, "meta"):
+        model = build_digit_model("digits_cnn", seed=0)
+        cfg = TrainConfig(method=method, eps=0.05, epochs=1, batch_size=32, schedule="fixed", warmup_epochs=0,
+                          loss_fusion=fusion, eval_methods=("ibp", "crown-ibp"), eval_pgd_steps=2, eval_limit=32,
+                          pgd_steps=2, progress=False, device="cpu")
+        trainer = Trainer(model, small, test, cfg)
+        if default is None:
+            histories.append(trainer.fit().history)
+        else:
+            with torch.device(default):
+                histories.append(trainer.fit().history)
+    for a, b in zip(*histories):
+        for key in ("loss", "nat_ce", "robust_ce", "verified_err_ibp", "verified_err_crown-ibp", "pgd_err"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+
+
+def test_cli_train_device_errors(capsys):
+    argv = ["train", "--epochs", "1", "--train-limit", "8", "--device"]
+    for device, message in (("warp-drive", "--device"), ("cuda", "CUDA is not available")):
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit) as err:
+            cli_main([*argv, device])
+        assert err.value.code == 2 and message in capsys.readouterr().err

@@ -243,9 +243,11 @@ def test_cli_verify_small_model(tmp_path, capsys):
     prop = tmp_path / "p.vnnlib"
     prop.write_text(one_input_property("(>= Y_0 2)"))
     out = tmp_path / "r.txt"
-    assert main(["verify", str(model), str(prop), "--timeout", "20", "--result-file", str(out)]) == 0
-    assert out.read_text() == "unsat\n"
-    assert "result: unsat" in capsys.readouterr().out
+    for device in ("cpu", "auto"):  # auto: CUDA when available
+        assert main(["verify", str(model), str(prop), "--timeout", "20", "--result-file", str(out),
+                     "--device", device]) == 0
+        assert out.read_text() == "unsat\n"
+        assert "result: unsat" in capsys.readouterr().out
 
 
 def test_cli_verify_bad_files(tmp_path, capsys):
@@ -267,6 +269,9 @@ def test_cli_verify_bad_files(tmp_path, capsys):
                    "(assert (>= X_0 0))\n(assert (<= X_0 1))\n(assert (>= X_1 0))\n(assert (<= X_1 1))\n"
                    "(assert (>= Y_0 0))\n")
     cases.append(([str(model), str(two)], "declares 2 inputs"))
+    cases.append(([str(model), str(prop), "--device", "tpu-of-dreams"], "--device"))
+    if not torch.cuda.is_available():
+        cases.append(([str(model), str(prop), "--device", "cuda"], "CUDA is not available"))
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:
             main(["verify", *argv])
@@ -366,3 +371,50 @@ def test_attack_finds_the_minimum_without_host_reads_per_step():
     torch.testing.assert_close(x, torch.tensor([[0.25], [0.5]]), atol=1e-2, rtol=0)
     assert bool((v >= 0).all())
     assert c.total == 0, c.reads
+
+
+_TWO_INPUTS = "(declare-const X_0 Real)\n(declare-const X_1 Real)\n(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n"
+
+
+@pytest.mark.parametrize("case,model,condition,box,options,expected", [
+    ("chain search", "relu", "(or (and (>= Y_0 0.7) (>= Y_1 0.1)) (and (<= Y_0 -0.01)))", None, {}, "unsat"),
+    ("pinned input", "relu", "(>= Y_0 0.6)", ((0, 1), (0.5, 0.5)), {}, "unsat"),
+    ("counterexample", "relu", "(and (>= Y_0 0.9) (<= Y_1 0))", None, {}, "sat"),
+    ("graph search", "sigmoid", "(>= Y_0 0.74)", None, {}, "unsat"),
+    ("ReLU splits", "relu", "(and (>= Y_0 0.5) (>= Y_1 0.5))", None, {"max_input_split_dims": 0}, "unsat"),
+    ("root bound", "sigmoid", "(>= Y_0 0.74)", None, {"max_input_split_dims": 0}, "unsat"),
+    ("ACAS Xu", "acas", None, None, {}, "unsat"),
+])
+def test_verifier_places_every_tensor_it_makes(tmp_path, case, model, condition, box, options, expected):
+    """Every path of the verifier makes its tensors on the network's device (or, for the LPs and the
+    counterexample check, explicitly on the CPU): run with the default device set to ``meta``, a
+    tensor made without a device would be a meta tensor and fail the first time it meets a real one.
+    This is how the CUDA paths are checked on a machine without a GPU."""
+    if model == "acas":
+        net, prop = Network.from_onnx(ACAS / ACAS_CASES[2][0]), read_vnnlib(ACAS / ACAS_CASES[2][1])
+    else:
+        if model == "relu":
+            net = Network.from_onnx(relu_model(tmp_path / "relu.onnx"))
+            (a0, a1), (b0, b1) = box or ((0, 1), (0, 1))
+            text = _TWO_INPUTS + (f"(assert (>= X_0 {a0}))\n(assert (<= X_0 {a1}))\n"
+                                  f"(assert (>= X_1 {b0}))\n(assert (<= X_1 {b1}))\n")
+        else:
+            net = Network.from_onnx(sigmoid_model(tmp_path / "sig.onnx"))
+            text = one_input_property("true").replace("(assert true)\n", "")
+        prop = parse_vnnlib(text + f"(assert {condition})\n")
+    assert net.device == torch.device("cpu")
+    with torch.device("meta"):
+        result = verify(net, prop, timeout=60, options=VerifierOptions(**options))
+    assert result.verdict == expected, case
+    if expected == "sat":
+        x, y = result.counterexample
+        assert x.device.type == "cpu" and y.device.type == "cpu"
+
+
+def test_network_device_follows_the_module_or_the_option():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    net = boundprop.bab.verifier.load_network(model, (1, 2))
+    assert net.device == torch.device("cpu") and net.chain.weights[0].device == net.device
+    assert boundprop.bab.verifier.load_network(net, device="cpu") is net
+    with pytest.raises(ValueError, match="built for cpu"):
+        boundprop.bab.verifier.load_network(net, device="meta")

@@ -64,12 +64,14 @@ class CertifyOptions:
 class ModelSource:
     """The model in a form any process can rebuild: an ``nn.Module`` or the bytes of an ONNX file.
 
-    ``input_shape`` is ``(1, *sample shape)``. ``token`` names this model in the per-process cache."""
+    ``input_shape`` is ``(1, *sample shape)``; ``device`` is where the network is built (bounds and
+    searches run there). ``token`` names this model in the per-process cache."""
 
     input_shape: tuple[int, ...]
     module: Any = None
     onnx: bytes | None = None
     name: str = "model"
+    device: str = "cpu"
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def network(self) -> Any:
@@ -79,11 +81,11 @@ class ModelSource:
             if self.onnx is not None:
                 from .distributed.ray_bench import network_from_bytes
 
-                net = network_from_bytes(self.name, self.onnx)
+                net = network_from_bytes(self.name, self.onnx, self.device)
             else:
                 from .bab.verifier import load_network
 
-                net = load_network(self.module, tuple(self.input_shape))
+                net = load_network(self.module, tuple(self.input_shape), device=self.device)
             _NETWORKS.clear()  # one model at a time
             _NETWORKS[self.token] = net
         return net
@@ -138,16 +140,16 @@ def margin_property(x: torch.Tensor, label: int, n_out: int, eps: float, clip: t
     over the L-inf ball of radius ``eps`` around ``x`` (clipped): ``unsat`` means robust."""
     from .spec.vnnlib import Disjunct, Property, Region
 
-    flat = x.reshape(-1).double()
+    flat = x.reshape(-1).to("cpu", torch.float64)  # properties live on the host, as parsed ones do
     lower, upper = flat - eps, flat + eps
     if clip is not None:
         lower, upper = lower.clamp(clip[0], clip[1]), upper.clamp(clip[0], clip[1])
     disjuncts = []
     for j in range(n_out):
         if j != label:
-            row = torch.zeros(1, n_out, dtype=torch.float64)
+            row = torch.zeros(1, n_out, dtype=torch.float64, device="cpu")
             row[0, label], row[0, j] = 1.0, -1.0  # y_label - y_j <= 0
-            disjuncts.append(Disjunct(row, torch.zeros(1, dtype=torch.float64)))
+            disjuncts.append(Disjunct(row, torch.zeros(1, dtype=torch.float64, device="cpu")))
     return Property(flat.numel(), n_out, [Region(lower, upper, disjuncts)], "margin")
 
 
@@ -160,7 +162,7 @@ def certify_batch(source: ModelSource, indices: Sequence[int], x: torch.Tensor, 
         torch.set_num_threads(threads)
     net = source.network()
     indices = [int(i) for i in indices]
-    labels = labels.reshape(-1).long()
+    x, labels = x.to(net.device), labels.reshape(-1).long().to(net.device)
     out: list[Record] = []
     with torch.no_grad():
         logits = net.forward(x.reshape(x.shape[0], -1).to(net.dtype))

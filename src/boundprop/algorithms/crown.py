@@ -143,7 +143,7 @@ def coefficient_budget(state: PropagationState, dtype: torch.dtype = torch.float
     (default 2**25), lowered to :data:`FAST_BYTES` (:data:`FAST_PATCH_BYTES` for patch form) worth."""
     budget = int(state.opts.get("max_coefficient_elements", 2**25))
     fast = FAST_PATCH_BYTES if patches else FAST_BYTES
-    return max(1, min(budget, fast // torch.empty((), dtype=dtype).element_size()))
+    return max(1, min(budget, fast // dtype.itemsize))
 
 
 def spec_chunk_size(state: PropagationState, start: str) -> int:
@@ -206,7 +206,7 @@ def crown_interval(state: PropagationState, name: str, rows: torch.Tensor | None
     batch = state.batch_size
     flat_l, flat_u = old.lower.reshape(batch, -1), old.upper.reshape(batch, -1)
     n = flat_l.shape[1]
-    index = torch.arange(n) if rows is None else rows
+    index = torch.arange(n, device="cpu") if rows is None else rows  # on the host, as rows are
     if index.numel() == 0:
         return old
     new_l, new_u = flat_l.clone(), flat_u.clone()

@@ -33,8 +33,8 @@ def pgd_attack(fn: Callable[[torch.Tensor], torch.Tensor], lower: torch.Tensor, 
     batch = lower.shape[0]
     width = upper - lower
     # drawn on the CPU (where ``generator`` lives), then moved to the boxes' device
-    starts = [lower + width / 2] + [lower + width * torch.rand(lower.shape, generator=generator,
-                                                               dtype=lower.dtype).to(lower.device)
+    starts = [lower + width / 2] + [lower + width * torch.rand(lower.shape, generator=generator, dtype=lower.dtype,
+                                                               device="cpu").to(lower.device)
                                     for _ in range(max(0, restarts - 1))]
     x = torch.cat(starts)  # (restarts * batch, *shape)
     lo = lower.repeat(len(starts), *[1] * (lower.dim() - 1))

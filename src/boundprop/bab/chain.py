@@ -57,6 +57,10 @@ class ReluChain:
     def n_inputs(self) -> int:
         return self.weights[0].shape[1]
 
+    def to(self, device: torch.device | str) -> ReluChain:
+        """The chain with its matrices on ``device``."""
+        return ReluChain([w.to(device) for w in self.weights], [c.to(device) for c in self.biases])
+
     @property
     def n_relu_layers(self) -> int:
         return len(self.weights) - 1
@@ -92,7 +96,8 @@ def extract_relu_chain(graph: Graph, input_shape: tuple[int, ...] | None = None,
                        max_entries: int = MAX_ENTRIES) -> ReluChain | None:
     """The graph as a :class:`ReluChain`, or None when it is not one (or too large to densify).
 
-    ``input_shape``: the input's shape, batch first (default: the graph's example shape).
+    ``input_shape``: the input's shape, batch first (default: the graph's example shape). The chain
+    is built where the graph's parameters are (see :meth:`ReluChain.to`).
     """
     from ..algorithms.state import make_state
     from ..perturbation import PerturbationLpNorm
@@ -101,8 +106,9 @@ def extract_relu_chain(graph: Graph, input_shape: tuple[int, ...] | None = None,
         return None
     shape = tuple(input_shape or graph.input_shapes[0])
     params = _params64(graph)
+    device = next((v.device for v in params.values() if torch.is_tensor(v)), torch.device("cpu"))
     try:
-        x0 = torch.zeros((1, *shape[1:]), dtype=torch.float64)
+        x0 = torch.zeros((1, *shape[1:]), dtype=torch.float64, device=device)
         state = make_state(graph, (x0,), {graph.inputs[0]: PerturbationLpNorm(x_L=x0, x_U=x0)}, params)
         relus = []
         for node in graph.nodes:
@@ -159,7 +165,7 @@ def _run_segment(graph: Graph, nodes: list, source: str, target: str, x: torch.T
                  params: dict) -> torch.Tensor:
     """``target`` with ``source`` set to ``x`` (batch first); the other values (constants, shapes) come
     from the whole graph run on zeros of the same batch size."""
-    env = evaluate(graph, (torch.zeros(x.shape[0], *input_shape[1:], dtype=torch.float64),), params)
+    env = evaluate(graph, (x.new_zeros(x.shape[0], *input_shape[1:]),), params)
     env[source] = x
     for node in nodes:
         env[node.name] = run_node(node, env)
@@ -170,12 +176,15 @@ def _densify(graph: Graph, nodes: list, source: str, target: str, shape: torch.S
              params: dict):
     """``(W, c)`` of the affine segment, from its values at 0 and the basis vectors; checked at random points."""
     n = int(math.prod(shape))
-    basis = torch.cat([torch.zeros(1, n, dtype=torch.float64), torch.eye(n, dtype=torch.float64)])
+    device = next((v.device for v in params.values() if torch.is_tensor(v)), torch.device("cpu"))
+    basis = torch.cat([torch.zeros(1, n, dtype=torch.float64, device=device),
+                       torch.eye(n, dtype=torch.float64, device=device)])
     with torch.no_grad():
         out = _run_segment(graph, nodes, source, target, basis.reshape(n + 1, *shape), input_shape, params)
         c = out[0].clone()
         W = (out[1:] - c).T.contiguous()
-        probe = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+        probe = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0), device="cpu")
+        probe = probe.to(device) * 3
         got = _run_segment(graph, nodes, source, target, probe.reshape(3, *shape), input_shape, params)
     want = probe @ W.T + c
     scale = 1.0 + want.abs().max() + W.abs().sum(1).max()
@@ -291,16 +300,16 @@ class ChainBounder:
                     u = u.clone()
                     l[box, neuron] = torch.maximum(l[box, neuron], value[:m])
                     u[box, neuron] = torch.minimum(u[box, neuron], -value[m:])
-                    spread = torch.zeros(batch, l.shape[1], lo.shape[1], dtype=lo.dtype)
+                    spread = lo.new_zeros(batch, l.shape[1], lo.shape[1])
                     spread[box, neuron] = (g[:m].abs() + g[m:].abs()) * radius[box]
                     spreads.append(spread)
                 else:
-                    spreads.append(torch.zeros(batch, l.shape[1], lo.shape[1], dtype=lo.dtype))
+                    spreads.append(lo.new_zeros(batch, l.shape[1], lo.shape[1]))
             u = torch.maximum(u, l)  # rounding can cross them on (near-)degenerate boxes
             pre.append((l, u))
             relax.append(self._relax(l, u))
         rows = self.rows
-        box = torch.arange(batch).repeat_interleave(rows)
+        box = torch.arange(batch, device=lo.device).repeat_interleave(rows)
         mu = self.spec_W.repeat(batch, 1)
         bias = self.spec_c.repeat(batch)
         record: list[torch.Tensor] = []
@@ -334,14 +343,14 @@ class ChainBounder:
         center, radius = (lo + hi) / 2, (hi - lo) / 2
         relax = [self._relax(l, u) for l, u in pre]
         unstable = [(l < 0) & (u > 0) for l, u in pre]
-        box = torch.arange(batch).repeat_interleave(n_groups)
+        box = torch.arange(batch, device=lo.device).repeat_interleave(n_groups)
         member = torch.nn.functional.one_hot(groups, n_groups).T.to(lo.dtype)  # (G, rows)
-        logits = torch.zeros(batch, n_groups, rows, dtype=lo.dtype).masked_fill(member.unsqueeze(0) == 0, -torch.inf)
+        logits = lo.new_zeros(batch, n_groups, rows).masked_fill(member.unsqueeze(0) == 0, -torch.inf)
         alphas = [r[0][box].clone() for r in relax]  # (batch * G, n_i), start from the adaptive slopes
         free = [m[box] for m in unstable]
         params = [logits.requires_grad_(True)] + [a.requires_grad_(True) for a in alphas]
         adam = Adam(params, lr)
-        best = torch.full((batch, n_groups), -torch.inf, dtype=lo.dtype)
+        best = lo.new_full((batch, n_groups), -torch.inf)
         if row_lower is not None:
             best = best.scatter_reduce(1, groups.expand(batch, -1), row_lower, reduce="amax")
         for step in range(iterations + 1):

@@ -146,8 +146,8 @@ class BetaCrown:
                  margin: torch.Tensor | None = None, groups: torch.Tensor | None = None) -> None:
         self.chain = chain
         self.A, self.b = A.double(), b.double()
-        self.margin = torch.zeros(A.shape[0], dtype=torch.float64) if margin is None else margin.double()
-        self.groups = torch.arange(A.shape[0]) if groups is None else groups
+        self.margin = A.new_zeros(A.shape[0], dtype=torch.float64) if margin is None else margin.double()
+        self.groups = torch.arange(A.shape[0], device=A.device) if groups is None else groups
         W, c = chain.weights[-1], chain.biases[-1]
         spec_W, spec_c = A.double() @ W, A.double() @ c - b.double()
         self.rows = A.shape[0]
@@ -215,7 +215,7 @@ class BetaCrown:
         alpha = dom.alpha.clone().requires_grad_(True)
         beta = dom.beta.clone().requires_grad_(True)
         best_a, best_b = dom.alpha.clone(), dom.beta.clone()
-        best = torch.full((len(dom),), -torch.inf)
+        best = dom.alpha.new_full((len(dom),), -torch.inf)
         adam_a, adam_b = Adam([alpha], lr_alpha), Adam([beta], lr_beta)
         goal = (self.margin_of(dom) if target is None else target).float() + 1e-4
         goal = goal.expand(len(dom), dom.done.shape[1])
@@ -267,14 +267,14 @@ def _per_domain(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def children(dom: Domains, neuron: torch.Tensor) -> Domains:
     """Both children of each domain split on ``neuron`` ``(D,)``: first all ``z <= 0``, then all ``z >= 0``."""
     D = len(dom)
-    idx = torch.arange(D)
+    idx = torch.arange(D, device=dom.l.device)
     parts = []
     for sign in (-1, 1):
         l, u, split, beta = dom.l.clone(), dom.u.clone(), dom.split.clone(), dom.beta.clone()
         if sign < 0:
-            u[idx, neuron] = torch.minimum(u[idx, neuron], torch.zeros(()))
+            u[idx, neuron] = u[idx, neuron].clamp_max(0)
         else:
-            l[idx, neuron] = torch.maximum(l[idx, neuron], torch.zeros(()))
+            l[idx, neuron] = l[idx, neuron].clamp_min(0)
         split[idx, neuron] = sign
         beta[idx, :, neuron] = 0.0
         parts.append(Domains(l, u, split, dom.alpha.clone(), beta, dom.done.clone(), rows=dom.rows))
@@ -322,14 +322,14 @@ def choose_neurons(bounder: BetaCrown, dom: Domains, opts: SplitOptions) -> torc
     k = min(opts.fsb_candidates, dom.score.shape[1])
     top = dom.score.topk(k, 1)
     D = len(dom)
-    rep = dom.take(torch.arange(D).repeat_interleave(k))
+    rep = dom.take(torch.arange(D, device=dom.score.device).repeat_interleave(k))
     cand = top.indices.reshape(-1)
     kids = children(rep, cand)
     value, _, _ = bounder.walk(kids.l, kids.u, kids.split, kids.alpha, kids.beta, torch.float32, rows=kids.rows)
     worth = torch.where(kids.done, torch.inf, value).amax(1).reshape(2, D, k).amin(0)
     worth = torch.where(top.values.reshape(D, k) >= 0, worth, torch.full_like(worth, -torch.inf))  # stable: never
     pick = worth.argmax(1)
-    return top.indices[torch.arange(D), pick]
+    return top.indices[torch.arange(D, device=pick.device), pick]
 
 
 @dataclass
@@ -362,8 +362,8 @@ def split_search(bounder: BetaCrown, root: Domains, deadline: float, opts: Split
             d = stack.pop()
             if count + len(d) > batch_size:
                 keep = batch_size - count
-                stack.append(d.take(torch.arange(keep, len(d))))
-                d = d.take(torch.arange(keep))
+                stack.append(d.take(torch.arange(keep, len(d), device=d.l.device)))
+                d = d.take(torch.arange(keep, device=d.l.device))
             parts.append(d)
             count += len(d)
         n_open -= count
@@ -371,7 +371,7 @@ def split_search(bounder: BetaCrown, root: Domains, deadline: float, opts: Split
         has = (parents.score >= 0).any(1)
         if not bool(has.all()):  # every neuron fixed: the domain is a polytope, solve its LP
             for i in (~has).nonzero().flatten().tolist():
-                status = finish_with_lp(bounder, parents.take(torch.tensor([i])), confirm)
+                status = finish_with_lp(bounder, parents.take(torch.tensor([i], device=has.device)), confirm)
                 if status == "sat":
                     return SplitOutcome("sat", stats)
                 stuck = stuck or status != "unsat"  # still open: the answer cannot be unsat
@@ -381,7 +381,7 @@ def split_search(bounder: BetaCrown, root: Domains, deadline: float, opts: Split
         neuron = choose_neurons(bounder, parents, opts)
         kids = children(parents, neuron)
         if opts.refine_rows > 0:
-            layer = torch.bucketize(neuron, torch.tensor(bounder.offsets[1:]), right=True)
+            layer = torch.bucketize(neuron, torch.tensor(bounder.offsets[1:], device=neuron.device), right=True)
             stats["refine_rows"] += refine_intervals(bounder, kids, layer.repeat(2), opts.refine_rows, deadline)
         bounder.optimise(kids, opts.iterations, opts.lr_alpha, opts.lr_beta, deadline=deadline)
         x = bounder.evaluate(kids)
@@ -414,11 +414,14 @@ def finish_with_lp(bounder: BetaCrown, dom: Domains, confirm) -> str:
     infeasible, the multipliers of the LP ``max s: sigma_j z_j(x) >= s`` (optimum ``s* < 0``)
     scaled up make the bound arbitrarily large. Either way the unsat decision rests on the float64
     walk with those betas (valid for any beta >= 0), never on the LP solver; an LP optimum below
-    the margin gives its minimiser as a candidate counterexample."""
+    the margin gives its minimiser as a candidate counterexample. The LPs are built and solved on
+    the CPU; the deciding walk runs on the domain's device."""
     from scipy.optimize import linprog
 
-    Ws, cs, spec_W, spec_c, _, _, lo, hi = bounder.data[torch.float64]
-    l, split = dom.l[0], dom.split[0]
+    device = dom.l.device
+    Ws, cs, spec_W, spec_c, _, _, lo, hi = (t.cpu() if torch.is_tensor(t) else [w.cpu() for w in t]
+                                            for t in bounder.data[torch.float64])
+    l, split = dom.l[0].cpu(), dom.split[0].cpu()
     P, q = Ws[0].T, cs[0]  # z_1 = x P + q
     rows_A, rows_b, idx = [], [], []
     for k in range(len(Ws)):
@@ -436,18 +439,19 @@ def finish_with_lp(bounder: BetaCrown, dom: Domains, confirm) -> str:
     if not A_ub.shape[0]:
         A_ub, b_ub = np.zeros((1, lo.numel())), np.zeros(1)  # no split: a trivial constraint
     box = list(zip(lo.tolist(), hi.tolist()))
-    beta = dom.beta.clone()
-    margin = bounder.margin_of(dom)[0]
-    row_ids = torch.arange(dom.done.shape[1]) if dom.rows is None else dom.rows[0]
+    beta = dom.beta.to("cpu", copy=True)
+    margin = bounder.margin_of(dom)[0].cpu()
+    done = dom.done[0].cpu()
+    row_ids = torch.arange(dom.done.shape[1], device="cpu") if dom.rows is None else dom.rows[0].cpu()
     for r, row in enumerate(row_ids.tolist()):
-        if bool(dom.done[0, r]):
+        if bool(done[r]):
             continue
         res = linprog(G[:, row].numpy(), A_ub=A_ub, b_ub=b_ub, bounds=box, method="highs")
         if res.status == 0:
             beta[0, r, idx] = torch.from_numpy(-res.ineqlin.marginals).float().clamp_min(0)
             if res.fun + float(g0[row]) <= float(margin[r]):
-                x = torch.from_numpy(res.x).double().clamp(lo, hi).reshape(1, 1, -1)
-                if _check(bounder, x, torch.zeros(1, 1), confirm):
+                x = torch.from_numpy(res.x).double().clamp(lo, hi).reshape(1, 1, -1).to(device)
+                if _check(bounder, x, x.new_zeros(1, 1), confirm):
                     return "sat"
         elif res.status == 2:  # infeasible: max s subject to sigma_j z_j(x) >= s
             A_s = np.concatenate([A_ub, np.ones((A_ub.shape[0], 1))], 1)
@@ -459,9 +463,9 @@ def finish_with_lp(bounder: BetaCrown, dom: Domains, confirm) -> str:
             lam = torch.from_numpy(-feas.ineqlin.marginals).clamp_min(0)
             spread = float((G[:, row].abs() * (hi - lo)).sum() + g0[row].abs()) + 1.0
             beta[0, r, idx] = (lam * 4 * spread / feas.fun).float()
-    trial = Domains(dom.l, dom.u, dom.split, dom.alpha, beta, dom.done, rows=dom.rows)
+    trial = Domains(dom.l, dom.u, dom.split, dom.alpha, beta.to(device), dom.done, rows=dom.rows)
     bounder.evaluate(trial)
-    return "unsat" if bool((trial.done | (trial.lower > margin)).any()) else "unknown"
+    return "unsat" if bool((trial.done | (trial.lower > margin.to(device))).any()) else "unknown"
 
 
 def _check(bounder: BetaCrown, x: torch.Tensor, lower: torch.Tensor, confirm) -> bool:
@@ -524,9 +528,9 @@ def relu_split_region(net: Any, region: Any, A: torch.Tensor, b: torch.Tensor, g
         value = getattr(opts, f"relu_split_{name}", None)
         if value is not None:
             setattr(sopts, name, value)
-    lower = region.lower.to(torch.float64)
-    upper = region.upper.to(torch.float64)
-    free = region.upper > region.lower
+    lower = region.lower.to(net.device, torch.float64)
+    upper = region.upper.to(net.device, torch.float64)
+    free = (region.upper > region.lower).to(net.device)
     fixed = lower.clone()
     if not bool(free.all()):
         chain = restrict_chain(chain, free, lower)
@@ -568,8 +572,9 @@ def relu_split_region(net: Any, region: Any, A: torch.Tensor, b: torch.Tensor, g
     l0 = torch.cat([pl for pl, _ in pre]).expand(D, -1).clone()
     u0 = torch.cat([pu for _, pu in pre]).expand(D, -1).clone()
     bounder = BetaCrown(chain, A, b, lo, hi, margin, groups)
-    root = Domains(l0, u0, torch.zeros_like(l0, dtype=torch.int8), (u0 > -l0).float().unsqueeze(1).repeat(1, R, 1),
-                   torch.zeros(D, R, l0.shape[1]), torch.zeros(D, R, dtype=torch.bool), rows=rows)
+    alpha = (u0 > -l0).float().unsqueeze(1).repeat(1, R, 1)
+    root = Domains(l0, u0, torch.zeros_like(l0, dtype=torch.int8), alpha, torch.zeros_like(alpha),
+                   l0.new_zeros(D, R, dtype=torch.bool), rows=rows)
     bounder.optimise(root, sopts.root_iterations, sopts.lr_alpha, sopts.lr_beta, deadline=deadline)
     x = bounder.evaluate(root)
     root.done = root.lower > bounder.margin_of(root)

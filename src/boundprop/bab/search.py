@@ -126,7 +126,7 @@ def _rows(extra: Any, index) -> Any:
 def refuted_groups(lower: torch.Tensor, margin: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
     """``(boxes, n_groups)``: disjuncts with some row provably above its margin."""
     proved = lower > margin
-    out = torch.zeros(lower.shape[0], n_groups, dtype=torch.bool)
+    out = torch.zeros(lower.shape[0], n_groups, dtype=torch.bool, device=lower.device)
     return out.scatter_reduce(1, groups.expand(lower.shape[0], -1), proved, reduce="amax")
 
 
@@ -143,7 +143,7 @@ def split_boxes(lo: torch.Tensor, hi: torch.Tensor, gain: torch.Tensor, row_open
     score = weight + 1e-9 * width * weight.amax(1, keepdim=True).clamp_min(1e-30)
     score = torch.where(width > 0, score, torch.full_like(score, -1.0))
     dim = score.argmax(1)
-    rows = torch.arange(lo.shape[0])
+    rows = torch.arange(lo.shape[0], device=lo.device)
     mid = (lo[rows, dim] + hi[rows, dim]) / 2
     left_hi, right_lo = hi.clone(), lo.clone()
     left_hi[rows, dim] = mid
@@ -256,7 +256,7 @@ class _Search:
             if time.perf_counter() - began > next_deep:
                 # the search is not quick: a wide attack on the whole region, again after 2x, 4x... the time
                 next_deep = 2 * next_deep + limits.deep_attack_after
-                points = self.attack(lower, upper, torch.zeros(1), limits.deep_attack_restarts, 30)
+                points = self.attack(lower, upper, lower.new_zeros(1), limits.deep_attack_restarts, 30)
                 self.stats["deep_attacks"] = self.stats.get("deep_attacks", 0) + 1
                 if points is not None and confirm(points):
                     return SearchOutcome("sat", points, self.stats)
@@ -344,7 +344,7 @@ class ChainSearch(_Search):
                                      self.n_groups, iterations, row_lower=lower[idx])
         self.stats["bound_s"] += time.perf_counter() - t
         # per disjunct: the optimised bound of a combination of its rows must clear the largest margin
-        group_margin = torch.zeros(self.n_groups, dtype=self.margin.dtype).scatter_reduce(
+        group_margin = self.margin.new_zeros(self.n_groups).scatter_reduce(
             0, self.groups, self.margin, reduce="amax")
         done = (best > group_margin).all(1)
         self.stats["optimised"] += idx.numel()
@@ -362,7 +362,7 @@ class ChainSearch(_Search):
         low = lower[idx]
         rows = self.groups.expand(idx.numel(), -1)
         centre = self.forward((lo[idx] + hi[idx]) / 2) @ self.A.T - self.b
-        best = torch.full((idx.numel(), self.n_groups), -torch.inf, dtype=low.dtype).scatter_reduce(
+        best = low.new_full((idx.numel(), self.n_groups), -torch.inf).scatter_reduce(
             1, rows, low, reduce="amax")
         at_centre = torch.full_like(best, -torch.inf).scatter_reduce(1, rows, centre, reduce="amax")
         ratio = -best / (at_centre - best).clamp_min(1e-30)

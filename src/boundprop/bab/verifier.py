@@ -36,6 +36,13 @@ Soundness guards:
   float32 as VNN-COMP's checker does -- and satisfies the property with no tolerance;
 * a box that shrinks to a single input without being refuted makes the answer ``unknown``, never
   ``unsat``; the clock is checked between batches, and past the deadline the answer is ``timeout``.
+
+Devices: a :class:`Network` runs its bounds, searches and attacks on one device (the CPU by
+default; ``VerifierOptions.device`` or ``--device cuda``). Every tensor is made on it, except the
+linear programs of :func:`~boundprop.bab.relu_split.finish_with_lp` (scipy, on the CPU) and the
+counterexample check; ``tests/test_verifier.py`` runs every path with ``meta`` as the default
+device, so that a tensor made without a device fails there instead of on a GPU. Random draws use
+the CPU's generator whatever the device, so verdicts do not depend on it.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ from typing import Any
 
 import torch
 
-from ..graph.ir import Graph, ParamSource, evaluate
+from ..devices import module_device, resolve_device
+from ..graph.ir import Graph, evaluate
 from ..spec.vnnlib import Property, Region, read_vnnlib
 from .attack import pgd_attack, violation
 from .chain import MAX_ENTRIES, ReluChain, extract_relu_chain, restrict_chain
@@ -97,19 +105,12 @@ class VerifierOptions:
     seed: int = 0
     relu_split: bool = True  # regions too wide to split inputs: ReLU-split BaB (:mod:`boundprop.bab.relu_split`)
     branching: str = "babsr"  # its neuron choice: "babsr" or "fsb"
-
-
-def graph_to_dtype(graph: Graph, dtype: torch.dtype) -> Graph:
-    """A copy of an imported graph with every floating constant cast to ``dtype``."""
-    params = {name: ParamSource(src.qualname, src.kind,
-                                src.constant.to(dtype) if src.constant is not None and src.constant.is_floating_point()
-                                else src.constant)
-              for name, src in graph.params.items()}
-    return Graph(graph.nodes, graph.inputs, params, graph.output, graph.module, graph.input_shapes)
+    device: str | None = None  # where bounds and searches run; None: the model's (an ONNX file's: cpu)
 
 
 class _Checker:
-    """Re-evaluates candidates on the original model (onnxruntime for ONNX files)."""
+    """Re-evaluates candidates on the original model (onnxruntime for ONNX files). Counterexamples are
+    checked and returned on the CPU, whatever device the search runs on."""
 
     def __init__(self, onnx_source: Path | bytes | None, graph: Graph, input_shape: tuple[int, ...]) -> None:
         self.input_shape = input_shape
@@ -127,19 +128,21 @@ class _Checker:
             self.input_name = self.session.get_inputs()[0].name
 
     def outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Outputs (flattened, float64) of the original model at one input ``x`` (any shape, n entries)."""
+        """Outputs (flattened, float64, on the CPU) of the original model at one input ``x`` (any shape,
+        n entries)."""
+        x = x.reshape(1, *self.input_shape[1:]).to(torch.float32)
         if self.session is not None:
-            feed = x.reshape(1, *self.input_shape[1:]).to(torch.float32).numpy()
+            feed = x.cpu().numpy()
             return torch.from_numpy(self.session.run(None, {self.input_name: feed})[0]).reshape(-1).double()
         with torch.no_grad():
-            value = evaluate(self.graph, (x.reshape(1, *self.input_shape[1:]).to(torch.float32),))[self.graph.output]
-        return value.reshape(-1).double()
+            value = evaluate(self.graph, (x.to(module_device(self.graph) or x.device),))[self.graph.output]
+        return value.reshape(-1).double().cpu()
 
     def confirm(self, x: torch.Tensor, region: Region) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(x, y)`` when the model's outputs ``y`` at ``x`` (clipped into the box, float64) satisfy some
         disjunct exactly. The model runs on ``x`` cast to float32, as VNN-COMP's checker runs it; ``x``
         itself stays in the box exactly (a float32 value may not: a pinned input ``0.1 <= X_0 <= 0.1``)."""
-        x64 = torch.minimum(torch.maximum(x.reshape(-1).double(), region.lower), region.upper)
+        x64 = torch.minimum(torch.maximum(x.reshape(-1).to("cpu", torch.float64), region.lower), region.upper)
         y = self.outputs(x64.to(torch.float32))
         for d in region.disjuncts:
             if bool((d.A @ y <= d.b).all()):
@@ -150,25 +153,32 @@ class _Checker:
 class Network:
     """A model ready for verification: the graph (float64 copy for bounds), its ReLU chain if it is
     one, and the checker of counterexamples. Build once per model and reuse (``boundprop bench``
-    keeps one per ONNX file)."""
+    keeps one per ONNX file).
+
+    ``device``: where bounds, searches and attacks run (see :func:`resolve_device`); by default the
+    device of a module's parameters, the CPU for an ONNX file. The checker runs the original model
+    where it is (onnxruntime on the CPU for ONNX) and returns counterexamples on the CPU."""
 
     def __init__(self, graph: Graph, input_shape: tuple[int, ...], onnx_source: Path | bytes | None = None,
-                 float64: bool = True) -> None:
+                 float64: bool = True, device: str | torch.device | None = None) -> None:
         self.graph = graph
         self.input_shape = tuple(input_shape)
         self.n_inputs = int(math.prod(self.input_shape[1:]))
         self.dtype = torch.float64 if float64 else torch.float32
-        self.bound_graph = graph_to_dtype(graph, self.dtype)
+        #: where bounds, searches and attacks run (the checker runs the original model where it is)
+        self.device = resolve_device(device, module_device(graph))
+        self.bound_graph = graph.to(self.device, self.dtype)
         # a captured module's parameters are read live from it: bounds use float64 copies
         self.params: dict[str, Any] | None = None
         if graph.module is not None:
-            self.params = {name: v.detach().to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+            self.params = {name: v.detach().to(self.device, self.dtype) if torch.is_tensor(v) and v.is_floating_point()
+                           else v.to(self.device) if torch.is_tensor(v) else v
                            for name, v in graph.param_values().items()}
         self.checker = _Checker(onnx_source, graph, self.input_shape)
         self._chains: dict[int, ReluChain | None] = {}  # extracted chains by their max_entries
 
     @classmethod
-    def from_onnx(cls, path: str | Path, float64: bool = True) -> Network:
+    def from_onnx(cls, path: str | Path, float64: bool = True, device: str | torch.device | None = None) -> Network:
         """Import an ``.onnx`` (or gzipped ``.onnx.gz``) file."""
         from .. import load_onnx
 
@@ -184,7 +194,7 @@ class Network:
             graph = load_onnx(onnx.load_model_from_string(source))
         else:
             graph = load_onnx(path)
-        return cls(graph, tuple(graph.input_shapes[0]), source, float64)
+        return cls(graph, tuple(graph.input_shapes[0]), source, float64, device)
 
     @property
     def chain(self) -> ReluChain | None:
@@ -199,33 +209,40 @@ class Network:
             if (chain is not None and limit <= max_entries) or (chain is None and limit >= max_entries):
                 return chain
         chain = extract_relu_chain(self.graph, self.input_shape, max_entries=max_entries)
+        if chain is not None:
+            chain = chain.to(self.device)
         self._chains[max_entries] = chain
         return chain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Outputs ``(n, n_out)`` at flattened inputs ``(n, n_in)`` in the bound dtype."""
+        """Outputs ``(n, n_out)`` at flattened inputs ``(n, n_in)`` in the bound dtype, on the network's device."""
+        x = x.to(self.device, self.dtype)
         chain = next((c for c in self._chains.values() if c is not None), None)
         if chain is not None and self.dtype == torch.float64:  # extracted for branch and bound
-            return chain.forward(x.double())
-        x = x.to(self.dtype).reshape(-1, *self.input_shape[1:])
+            return chain.forward(x)
+        x = x.reshape(-1, *self.input_shape[1:])
         return evaluate(self.bound_graph, (x,), self.params)[self.bound_graph.output].reshape(x.shape[0], -1)
 
 
-def load_network(model: Any, input_shape: tuple[int, ...] | None = None, float64: bool = True) -> Network:
+def load_network(model: Any, input_shape: tuple[int, ...] | None = None, float64: bool = True,
+                 device: str | torch.device | None = None) -> Network:
     """A :class:`Network` from an ONNX path, a captured :class:`Graph` or an ``nn.Module`` (give
-    ``input_shape``, batch first, for a module)."""
+    ``input_shape``, batch first, for a module). ``device``: where to verify (see
+    :class:`Network`); a :class:`Network` given is used as it is."""
     from .. import capture
 
     if isinstance(model, Network):
+        if device is not None and resolve_device(device) != model.device:
+            raise ValueError(f"the Network was built for {model.device}, not {device}: build it with device=")
         return model
     if isinstance(model, (str, Path)):
-        return Network.from_onnx(model, float64)
+        return Network.from_onnx(model, float64, device)
     if isinstance(model, Graph):
-        return Network(model, tuple(input_shape or model.input_shapes[0]), None, float64)
+        return Network(model, tuple(input_shape or model.input_shapes[0]), None, float64, device)
     if input_shape is None:
         raise ValueError("verifying an nn.Module needs input_shape (batch dimension included)")
-    graph = capture(model, (torch.zeros(input_shape),))
-    return Network(graph, tuple(input_shape), None, float64)
+    graph = capture(model, (torch.zeros(input_shape, device=module_device(model) or "cpu"),))
+    return Network(graph, tuple(input_shape), None, float64, device)
 
 
 def verify(model: Any, spec: Property | str | Path, timeout: float = 60.0, *,
@@ -249,7 +266,7 @@ def verify(model: Any, spec: Property | str | Path, timeout: float = 60.0, *,
     deadline = start + timeout
     opts = options or VerifierOptions()
     prop = read_vnnlib(spec) if isinstance(spec, (str, Path)) else spec
-    net = load_network(model, input_shape, opts.float64)
+    net = load_network(model, input_shape, opts.float64, opts.device)
     if net.n_inputs != prop.n_inputs:
         raise ValueError(f"the property has {prop.n_inputs} inputs but the model takes {net.n_inputs}")
     torch.manual_seed(opts.seed)
@@ -275,10 +292,11 @@ def decide_regions(prop: Property, decide: Callable[[Region], tuple[str, Any]]) 
     return verdict, None
 
 
-def _spec_rows(region: Region, dtype: torch.dtype):
-    A = torch.cat([d.A for d in region.disjuncts]).to(dtype)
-    b = torch.cat([d.b for d in region.disjuncts]).to(dtype)
-    groups = torch.cat([torch.full((len(d.b),), i, dtype=torch.long) for i, d in enumerate(region.disjuncts)])
+def _spec_rows(region: Region, dtype: torch.dtype, device: torch.device):
+    A = torch.cat([d.A for d in region.disjuncts]).to(device, dtype)
+    b = torch.cat([d.b for d in region.disjuncts]).to(device, dtype)
+    groups = torch.cat([torch.full((len(d.b),), i, dtype=torch.long, device=device)
+                        for i, d in enumerate(region.disjuncts)])
     return A, b, groups
 
 
@@ -294,8 +312,8 @@ def _attack(net: Network, region: Region, A, b, groups, opts: VerifierOptions, s
             deadline: float | None = None):
     t = time.perf_counter()
     n_groups = int(groups.max()) + 1
-    lo = (region.lower if lower is None else lower).reshape(-1, net.n_inputs).to(net.dtype)
-    hi = (region.upper if upper is None else upper).reshape(-1, net.n_inputs).to(net.dtype)
+    lo = (region.lower if lower is None else lower).reshape(-1, net.n_inputs).to(net.device, net.dtype)
+    hi = (region.upper if upper is None else upper).reshape(-1, net.n_inputs).to(net.device, net.dtype)
     x, v = pgd_attack(net.forward, lo, hi, lambda y: violation(y, A, b, groups, n_groups), opts.attack_steps,
                       opts.attack_restarts, deadline=deadline)
     stats["attack_s"] += time.perf_counter() - t
@@ -312,14 +330,15 @@ def _verify_region(net: Network, region: Region, deadline: float, opts: Verifier
     if any(d.A.shape[0] == 0 for d in region.disjuncts):  # a disjunct with no output condition
         cex = net.checker.confirm((region.lower + region.upper) / 2, region)
         return ("sat", cex) if cex is not None else ("unknown", None)
-    A, b, groups = _spec_rows(region, net.dtype)
+    A, b, groups = _spec_rows(region, net.dtype, net.device)
     cex = _attack(net, region, A, b, groups, opts, stats, deadline=deadline)
     if cex is not None:
         return "sat", cex
-    lower = region.lower.to(net.dtype).reshape(1, -1)
-    upper = region.upper.to(net.dtype).reshape(1, -1)
-    free = (region.upper > region.lower)
+    lower = region.lower.to(net.device, net.dtype).reshape(1, -1)
+    upper = region.upper.to(net.device, net.dtype).reshape(1, -1)
+    free = region.upper > region.lower
     n_free = int(free.sum())
+    free = free.to(net.device)
     split = n_free <= opts.max_input_split_dims
     if not split:
         if opts.relu_split:  # ReLU chains: branch and bound on ReLU splits (beta-CROWN)
@@ -335,9 +354,9 @@ def _verify_region(net: Network, region: Region, deadline: float, opts: Verifier
     if opts.use_chain and net.dtype == torch.float64 and net.chain is not None:
         chain = net.chain
         if n_free < net.n_inputs:  # inputs the region pins down (e.g. a few perturbed pixels): fold them in
-            chain = restrict_chain(chain, free, region.lower)
+            chain = restrict_chain(chain, free, lower[0])
+            confirm.free, confirm.fixed = free, lower[0]
             lower, upper = lower[:, free], upper[:, free]
-            confirm.free, confirm.fixed = free, region.lower.to(net.dtype)
         search = ChainSearch(chain, A, b, groups, limits, log)
     else:
         search = GraphSearch(net.bound_graph, net.input_shape, A, b, groups, limits, opts.method, log, net.params)

@@ -29,7 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..distributed import add_ray_arguments
-from .loaders import CliError, add_threads_argument, apply_threads, ray_config_from_args, read_result_rows
+from .loaders import (
+    CliError,
+    add_device_argument,
+    add_threads_argument,
+    apply_threads,
+    device_from_args,
+    ray_config_from_args,
+    read_result_rows,
+)
 
 RESULT_HEADER = ["onnx", "vnnlib", "result", "time_s"]
 
@@ -61,6 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every timeout (default: 1.0)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N instances")
     add_threads_argument(p)
+    add_device_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_ray_arguments(p)
     p.set_defaults(run=run)
@@ -182,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--limit must be >= 0, got {args.limit}")
     apply_threads(args.threads)
     ray_config = ray_config_from_args(args)
+    device = device_from_args(args.device, ray_config)
     path = Path(args.instances)
     instances = read_instances(path)
     if args.limit is not None:
@@ -237,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 onnx_path = (root / inst.onnx).resolve()
                 if onnx_path not in networks:
-                    networks[onnx_path] = Network.from_onnx(onnx_path)
+                    networks[onnx_path] = Network.from_onnx(onnx_path, device=device)
                 remaining = max(0.0, timeout - (time.perf_counter() - t0))
                 result = verify(networks[onnx_path], root / inst.vnnlib, timeout=remaining).verdict
             except KeyboardInterrupt:

@@ -23,7 +23,16 @@ from .. import PerturbationLpNorm, capture, compute_bounds
 from ..algorithms import canonical_method
 from ..graph import Graph, evaluate
 from ..spec import margin_matrix
-from .loaders import CliError, LoadedModel, add_threads_argument, apply_threads, load_inputs, load_model
+from .loaders import (
+    CliError,
+    LoadedModel,
+    add_device_argument,
+    add_threads_argument,
+    apply_threads,
+    device_from_args,
+    load_inputs,
+    load_model,
+)
 
 DEFAULT_METHODS = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "forward")
 DISPLAY_NAMES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "alpha-CROWN",
@@ -64,6 +73,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help="samples per compute_bounds call (default: all in one call; 1 times every sample alone)")
     add_threads_argument(p)
+    add_device_argument(p, "the model and its bounds")
     p.add_argument("--summary-only", action="store_true", help="print only the summary table")
     p.set_defaults(run=run)
     return p
@@ -101,11 +111,19 @@ class Outcome:
         return float((self.upper - self.lower).mean())
 
 
-def _median_ms(fn: Callable[[], object], repeat: int = 20) -> float:
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a timing must wait for it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device, repeat: int = 20) -> float:
     times = []
     for _ in range(repeat):
+        _synchronize(device)
         t0 = time.perf_counter()
         fn()
+        _synchronize(device)
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
 
@@ -141,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
 
         require_matplotlib()
     apply_threads(args.threads)
+    device = device_from_args(args.device)
+    args.device = str(device)  # the report names the device "auto" resolved to
 
     loaded = load_model(args.model, args.arch)
     labels_from = "data"
@@ -156,15 +176,17 @@ def run(args: argparse.Namespace) -> int:
     n = args.samples if args.samples is not None else (DEFAULT_SAMPLES if bundled_data else x.shape[0])
     if n > x.shape[0]:
         raise CliError(f"asked for {n} samples, {source} hold {x.shape[0]}")
-    x = x[:n]
-    labels = labels[:n] if labels is not None else None
+    x = x[:n].to(device)
+    labels = labels[:n].to(device) if labels is not None else None
+    if loaded.module is not None:
+        loaded.module.to(device)
     clip = bundled_data if args.clip is None else args.clip
     if clip and bool(((x < 0) | (x > 1)).any()):
         raise CliError("--clip bounds the inputs to [0, 1], but some inputs lie outside; use --no-clip")
 
     t0 = time.perf_counter()
     try:
-        graph = loaded.graph if loaded.graph is not None else capture(loaded.module, x[:1])
+        graph = loaded.graph.to(device) if loaded.graph is not None else capture(loaded.module, x[:1])
     except NotImplementedError as err:  # UnsupportedOperatorError lists every unsupported op
         raise CliError(str(err)) from err
     capture_s = time.perf_counter() - t0
@@ -174,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
             logits = forward(x)
         except Exception as err:  # noqa: BLE001
             raise CliError(f"the model rejected inputs of shape {tuple(x.shape)}: {err}") from err
-        forward_ms = _median_ms(lambda: forward(x[:1]))
+        forward_ms = _median_ms(lambda: forward(x[:1]), device)
     if logits.dim() != 2:
         if args.spec == "margin":
             raise CliError(f"the margin spec needs (batch, classes) outputs, got {tuple(logits.shape)}; "
@@ -195,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
         ptb = PerturbationLpNorm(args.eps, norm, **box)
         C = margin_matrix(labels[s], num_classes, dtype=x.dtype) if args.spec == "margin" else None
         res = compute_bounds(graph, (xs,), {graph.inputs[0]: ptb}, method=method, C=C)
-        return res.lower.detach().reshape(xs.shape[0], -1), res.upper.detach().reshape(xs.shape[0], -1)
+        # on the host for the report (the copy also waits for the device, so the timing is whole)
+        return res.lower.detach().reshape(xs.shape[0], -1).cpu(), res.upper.detach().reshape(xs.shape[0], -1).cpu()
 
     for warm_up in ("ibp", "crown"):  # pay torch's first-call costs outside the timings
         bound(slice(0, 1), warm_up)
@@ -213,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
             cells = [Outcome(na=str(err).splitlines()[0] or "not implemented")] * n
         outcomes[method] = cells
 
+    x, labels, logits = x.cpu(), None if labels is None else labels.cpu(), logits.cpu()
+    predicted = None if predicted is None else predicted.cpu()
     _report(args, loaded, source, labels_from, x, labels, logits, predicted, clip, capture_s, forward_ms,
             methods, outcomes, batch)
     if args.plot is not None:
@@ -237,8 +262,8 @@ def _report(args, loaded, source, labels_from, x, labels, logits, predicted, cli
     spec = (f"margin (bounds of y_true - y_j, {logits.shape[-1] - 1} per sample; verified when all lower > 0)"
             if margin else "none (bounds of the raw outputs)")
     print(f"perturbation: {ball};  spec: {spec}")
-    print(f"capture: {capture_s:.2f} s (once per model);  one forward pass: {forward_ms:.3f} ms (batch 1, "
-          f"{threads} thread{'s' if threads > 1 else ''})")
+    where = f"{threads} thread{'s' if threads > 1 else ''}" if args.device == "cpu" else f"device {args.device}"
+    print(f"capture: {capture_s:.2f} s (once per model);  one forward pass: {forward_ms:.3f} ms (batch 1, {where})")
     calls = "one call per sample" if batch == 1 else f"batches of up to {batch} samples per call"
     print(f"timing: compute_bounds, {calls}; lower and upper bounds")
     per_sample_time = batch == 1

@@ -24,7 +24,15 @@ import time
 from pathlib import Path
 
 from ..distributed import add_ray_arguments
-from .loaders import CliError, add_threads_argument, apply_threads, ray_config_from_args, read_result_rows
+from .loaders import (
+    CliError,
+    add_device_argument,
+    add_threads_argument,
+    apply_threads,
+    device_from_args,
+    ray_config_from_args,
+    read_result_rows,
+)
 
 RESULT_HEADER = ["index", "eps", "method", "result", "margin_lb", "time_s"]
 NORMS = {"inf": math.inf, "2": 2.0, "1": 1.0}
@@ -60,6 +68,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="per-sample results; an existing one is resumed")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="certified accuracy vs eps (needs matplotlib)")
     add_threads_argument(p)
+    add_device_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_ray_arguments(p)
     p.set_defaults(run=run)
@@ -111,7 +120,7 @@ def read_results(path: Path) -> dict[tuple[int, float, str], tuple]:
     return out
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, device: str = "cpu"):
     """``(ModelSource, description, x, labels, labels_from, data description, clip default)``."""
     import torch
 
@@ -137,15 +146,15 @@ def _load(args: argparse.Namespace):
         labels = labels[:args.samples] if labels is not None else None
     shape = (1, *x.shape[1:])
     if loaded.graph is not None:
-        source = ModelSource(shape, onnx=Path(args.model).read_bytes(), name=str(args.model))
+        source = ModelSource(shape, onnx=Path(args.model).read_bytes(), name=str(args.model), device=device)
     else:
-        source = ModelSource(shape, module=loaded.module, name=loaded.description)
+        source = ModelSource(shape, module=loaded.module, name=loaded.description, device=device)
     labels_from = "data"
     if labels is None:
         try:
             net = source.network()
             with torch.no_grad():
-                labels = net.forward(x.reshape(x.shape[0], -1).to(net.dtype)).argmax(1)
+                labels = net.forward(x.reshape(x.shape[0], -1)).argmax(1).cpu()
         except Exception as err:  # noqa: BLE001
             raise CliError(f"the model rejected inputs of shape {tuple(x.shape)}: {err}") from err
         labels_from = "the model's predictions (no labels in the data)"
@@ -171,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
     if output is not None and not output.resolve().parent.is_dir():
         raise CliError(f"--output: folder {output.resolve().parent} does not exist")
 
-    source, model_desc, x, labels, labels_from, data_desc, bundled = _load(args)
+    device = str(device_from_args(args.device, ray_config))
+    source, model_desc, x, labels, labels_from, data_desc, bundled = _load(args, device)
     clip_on = bundled if args.clip is None else args.clip
     if clip_on and bool(((x < 0) | (x > 1)).any()):
         raise CliError("--clip bounds the inputs to [0, 1], but some inputs lie outside; use --no-clip")

@@ -55,6 +55,30 @@ def apply_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def add_device_argument(parser, what: str = "bounds and searches") -> None:
+    """The ``--device D`` option: ``cpu`` (default), ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
+    parser.add_argument("--device", default="cpu", metavar="D",
+                        help=f"where {what} run: cpu, cuda, cuda:N, or auto (CUDA when available); default: cpu")
+
+
+def device_from_args(value: str, ray_config: Any = None) -> torch.device:
+    """The checked device of ``--device`` (a one-line error when it is unknown, not on this machine, or
+    not the CPU with ``--ray``, whose workers verify on the CPU)."""
+    from ..devices import resolve_device
+
+    try:
+        device = resolve_device(value)
+    except RuntimeError as err:
+        raise CliError(f"--device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {value}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CliError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if ray_config is not None and device.type != "cpu":
+        raise CliError("--device with --ray: Ray workers verify on the CPU only")
+    return device
+
+
 def ray_config_from_args(args) -> Any:
     """The checked :class:`~boundprop.distributed.RayConfig` of ``--ray`` (None without it); bad
     settings or a missing Ray install are a one-line error, raised before any work starts."""

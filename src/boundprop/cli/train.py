@@ -17,7 +17,7 @@ import argparse
 import math
 from typing import Any
 
-from .loaders import CliError
+from .loaders import CliError, add_device_argument, device_from_args
 
 NORMS = {"inf": math.inf, "2": 2.0, "1": 1.0}
 FUSION = {"auto": "auto", "on": True, "off": False}
@@ -70,6 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--ddp", type=int, default=1, metavar="N", help="train on N processes (DDP, gloo; default: 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    add_device_argument(p, "training and evaluation")
     p.add_argument("--quiet", action="store_true", help="no progress lines (the final table is still printed)")
     p.set_defaults(run=run)
     return p
@@ -95,7 +96,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
             loss_fusion=FUSION[args.loss_fusion], grad_clip=args.grad_clip or None, pgd_steps=args.pgd_steps,
             eval_methods=tuple(m.strip() for m in args.eval_methods.split(",") if m.strip()),
             eval_pgd_steps=args.eval_pgd_steps, eval_limit=args.eval_limit, eval_every=args.eval_every,
-            seed=args.seed, out_dir=args.out, progress=not args.quiet, threads=args.threads)
+            seed=args.seed, out_dir=args.out, progress=not args.quiet, threads=args.threads,
+            device=str(device_from_args(args.device)))
     except ValueError as err:
         raise CliError(str(err)) from None
 
@@ -138,8 +140,10 @@ def _worker(rank: int, world: int, args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..training.distributed import env_world, init_from_env, spawn
 
-    config_from_args(args)  # validate before starting anything
+    config = config_from_args(args)  # validate before starting anything
     load_data(args)
+    if config.device != "cpu" and (args.ddp > 1 or env_world()[1] > 1):
+        raise CliError("--device with several processes: multi-process training runs on the CPU (gloo)")
     if args.ddp > 1:
         if env_world()[1] > 1:
             raise CliError("--ddp inside torchrun: use one or the other")

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from ..distributed import add_ray_arguments
-from .loaders import CliError, add_threads_argument, apply_threads, ray_config_from_args
+from .loaders import (
+    CliError,
+    add_device_argument,
+    add_threads_argument,
+    apply_threads,
+    device_from_args,
+    ray_config_from_args,
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,6 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--result-file", default=None, metavar="FILE", help="write the VNN-COMP result file here")
     p.add_argument("--batch-size", type=int, default=None, metavar="B", help="boxes bounded per step (default: 512)")
     add_threads_argument(p)
+    add_device_argument(p)
     p.add_argument("--seed", type=int, default=0, help="random seed of the attacks (default: 0)")
     p.add_argument("-v", "--verbose", action="store_true", help="print search progress")
     p.add_argument("--parts", type=int, default=None, metavar="K",
@@ -46,7 +54,7 @@ def check_files(model: str | Path, prop: str | Path) -> None:
             raise CliError(f"{what} file not found: {path}")
 
 
-def load_inputs(model: str | Path, prop: str | Path, float64: bool = True):
+def load_inputs(model: str | Path, prop: str | Path, float64: bool = True, device: Any = None):
     """``(Network, Property)`` for the two files; bad files raise :class:`CliError` (one line)."""
     from ..bab.verifier import Network
     from ..graph import UnsupportedOperatorError
@@ -60,7 +68,7 @@ def load_inputs(model: str | Path, prop: str | Path, float64: bool = True):
     except (OSError, UnicodeDecodeError, EOFError) as err:
         raise CliError(f"cannot read property file {prop}: {err}") from None
     try:
-        net = Network.from_onnx(model, float64)
+        net = Network.from_onnx(model, float64, device)
     except UnsupportedOperatorError as err:
         raise CliError(f"unsupported model {model}: {err}") from None
     except Exception as err:  # onnx's parser raises its own (DecodeError, ValidationError...)
@@ -93,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         if not parent.is_dir():
             raise CliError(f"--result-file: folder {parent} does not exist")
     ray_config = _ray_config(args)
-    net, spec = load_inputs(args.model, args.property)
+    device = device_from_args(args.device, ray_config)
+    net, spec = load_inputs(args.model, args.property, device=device)
     opts = VerifierOptions(seed=args.seed)
     if args.batch_size is not None:
         opts.batch_size = args.batch_size

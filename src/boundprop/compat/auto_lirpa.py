@@ -97,7 +97,8 @@ class BoundedTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, x: torch.Tensor, ptb: Perturbation | None = None, *args, **kwargs):
-        tensor = torch.Tensor._make_subclass(cls, torch.as_tensor(x), x.requires_grad) if isinstance(
+        # a tensor stays where it is (``as_tensor`` would move it to a default device)
+        tensor = torch.Tensor._make_subclass(cls, x, x.requires_grad) if isinstance(
             x, torch.Tensor) else torch.Tensor._make_subclass(cls, torch.as_tensor(x), False)
         tensor.ptb = ptb
         return tensor
@@ -233,7 +234,8 @@ class BoundedModule(nn.Module):
                 if value.ptb is not None:
                     ptbs[name] = value.ptb
                 value = torch.Tensor(value)
-            plain.append(torch.as_tensor(value))
+            # a tensor stays where it is (``as_tensor`` would move it to a default device)
+            plain.append(value if isinstance(value, torch.Tensor) else torch.as_tensor(value))
         self._last_inputs = tuple(plain)
         self._last_ptbs = ptbs
         return self._last_inputs

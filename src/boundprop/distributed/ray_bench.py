@@ -49,9 +49,10 @@ def hard_limit(timeout: float) -> float:
     return 1.25 * timeout + 60.0
 
 
-def network_from_bytes(key: str, raw: bytes) -> Any:
-    """A :class:`~boundprop.bab.verifier.Network` from the bytes of an ``.onnx`` (or ``.onnx.gz``) file,
-    as :meth:`Network.from_onnx <boundprop.bab.verifier.Network.from_onnx>` builds it from the file."""
+def network_from_bytes(key: str, raw: bytes, device: str | None = None) -> Any:
+    """A :class:`~boundprop.bab.verifier.Network` (on ``device``) from the bytes of an ``.onnx`` (or
+    ``.onnx.gz``) file, as :meth:`Network.from_onnx <boundprop.bab.verifier.Network.from_onnx>` builds
+    it from the file."""
     import onnx
 
     from .. import load_onnx
@@ -60,7 +61,7 @@ def network_from_bytes(key: str, raw: bytes) -> Any:
     if key.endswith(".gz"):
         raw = gzip.decompress(raw)
     graph = load_onnx(onnx.load_model_from_string(raw))
-    return Network(graph, tuple(graph.input_shapes[0]), raw, True)
+    return Network(graph, tuple(graph.input_shapes[0]), raw, True, device)
 
 
 def _cached_network(key: str, holder: list) -> Any:

@@ -131,7 +131,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
         is_supported: predicate on op targets; ops downstream of an input for which it is false
             are reported together in :class:`UnsupportedOperatorError`.
     """
-    inputs = tuple(torch.as_tensor(x) for x in example_inputs)
+    inputs = tuple(x if isinstance(x, torch.Tensor) else torch.as_tensor(x) for x in example_inputs)
     was_training = model.training
     model.eval()
     try:

@@ -148,6 +148,17 @@ class Graph:
     def node(self, name: str) -> Node:
         return self._index[name]  # type: ignore[attr-defined]
 
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Graph:
+        """A copy whose constant leaves are on ``device`` and, floating ones, of ``dtype`` (None: as
+        they are). A module's parameters are read live from the module: move the module itself."""
+        def convert(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+        params = {name: ParamSource(src.qualname, src.kind, convert(src.constant)) for name, src in self.params.items()}
+        return Graph(self.nodes, self.inputs, params, self.output, self.module, self.input_shapes)
+
     def has_node(self, name: str) -> bool:
         return name in self._index  # type: ignore[attr-defined]
 

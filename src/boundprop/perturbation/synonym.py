@@ -92,11 +92,11 @@ class PerturbationSynonym(Perturbation):
             rows.append([[s for s in dict.fromkeys(synonyms.get(tok, ())) if s != tok][:max_candidates]
                          for tok in sentence])
         K = max(1, max((len(c) for row in rows for c in row), default=1))
-        ids = torch.zeros(tokens.shape[0], tokens.shape[1], K, dtype=torch.long)
-        mask = torch.zeros(tokens.shape[0], tokens.shape[1], K, dtype=torch.bool)
+        ids = torch.zeros(tokens.shape[0], tokens.shape[1], K, dtype=torch.long, device="cpu")  # built on the host
+        mask = torch.zeros(tokens.shape[0], tokens.shape[1], K, dtype=torch.bool, device="cpu")
         for b, row in enumerate(rows):
             for t, cands in enumerate(row):
-                ids[b, t, :len(cands)] = torch.tensor(cands, dtype=torch.long)
+                ids[b, t, :len(cands)] = torch.tensor(cands, dtype=torch.long, device="cpu")
                 mask[b, t, :len(cands)] = True
         return cls(budget, eps, candidates=weight[ids.to(weight.device)], mask=mask.to(weight.device))
 

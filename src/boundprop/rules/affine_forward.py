@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..graph import ops
-from .registry import Var, affine_forward_rule
+from .registry import Var, affine_forward_rule, constant_tensor
 from .shape import MOVEMENT_OPS, SUMMING_OPS
 
 aten = torch.ops.aten
@@ -53,7 +53,7 @@ def is_nonnegative(target, args: tuple, kwargs: dict) -> bool:
         return not isinstance(args[1], Var) or kwargs.get("alpha", 1) <= 0
     if target in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
         const = args[1] if isinstance(args[0], Var) else args[0]
-        return not isinstance(const, Var) and bool((torch.as_tensor(const) >= 0).all())
+        return not isinstance(const, Var) and bool((constant_tensor(const) >= 0).all())
     return False
 
 

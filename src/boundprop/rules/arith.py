@@ -14,14 +14,14 @@ from __future__ import annotations
 import torch
 
 from ..domains import Interval
-from .registry import Var, affine_backward_rule, affine_ops, interval_rule, is_perturbed
+from .registry import Var, affine_backward_rule, affine_ops, constant_tensor, interval_rule, is_perturbed
 from .shape import sum_to_shape
 
 aten = torch.ops.aten
 
 
 def _as_interval(x) -> Interval:
-    return x if isinstance(x, Interval) else Interval.point(torch.as_tensor(x))
+    return x if isinstance(x, Interval) else Interval.point(constant_tensor(x))
 
 
 def _scaled(x: Interval, alpha) -> Interval:

@@ -60,7 +60,7 @@ import torch
 from ..domains import Interval, Relaxation
 from ..syncs import possibly_any
 from .convex import reciprocal_interval, reciprocal_relaxation  # 1/x belongs to the convex family
-from .registry import RelaxCall, Var, backward_rule
+from .registry import RelaxCall, Var, backward_rule, constant_tensor
 
 aten = torch.ops.aten
 _INF = float("inf")
@@ -171,7 +171,7 @@ def _factor(arg, rank: int, view: Callable | None = None, restore: Callable | No
             raise NotImplementedError("a batched operand of lower rank than the product")
         return _Factor(arg.name, value, _pad(view(arg.bounds.lower), rank), _pad(view(arg.bounds.upper), rank),
                        arg.batched, restore or (lambda G: G.reshape(*G.shape[:2], *own)))
-    value = _pad(view(torch.as_tensor(arg)), rank)
+    value = _pad(view(constant_tensor(arg)), rank)
     return _Factor(None, value, value, value, True, lambda G: G)
 
 
@@ -401,7 +401,7 @@ def _matmul_side(A, sign, X: _Factor, Y: _Factor, call, direction):
 
 
 def _value(arg) -> torch.Tensor:
-    return arg.value if isinstance(arg, Var) else torch.as_tensor(arg)
+    return arg.value if isinstance(arg, Var) else constant_tensor(arg)
 
 
 def _is_batched(arg) -> bool:
@@ -458,7 +458,7 @@ def _bias_term(bias, A: torch.Tensor, scale=1.0):
     if isinstance(bias, Var):
         f = _factor(bias, A.dim() - 1)
         return bias.name, _coefficient(A, f), 0.0
-    b = torch.as_tensor(bias)
+    b = constant_tensor(bias)
     return None, None, (A * b).flatten(2).sum(-1)
 
 

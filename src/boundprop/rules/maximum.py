@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..domains import Interval
-from .registry import Var, backward_rule, interval_rule, is_perturbed
+from .registry import Var, backward_rule, constant_tensor, interval_rule, is_perturbed
 
 aten = torch.ops.aten
 
@@ -217,7 +217,7 @@ def amin_backward(call):
 def _ends(a):
     if isinstance(a, Interval):
         return a.lower, a.upper
-    t = torch.as_tensor(a)
+    t = constant_tensor(a)
     return t, t
 
 

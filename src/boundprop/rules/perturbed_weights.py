@@ -45,7 +45,7 @@ from ..domains import Interval
 from ..graph import ops
 from .bilinear import _elementwise_side, _Factor, _sides
 from .linear import _conv_backward, bilinear_interval
-from .registry import Var, backward_rule
+from .registry import Var, backward_rule, constant_tensor
 
 aten = torch.ops.aten
 _INF = float("inf")
@@ -63,7 +63,7 @@ def _box(arg) -> tuple[torch.Tensor, torch.Tensor]:
         if arg.bounds is None:
             raise RuntimeError(f"no interval for {arg.name}")
         return arg.bounds.center, arg.bounds.radius
-    t = torch.as_tensor(arg)
+    t = constant_tensor(arg)
     return t, torch.zeros_like(t)
 
 
@@ -209,7 +209,7 @@ def batch_norm_perturbed_backward(call):
     x, weight, bias, mean, var, _momentum, eps = call.args
     if isinstance(mean, Var) or isinstance(var, Var):
         raise NotImplementedError("batch norm with perturbed running statistics")
-    value = x.value if isinstance(x, Var) else torch.as_tensor(x)
+    value = x.value if isinstance(x, Var) else constant_tensor(x)
     shape = _channel_shape(value.dim())
     k = torch.rsqrt(var + eps).reshape(shape)
     m = mean.reshape(shape)
@@ -228,7 +228,7 @@ def batch_norm_perturbed_backward(call):
         if not _finite(Z.lower, Z.upper, W.lower, W.upper):
             return _infinite(call)
     else:
-        wv = torch.ones_like(k) if weight is None else torch.as_tensor(weight).reshape(shape)
+        wv = torch.ones_like(k) if weight is None else constant_tensor(weight).reshape(shape)
         W = _Factor(None, wv, wv, wv, True, lambda G: G)
     sides: dict[str, dict] = {}
     biases = {"lower": 0.0, "upper": 0.0}

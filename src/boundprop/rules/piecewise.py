@@ -32,7 +32,7 @@ import torch
 
 from ..domains import Interval, Relaxation
 from .curves import checked, finite_grad, lift, slack_factor
-from .registry import AlphaSpec, RelaxCall, interval_rule, is_perturbed, relaxation_rule
+from .registry import AlphaSpec, RelaxCall, constant_tensor, interval_rule, is_perturbed, relaxation_rule
 
 aten = torch.ops.aten
 INF = float("inf")
@@ -144,10 +144,10 @@ def sign_relaxation(low, high, call: RelaxCall) -> Relaxation:
 def _limit(value, sign: float):
     """A clamp limit as a float64 tensor (``None`` -> ``sign * inf``)."""
     if value is None:
-        return torch.tensor(sign * INF, dtype=torch.float64)
+        return torch.tensor(sign * INF, dtype=torch.float64, device="cpu")  # a scalar: any device takes it
     if is_perturbed(value):
         raise NotImplementedError("clamp with a perturbed limit has no linear relaxation here")
-    return torch.as_tensor(value).to(torch.float64)
+    return constant_tensor(value).to(torch.float64)
 
 
 def _limits_of(op, args: tuple, kwargs: dict) -> tuple:

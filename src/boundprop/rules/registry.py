@@ -152,6 +152,13 @@ def is_perturbed(arg: Any) -> bool:
     return isinstance(arg, (Var, Interval))
 
 
+def constant_tensor(arg: Any) -> torch.Tensor:
+    """A constant argument as a tensor: a tensor stays where it is; a Python number becomes a CPU
+    scalar tensor, which combines with tensors on any device. (``torch.as_tensor`` would move a
+    tensor to the default device when one is set.)"""
+    return arg if isinstance(arg, torch.Tensor) else torch.as_tensor(arg, device="cpu")
+
+
 def perturbed_positions(args: tuple) -> tuple[int, ...]:
     return tuple(i for i, a in enumerate(args) if is_perturbed(a))
 

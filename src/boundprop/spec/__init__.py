@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..syncs import may_read
+
 
 def margin_matrix(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32,
                   device: torch.device | str | None = None) -> torch.Tensor:
@@ -23,19 +25,21 @@ def margin_matrix(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = t
     Returns:
         ``(batch, K - 1, K)`` with +1 in the true class's column and -1 in ``j_i``'s column of row ``i``.
     """
-    labels = torch.as_tensor(labels).reshape(-1).long()
+    labels = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels, device="cpu")
+    labels = labels.reshape(-1).long()
     if device is None:
         device = labels.device
     if num_classes < 2:
         raise ValueError(f"a margin specification needs at least 2 classes, got {num_classes}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+    # checked where reading the labels costs nothing (on CUDA it would wait for the device every batch)
+    if labels.numel() and may_read(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got {labels.tolist()}")
     labels = labels.to(device)
     eye = torch.eye(num_classes, dtype=dtype, device=device)
-    C = eye[labels].unsqueeze(1) - eye.unsqueeze(0)  # (batch, K, K); row labels[b] is all zeros
-    keep = torch.ones(labels.shape[0], num_classes, dtype=torch.bool, device=device)
-    keep[torch.arange(labels.shape[0], device=device), labels] = False
-    return C[keep].reshape(labels.shape[0], num_classes - 1, num_classes)
+    # j_i = i below the label, i + 1 from it on: every other class once, in increasing order
+    others = torch.arange(num_classes - 1, device=device)
+    others = others + (others >= labels.unsqueeze(1)).long()  # (batch, K - 1)
+    return eye[labels].unsqueeze(1) - eye[others]
 
 
 def get_spec_matrix(X: torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..algorithms import compute_bounds
+from ..devices import module_device
 from ..graph import Graph
 from ..spec import margin_matrix
 from .losses import perturbation, pgd_attack
@@ -29,7 +30,7 @@ def _batches(dataset: Dataset, batch_size: int, limit: int | None):
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
         xs, ys = zip(*(dataset[i] for i in idx))
-        yield torch.stack(xs), torch.stack([torch.as_tensor(v) for v in ys]).long()
+        yield torch.stack(xs), torch.stack([torch.as_tensor(v, device="cpu") for v in ys]).long()
 
 
 @torch.no_grad()
@@ -52,8 +53,9 @@ def evaluate(model: nn.Module, dataset: Dataset, eps: float, methods: Sequence[s
     """
     was_training = model.training
     model.eval()
+    device = module_device(model) or torch.device("cpu")
     try:
-        x0, _ = next(_batches(dataset, 2, None))
+        x0 = next(_batches(dataset, 2, None))[0].to(device)
         if graph is None and methods:
             from .. import capture
 
@@ -63,16 +65,17 @@ def evaluate(model: nn.Module, dataset: Dataset, eps: float, methods: Sequence[s
             counts["pgd_err"] = 0.0
         for method in methods:
             counts[f"verified_err_{method.lower()}"] = 0.0
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # CPU draws: the same noise on any device
         n = 0
         for x, y in _batches(dataset, batch_size, limit):
+            x, y = x.to(device), y.to(device)
             with torch.no_grad():
                 logits = model(x)
             k = num_classes or logits.shape[-1]
             correct = logits.argmax(-1) == y
             counts["clean_err"] += float((~correct).sum())
             if "pgd_err" in counts:
-                noise = torch.rand(x.shape, generator=gen) * 2 - 1
+                noise = torch.rand(x.shape, generator=gen, device="cpu").to(device) * 2 - 1
                 adv = pgd_attack(model, x, y, eps, pgd_steps, clip_min=clip_min, clip_max=clip_max, noise=noise)
                 with torch.no_grad():
                     robust = correct & (model(adv).argmax(-1) == y)

@@ -70,7 +70,7 @@ def capture_graphs(model: nn.Module, example: torch.Tensor, fusion: bool) -> Bou
     plain = capture(model, example)
     if not fusion:
         return BoundGraphs(plain)
-    labels = torch.zeros(example.shape[0], dtype=torch.long)
+    labels = torch.zeros(example.shape[0], dtype=torch.long, device=example.device)
     fused = capture(CrossEntropyWrapper(model), (example, labels))
     pattern = match_loss_fusion(fused)
     if pattern is None:  # pragma: no cover - the wrapper always ends with the pattern

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..devices import resolve_device
 from .evaluation import evaluate
 from .losses import METHODS, ROBUST_METHODS, BoundGraphs, capture_graphs, pgd_attack, robust_ce
 from .models import set_train_mode
@@ -98,6 +99,7 @@ class TrainConfig:
     progress: bool = True
     print_every: int = 0  #: batches between printed progress lines without tqdm (0: about 4 per epoch)
     threads: int | None = None
+    device: str = "cpu"  #: cpu, cuda, cuda:N or auto (CUDA when available); one process per device
 
     def __post_init__(self) -> None:
         self.method = self.method.lower()
@@ -162,7 +164,7 @@ class LossModule(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, eps: float, kappa: float, beta: float,
                 noise: torch.Tensor | None, scale: float):
         cfg = self.config
-        robust = torch.full((x.shape[0],), float("nan"))
+        robust = x.new_full((x.shape[0],), float("nan"))
         if cfg.method == "pgd" and eps > 0:
             adv = pgd_attack(self.model, x, y, eps, cfg.pgd_steps, clip_min=cfg.clip_min, clip_max=cfg.clip_max,
                              noise=noise)
@@ -212,7 +214,12 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, flush=True))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.x_all, self.y_all = _tensors(train_data)
+        self.device = resolve_device(cfg.device)
+        if world_size > 1 and self.device.type != "cpu":
+            raise ValueError("multi-process training runs on the CPU (gloo): use device='cpu'")
+        model.to(self.device)
+        # the training set is kept whole on the device (batches are index slices of it)
+        self.x_all, self.y_all = (t.to(self.device) for t in _tensors(train_data))
         self.num_classes = num_classes or int(self.y_all.max()) + 1
         self.fusion = cfg.method in ROBUST_METHODS and (
             cfg.loss_fusion is True or (cfg.loss_fusion == "auto" and self.num_classes >= FUSION_MIN_CLASSES))
@@ -269,7 +276,8 @@ class Trainer:
         cfg = self.config
         set_train_mode(self.model)
         n = len(self.y_all)
-        perm = torch.randperm(n, generator=self._generator(epoch))
+        # drawn on the CPU (where the generator is), so runs are reproducible on any device
+        perm = torch.randperm(n, generator=self._generator(epoch), device="cpu").to(self.device)
         totals = {"loss": 0.0, "nat_ce": 0.0, "robust_ce": 0.0, "correct": 0.0, "n": 0, "n_robust": 0}
         every = cfg.print_every or max(1, self.batches_per_epoch // 4)
         show = cfg.progress and self.rank == 0
@@ -284,7 +292,8 @@ class Trainer:
             kappa, beta = self.mixing(eps)
             noise = None
             if cfg.method == "pgd":
-                noise = torch.rand(len(idx), *self.x_all.shape[1:], generator=self._generator(epoch, b)) * 2 - 1
+                noise = torch.rand(len(idx), *self.x_all.shape[1:], generator=self._generator(epoch, b), device="cpu")
+                noise = noise.to(self.device) * 2 - 1
             part = slice(*_part_bounds(len(idx), self.world_size, self.rank))
             local = idx[part]
             scale = self.world_size / len(idx)
@@ -317,9 +326,8 @@ class Trainer:
     def _reduce(self, loss_sum_local, nat, robust, correct) -> dict[str, float]:
         """Sums over this batch (all processes): loss (per-sample sum), CEs, correct, counts."""
         has_rob = ~torch.isnan(robust)
-        vec = torch.stack([loss_sum_local.reshape(()).float(), nat.sum(),
-                           robust[has_rob].sum() if has_rob.any() else torch.zeros(()),
-                           correct.sum(), torch.tensor(float(len(nat))), has_rob.sum().float()]).double()
+        vec = torch.stack([loss_sum_local.reshape(()).float(), nat.sum(), torch.where(has_rob, robust, 0.0).sum(),
+                           correct.sum(), nat.new_tensor(float(len(nat))), has_rob.sum().float()]).double()
         if self.world_size > 1:
             import torch.distributed as dist
 
@@ -427,7 +435,8 @@ class Trainer:
                    "world_size": self.world_size, "history": self.history,
                    "final": self.history[-1] if self.history else {}}
         (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
-        torch.save(self.model.state_dict(), self.out_dir / "model.pt")
+        # CPU copies: the file loads on a machine without the training device
+        torch.save({k: v.cpu() for k, v in self.model.state_dict().items()}, self.out_dir / "model.pt")
         plot_history(self.history, self.out_dir / "training.png", title=f"{self.config.method}, eps {self.config.eps}")
 
 
@@ -451,7 +460,7 @@ def _tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     if tensors is not None and len(tensors) == 2:
         return tensors[0], tensors[1].long()
     xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(xs), torch.stack([torch.as_tensor(v) for v in ys]).long()
+    return torch.stack(xs), torch.stack([torch.as_tensor(v, device="cpu") for v in ys]).long()
 
 
 def _postfix(totals: dict[str, Any], eps: float) -> str:

@@ -12,6 +12,9 @@ predicted to take too long (see ``--skip-after``).
 
     .venv/bin/python benchmarks/zoo_bench.py               # writes benchmarks/results/zoo.md
     .venv/bin/python benchmarks/zoo_bench.py --models mlp cnn --batches 1
+    python benchmarks/zoo_bench.py --device cuda --out benchmarks/results/zoo_gpu.md   # on a GPU
+
+On CUDA every timed call is bracketed by ``torch.cuda.synchronize()`` (the GPU runs asynchronously).
 """
 
 from __future__ import annotations
@@ -36,17 +39,25 @@ GRAD_METHODS = {"alpha-CROWN"}  # run with autograd enabled
 RESULTS = Path(__file__).parent / "results" / "zoo.md"
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, budget_s: float, min_reps: int = 3, max_reps: int = 20) -> tuple[float, object]:
     """Median wall time of ``fn()`` after one warm-up call; reps fill about ``budget_s`` (one rep when a
     call takes over 5 s)."""
+    _synchronize()
     start = time.perf_counter()
     out = fn()
+    _synchronize()
     first = time.perf_counter() - start
     reps = 1 if first > 5 else max(min_reps, min(max_reps, int(budget_s / max(first, 1e-6))))
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         out = fn()
+        _synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
 
@@ -79,7 +90,7 @@ def fmt_width(w: float) -> str:
     return f"{w:.4g}"
 
 
-def run(models, methods, batches, eps, opts, budget_s, skip_after_s, seed=0) -> str:
+def run(models, methods, batches, eps, opts, budget_s, skip_after_s, seed=0, device: str = "cpu") -> str:
     torch.manual_seed(seed)
     # warm torch.export up on a trivial model, so the first zoo model's capture time is not inflated
     with warnings.catch_warnings():
@@ -89,9 +100,9 @@ def run(models, methods, batches, eps, opts, budget_s, skip_after_s, seed=0) -> 
     model_rows, method_rows, notes = [], [], []
     for name in models:
         factory, shape = ZOO[name]
-        model = factory()
+        model = factory().to(device)
         n_params = sum(p.numel() for p in model.parameters())
-        xs = {b: torch.randn(b, *shape, generator=torch.Generator().manual_seed(seed)) for b in batches}
+        xs = {b: torch.randn(b, *shape, generator=torch.Generator().manual_seed(seed)).to(device) for b in batches}
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -131,15 +142,17 @@ def run(models, methods, batches, eps, opts, budget_s, skip_after_s, seed=0) -> 
                     notes.append(f"{name} / {method}: larger batches skipped (batch {b} took {t:.1f} s "
                                  f"> {skip_after_s} s)")
             method_rows.append((name, method, *cells))
-    return render(model_rows, method_rows, notes, batches, eps, opts)
+    return render(model_rows, method_rows, notes, batches, eps, opts, device)
 
 
-def render(model_rows, method_rows, notes, batches, eps, opts) -> str:
+def render(model_rows, method_rows, notes, batches, eps, opts, device: str = "cpu") -> str:
+    where = (f"{platform.machine()} CPU, {torch.get_num_threads()} thread" if device == "cpu"
+             else f"{torch.cuda.get_device_name(torch.device(device))} ({device}), synchronised")
     lines = [
         "# boundprop on the model zoo",
         "",
-        f"{datetime.date.today().isoformat()}; torch {torch.__version__}, {platform.machine()} CPU, "
-        f"{torch.get_num_threads()} thread; L-inf eps = {eps}; alpha-CROWN options {opts}. "
+        f"{datetime.date.today().isoformat()}; torch {torch.__version__}, {where}; "
+        f"L-inf eps = {eps}; alpha-CROWN options {opts}. "
         "Times are medians of calls after a warm-up (ms); cost = time / one forward pass of the same batch. "
         "All methods but alpha-CROWN run under torch.no_grad() (alpha-CROWN needs autograd). "
         "The machine is shared: read absolute times as +-30 %, costs as more stable.",
@@ -169,10 +182,12 @@ def main(argv=None) -> None:
                         help="skip larger batches of a method once a call takes longer (s)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (time the zoo on a GPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     opts = {"optimize_bound_args": {"iteration": args.alpha_iterations}}
-    table = run(args.models, args.methods, sorted(args.batches), args.eps, opts, args.budget, args.skip_after)
+    table = run(args.models, args.methods, sorted(args.batches), args.eps, opts, args.budget, args.skip_after,
+                device=args.device)
     print()
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,10 @@ the stored auto_LiRPA bounds relative to their width, and the syncs one call mak
 sync debug mode; ``benchmarks/host_syncs.py`` counts the same reads on a CPU). Then the verifier
 on the shipped ACAS Xu instances and one epoch of certified training, each on the CPU and on CUDA
 (same verdicts and losses expected; the times).
+
+The zoo on the same GPU, if device time is left::
+
+    PYTHONPATH=src python3 benchmarks/zoo_bench.py --device cuda --budget 0.3 --out benchmarks/results/zoo_gpu.md
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ Usage (on a machine with a GPU, from the repository root)::
 
     PYTHONPATH=src python3 scripts/gpu_check.py PEER_DIR OUT.md
 
+The device tool sends the checkout only (``../shared`` stays behind): copy the peer folder in
+first (``cp -r ../shared/peer .peer && echo /.peer/ >> .git/info/exclude``), carry ``.peer`` and
+pass ``.peer`` as ``PEER_DIR``, with ``OUT.md`` under ``$OUT``. The table is rewritten after
+every section, so a run cut short still returns what it measured.
+
 ``PEER_DIR`` holds ``peer_models.py`` and the ``<model>_b<batch>.pt`` files (auto_LiRPA's bounds,
 computed on a CPU). For every model, batch and method: the median time of 3 calls after a warm-up
 (``torch.cuda.synchronize`` around each), one forward pass's time, the largest difference to
@@ -104,7 +109,11 @@ def main(peer_dir: str, out_path: str) -> None:
                 lines.append(f"| {name} | {batch} | {method} | {t * 1e3:.2f} | {fwd * 1e3:.3f} | {t / fwd:.0f} | "
                              f"{width:.6g} | {diff} | {syncs} |")
             print("\n".join(lines[-len(METHODS):]), flush=True)
-    lines += ["", *verifier_and_training_lines()]
+    Path(out_path).write_text("\n".join(lines) + "\n")
+    try:
+        lines += ["", *verifier_and_training_lines()]
+    except Exception as err:  # noqa: BLE001 - keep the bounds table whatever happens here
+        lines += ["", f"verifier / training check failed: {type(err).__name__}: {err}"]
     Path(out_path).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

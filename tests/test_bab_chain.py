@@ -168,3 +168,26 @@ def test_sound_on_sampled_points(seed, box_seed, width, scale):
     assert (best[:, 0] <= worst0 + tol).all() and (best[:, 1] <= worst1 + tol).all()
     single = torch.stack([res.lower[:, :2].amax(1), res.lower[:, 2]], 1)
     assert (best >= single - 1e-9 * (1 + single.abs())).all()  # never worse than the rows alone
+
+
+def test_optimisation_reads_its_stop_test_every_few_steps_on_device_paths():
+    """On the GPU's branches the optimisation's stop test is read every STOP_TEST_EVERY steps (each
+    read waits for the device): the same Adam steps, at most STOP_TEST_EVERY - 1 more of them, so the
+    kept bound is at least the CPU path's."""
+    from boundprop.syncs import STOP_TEST_EVERY, count_syncs, device_paths
+
+    _, graph = graph_of(1)
+    chain = extract_relu_chain(graph, (1, 3))
+    A, b = spec()
+    bounder = ChainBounder(chain, A, b)
+    lo, hi = boxes(3, 6, 0.5)
+    res = bounder.bound(lo, hi)
+    groups = torch.tensor([0, 0, 1])
+    iterations = 12
+    with count_syncs() as on_cpu:
+        cpu = bounder.optimise(lo, hi, res.pre, groups, 2, iterations=iterations, row_lower=res.lower)
+    with device_paths(), count_syncs() as on_device:
+        device = bounder.optimise(lo, hi, res.pre, groups, 2, iterations=iterations, row_lower=res.lower)
+    assert (device >= cpu).all()
+    assert on_cpu.total == iterations  # one stop test per step (the last step ends without one)
+    assert on_device.total == len(range(0, iterations, STOP_TEST_EVERY))

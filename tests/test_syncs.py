@@ -29,6 +29,7 @@ def test_may_read_on_cpu_unless_device_paths():
 
 def test_counter_counts_device_reads_not_host_copies():
     t = torch.tensor([0.0, 2.0, -1.0])
+    original_tolist = torch.Tensor.tolist
     with count_syncs() as c:
         bool(t.any())
         float(t.sum())
@@ -39,8 +40,11 @@ def test_counter_counts_device_reads_not_host_copies():
         int(back.argmax())  # a device tensor again
         t[t > 0]  # a bool mask as an index: its entries are found on the host
         t[torch.tensor([0, 2])]  # integer indices: no read
-    assert c.total == 6
-    assert {op for op, _ in c.reads} == {"_local_scalar_dense", "nonzero", "to_host", "index"}
+        t.tolist()  # a copy to the host that bypasses the dispatcher
+        host.tolist()
+    assert c.total == 7
+    assert {op for op, _ in c.reads} == {"_local_scalar_dense", "nonzero", "to_host", "index", "tolist"}
+    assert torch.Tensor.tolist is original_tolist  # restored on leaving
 
 
 def test_counter_leaves_out_optimiser_step_counters():

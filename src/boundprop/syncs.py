@@ -18,11 +18,15 @@ What still reads on an accelerator, by design:
   its interval, ``rules/curves.py: require_bounded``): inside :func:`deferred_checks` (every
   ``compute_bounds`` call) they are combined on the device and read once at the end of the call;
 * checks that run once when something is first built (alpha-CROWN's window layout);
-* branch and bound (``bab/relu_split.py``): its optimisation's stop test once per step, and per
-  round the reads that choose what to do next (which domains are verified, which neurons to split).
+* branch and bound (``bab/``): its optimisations' stop tests every :data:`STOP_TEST_EVERY` steps
+  (:func:`stop_test_due`), and per round the reads that choose what to do next (which boxes or
+  domains are verified, which neurons to split, which rows to walk);
+* certified training (``training/trainer.py``): its statistics, summed on the device, once per
+  progress line and once per epoch.
 
 :func:`count_syncs` counts reads on any device, CPU included (where they cost nothing, but are the
-same reads an accelerator would wait on), by where they happen in boundprop's code;
+same reads an accelerator would wait on), by where they happen in boundprop's code, host copies
+that bypass the dispatcher (``tolist``, ``numpy``) included;
 :func:`device_paths` makes CPU tensors take the accelerator branches, so that tests and
 ``benchmarks/host_syncs.py`` check both without a GPU.
 """
@@ -69,6 +73,18 @@ def possibly_any(mask: torch.Tensor) -> bool:
     """``bool(mask.any())`` where it may be read, else True: for branches that skip work when no
     entry holds, and give the same values when taken anyway."""
     return not may_read(mask) or bool(mask.any())
+
+
+#: steps between the stop tests of an optimisation loop on an accelerator (see :func:`stop_test_due`)
+STOP_TEST_EVERY = 4
+
+
+def stop_test_due(step: int, t: torch.Tensor) -> bool:
+    """Whether a loop should read its stop test at ``step``: every step where ``t`` may be read, every
+    :data:`STOP_TEST_EVERY`-th elsewhere. For tests of a condition that, once met, stays met (a
+    best-so-far bound above a threshold): reading it late only runs up to ``STOP_TEST_EVERY - 1``
+    more steps, whose values are valid too."""
+    return may_read(t) or step % STOP_TEST_EVERY == 0
 
 
 def sums_finite(*tensors: torch.Tensor) -> bool:
@@ -235,11 +251,28 @@ def _on_host(t: torch.Tensor) -> bool:
     return t.untyped_storage().data_ptr() in _host_storages
 
 
+def _counted(method):
+    """``Tensor.tolist``/``Tensor.numpy`` noting a read (they copy to the host without dispatching)."""
+    def read(t: torch.Tensor, *args, **kwargs):
+        if not _on_host(t):
+            for counter in _counters:
+                counter.note(method.__name__)
+        return method(t, *args, **kwargs)
+    return read
+
+
+#: host copies that bypass the dispatcher, counted while counting
+_UNDISPATCHED = ("tolist", "numpy")
+
+
 @contextlib.contextmanager
 def count_syncs() -> Iterator[SyncCounter]:
     """Count the host reads made inside (``counter.total``, ``counter.reads``). Every aten op then
     passes through Python: for tests and benchmarks, not for timing."""
     counter = SyncCounter()
+    originals = {} if _counters else {name: getattr(torch.Tensor, name) for name in _UNDISPATCHED}
+    for name, method in originals.items():
+        setattr(torch.Tensor, name, _counted(method))
     _counters.append(counter)
     try:
         with counter:
@@ -248,3 +281,5 @@ def count_syncs() -> Iterator[SyncCounter]:
         _counters.remove(counter)
         if not _counters:
             _host_storages.clear()
+        for name, method in originals.items():  # the outermost counter restores them
+            setattr(torch.Tensor, name, method)

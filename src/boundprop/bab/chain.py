@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..graph.ir import Graph, evaluate, run_node
+from ..syncs import stop_test_due
 from .adam import Adam
 
 aten = torch.ops.aten
@@ -344,7 +345,8 @@ class ChainBounder:
         relax = [self._relax(l, u) for l, u in pre]
         unstable = [(l < 0) & (u > 0) for l, u in pre]
         box = torch.arange(batch, device=lo.device).repeat_interleave(n_groups)
-        member = torch.nn.functional.one_hot(groups, n_groups).T.to(lo.dtype)  # (G, rows)
+        # (G, rows); not one_hot, which reads the groups' range on the host
+        member = (torch.arange(n_groups, device=groups.device).unsqueeze(1) == groups).to(lo.dtype)
         logits = lo.new_zeros(batch, n_groups, rows).masked_fill(member.unsqueeze(0) == 0, -torch.inf)
         alphas = [r[0][box].clone() for r in relax]  # (batch * G, n_i), start from the adaptive slopes
         free = [m[box] for m in unstable]
@@ -369,7 +371,7 @@ class ChainBounder:
                 value = value.reshape(batch, n_groups)
                 loss = -(value.clamp_max(1.0)).sum()
             best = torch.maximum(best, value.detach())
-            if step == iterations or bool((best > 0).all()):
+            if step == iterations or (stop_test_due(step, best) and bool((best > 0).all())):
                 break
             with torch.enable_grad():
                 grads = torch.autograd.grad(loss, params)

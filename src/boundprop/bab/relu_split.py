@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..syncs import stop_test_due
 from .adam import Adam
 from .attack import violation
 from .chain import ChainBounder, ReluChain, restrict_chain
@@ -232,7 +233,7 @@ class BetaCrown:
                 # where, not a bool-mask assignment (which finds the mask's entries on the host)
                 best_a = torch.where(_per_domain(better, best_a), alpha.detach().clamp(0, 1), best_a)
                 best_b = torch.where(_per_domain(better, best_b), beta.detach().clamp_min(0), best_b)
-            if step == iterations or bool((best >= goal.amin(1)).all()) or (
+            if step == iterations or (stop_test_due(step, best) and bool((best >= goal.amin(1)).all())) or (
                     deadline is not None and time.perf_counter() > deadline):
                 break
             with torch.enable_grad():

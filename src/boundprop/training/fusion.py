@@ -346,7 +346,9 @@ def fused_bounds(graph: Graph, inputs: Sequence[torch.Tensor], perturbations: Ma
     slope, intercept = exp_chord(low, high)
     # exp(z - m) <= a (z - m) + c = a z + (c - a m)
     offset = (intercept - slope * shift).sum(-1, keepdim=True)
-    row = slope - slope.sum(-1, keepdim=True) * torch.nn.functional.one_hot(labels, low.shape[-1]).to(slope.dtype)
+    # the labels' one-hot rows by comparison (``one_hot`` reads their range on the host: a sync per step)
+    is_label = (torch.arange(low.shape[-1], device=labels.device) == labels.unsqueeze(-1)).to(slope.dtype)
+    row = slope - slope.sum(-1, keepdim=True) * is_label
     res = backward(state, pattern.logits, row.unsqueeze(1), lower=False, upper=True)
     crown_shifted = res.upper + offset
     log_crown = _log_ub(crown_shifted, shift)

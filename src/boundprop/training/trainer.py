@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..devices import resolve_device
+from ..devices import module_device, resolve_device
+from ..syncs import may_read
 from .evaluation import evaluate
 from .losses import METHODS, ROBUST_METHODS, BoundGraphs, capture_graphs, pgd_attack, robust_ce
 from .models import set_train_mode
@@ -99,7 +100,8 @@ class TrainConfig:
     progress: bool = True
     print_every: int = 0  #: batches between printed progress lines without tqdm (0: about 4 per epoch)
     threads: int | None = None
-    device: str = "cpu"  #: cpu, cuda, cuda:N or auto (CUDA when available); one process per device
+    #: cpu, cuda, cuda:N or auto (CUDA when available); None: where the model is. One process per device
+    device: str | None = None
 
     def __post_init__(self) -> None:
         self.method = self.method.lower()
@@ -214,7 +216,7 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, flush=True))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, module_device(model))
         if world_size > 1 and self.device.type != "cpu":
             raise ValueError("multi-process training runs on the CPU (gloo): use device='cpu'")
         model.to(self.device)
@@ -278,7 +280,7 @@ class Trainer:
         n = len(self.y_all)
         # drawn on the CPU (where the generator is), so runs are reproducible on any device
         perm = torch.randperm(n, generator=self._generator(epoch), device="cpu").to(self.device)
-        totals = {"loss": 0.0, "nat_ce": 0.0, "robust_ce": 0.0, "correct": 0.0, "n": 0, "n_robust": 0}
+        sums = None  # the epoch's sums so far (see _batch_sums), on the device: read only to report
         every = cfg.print_every or max(1, self.batches_per_epoch // 4)
         show = cfg.progress and self.rank == 0
         bar = _progress_bar(self.batches_per_epoch, f"epoch {epoch}/{cfg.epochs}", show)
@@ -305,26 +307,30 @@ class Trainer:
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
-            stats = self._reduce(loss.detach() / scale, nat, robust, correct)
-            for key in ("loss", "nat_ce", "robust_ce", "correct", "n", "n_robust"):
-                totals[key] += stats[key]
-            if show:
-                postfix = _postfix(totals, eps)
+            batch_sums = self._batch_sums(loss.detach() / scale, nat, robust, correct)
+            sums = batch_sums if sums is None else sums + batch_sums
+            # reading the sums waits for the device: on an accelerator only every `every` batches
+            due = (b + 1) % every == 0 or b + 1 == self.batches_per_epoch
+            if show and (due or (bar is not None and may_read(sums))):
+                postfix = _postfix(_totals(sums), eps)
                 if bar is not None:
                     bar.set_postfix_str(postfix)
-                    bar.update(1)
-                elif (b + 1) % every == 0 or b + 1 == self.batches_per_epoch:
+                else:
                     self.log(f"  epoch {epoch}/{cfg.epochs} [{b + 1}/{self.batches_per_epoch}] {postfix}")
+            if bar is not None:
+                bar.update(1)
         if bar is not None:
             bar.close()
+        totals = _totals(sums)
         count = max(totals["n"], 1)
         return {"epoch": epoch, "eps": eps, "lr": self.optimizer.param_groups[0]["lr"],
                 "loss": totals["loss"] / count, "nat_ce": totals["nat_ce"] / count,
                 "robust_ce": totals["robust_ce"] / totals["n_robust"] if totals["n_robust"] else None,
                 "train_err": 1.0 - totals["correct"] / count, "time_s": time.perf_counter() - start}
 
-    def _reduce(self, loss_sum_local, nat, robust, correct) -> dict[str, float]:
-        """Sums over this batch (all processes): loss (per-sample sum), CEs, correct, counts."""
+    def _batch_sums(self, loss_sum_local, nat, robust, correct) -> torch.Tensor:
+        """Sums over this batch (all processes), float64 on the device: loss (per-sample sum), natural
+        CE, robust CE, correct, samples, samples with a robust CE (see :func:`_totals`)."""
         has_rob = ~torch.isnan(robust)
         vec = torch.stack([loss_sum_local.reshape(()).float(), nat.sum(), torch.where(has_rob, robust, 0.0).sum(),
                            correct.sum(), nat.new_tensor(float(len(nat))), has_rob.sum().float()]).double()
@@ -332,8 +338,7 @@ class Trainer:
             import torch.distributed as dist
 
             dist.all_reduce(vec)
-        loss, nat_s, rob_s, cor, n, n_rob = vec.tolist()
-        return {"loss": loss, "nat_ce": nat_s, "robust_ce": rob_s, "correct": cor, "n": int(n), "n_robust": int(n_rob)}
+        return vec
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, eps: float | None = None, limit: int | None = None) -> dict[str, float]:
@@ -461,6 +466,12 @@ def _tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         return tensors[0], tensors[1].long()
     xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
     return torch.stack(xs), torch.stack([torch.as_tensor(v, device="cpu") for v in ys]).long()
+
+
+def _totals(sums: torch.Tensor | None) -> dict[str, Any]:
+    """:meth:`Trainer._batch_sums`'s vector (None: no batch) as named numbers (one host read)."""
+    loss, nat_s, rob_s, cor, n, n_rob = [0.0] * 6 if sums is None else sums.tolist()
+    return {"loss": loss, "nat_ce": nat_s, "robust_ce": rob_s, "correct": cor, "n": int(n), "n_robust": int(n_rob)}
 
 
 def _postfix(totals: dict[str, Any], eps: float) -> str:

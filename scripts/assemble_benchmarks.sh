@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 {
   cat benchmarks/README.md
-  for part in peer_compare forward_unit conv_floor host_syncs scaling memory zoo gpu_h100 training verifier verifier_relu_split weight_perturbation ray; do
+  for part in peer_compare forward_unit conv_floor host_syncs verifier_syncs scaling memory zoo gpu_h100 training verifier verifier_relu_split weight_perturbation ray; do
     f="benchmarks/results/$part.md"
     [ -f "$f" ] || continue
     echo

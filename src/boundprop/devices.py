@@ -5,7 +5,9 @@ verifier, certified training and the command line take a device by name. ``"auto
 this machine has it, else the CPU. Code that makes tensors names their device explicitly (that of a
 tensor it works with, or ``"cpu"`` for host-side data such as random draws and row indices), so
 that it behaves the same whatever ``torch.set_default_device`` says; the tests check this by
-running with ``meta`` as the default device.
+running with ``meta`` as the default device. IBP and CROWN-IBP (and the training losses built on
+them) also run whole on ``meta`` tensors, which have shapes but no values: proof that they read
+nothing on the host and make nothing off their inputs' device (``tests/test_devices.py``).
 """
 
 from __future__ import annotations

@@ -65,13 +65,14 @@ class ModelSource:
     """The model in a form any process can rebuild: an ``nn.Module`` or the bytes of an ONNX file.
 
     ``input_shape`` is ``(1, *sample shape)``; ``device`` is where the network is built (bounds and
-    searches run there). ``token`` names this model in the per-process cache."""
+    searches run there; None: the module's device, the CPU for ONNX). ``token`` names this model in
+    the per-process cache."""
 
     input_shape: tuple[int, ...]
     module: Any = None
     onnx: bytes | None = None
     name: str = "model"
-    device: str = "cpu"
+    device: str | None = None
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def network(self) -> Any:

@@ -85,6 +85,11 @@ def restrict_chain(chain: ReluChain, free: torch.Tensor, fixed: torch.Tensor) ->
     return ReluChain([W0[:, free].contiguous()] + chain.weights[1:], [c] + chain.biases[1:])
 
 
+def _device_of(params: dict) -> torch.device:
+    """Where the graph's parameters are (the chain is built there; the CPU without any)."""
+    return next((v.device for v in params.values() if torch.is_tensor(v)), torch.device("cpu"))
+
+
 def _params64(graph: Graph) -> dict[str, torch.Tensor]:
     out = {}
     for name, value in graph.param_values().items():
@@ -107,9 +112,8 @@ def extract_relu_chain(graph: Graph, input_shape: tuple[int, ...] | None = None,
         return None
     shape = tuple(input_shape or graph.input_shapes[0])
     params = _params64(graph)
-    device = next((v.device for v in params.values() if torch.is_tensor(v)), torch.device("cpu"))
     try:
-        x0 = torch.zeros((1, *shape[1:]), dtype=torch.float64, device=device)
+        x0 = torch.zeros((1, *shape[1:]), dtype=torch.float64, device=_device_of(params))
         state = make_state(graph, (x0,), {graph.inputs[0]: PerturbationLpNorm(x_L=x0, x_U=x0)}, params)
         relus = []
         for node in graph.nodes:
@@ -177,7 +181,7 @@ def _densify(graph: Graph, nodes: list, source: str, target: str, shape: torch.S
              params: dict):
     """``(W, c)`` of the affine segment, from its values at 0 and the basis vectors; checked at random points."""
     n = int(math.prod(shape))
-    device = next((v.device for v in params.values() if torch.is_tensor(v)), torch.device("cpu"))
+    device = _device_of(params)
     basis = torch.cat([torch.zeros(1, n, dtype=torch.float64, device=device),
                        torch.eye(n, dtype=torch.float64, device=device)])
     with torch.no_grad():

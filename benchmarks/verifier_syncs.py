@@ -16,6 +16,7 @@ import csv
 from pathlib import Path
 
 import torch
+from host_syncs import write_result
 
 from boundprop.bab.verifier import Network, verify
 from boundprop.syncs import count_syncs, device_paths
@@ -78,11 +79,7 @@ def main() -> None:
             "Counted on CPU on the accelerator paths (`boundprop.syncs.device_paths`): "
             "`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/verifier_syncs.py`. Reads as in `host_syncs.md`, "
             "plus copies to the host that bypass the dispatcher (`tolist`, `numpy`)."]
-    notes = OUT.with_suffix(".notes.md")
-    if notes.exists():
-        text += ["", notes.read_text().rstrip()]
-    OUT.write_text("\n".join(text) + "\n")
-    print(OUT.read_text())
+    write_result(OUT, text)
 
 
 if __name__ == "__main__":

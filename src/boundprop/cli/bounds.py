@@ -160,7 +160,6 @@ def run(args: argparse.Namespace) -> int:
         require_matplotlib()
     apply_threads(args.threads)
     device = device_from_args(args.device)
-    args.device = str(device)  # the report names the device "auto" resolved to
 
     loaded = load_model(args.model, args.arch)
     labels_from = "data"
@@ -239,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     x, labels, logits = x.cpu(), None if labels is None else labels.cpu(), logits.cpu()
     predicted = None if predicted is None else predicted.cpu()
     _report(args, loaded, source, labels_from, x, labels, logits, predicted, clip, capture_s, forward_ms,
-            methods, outcomes, batch)
+            methods, outcomes, batch, device)
     if args.plot is not None:
         from .plot import plot_first_sample
 
@@ -251,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _report(args, loaded, source, labels_from, x, labels, logits, predicted, clip, capture_s, forward_ms,
-            methods, outcomes, batch) -> None:
+            methods, outcomes, batch, device: torch.device) -> None:
     n = x.shape[0]
     margin = args.spec == "margin"
     shape = "x".join(str(s) for s in x.shape[1:])
@@ -262,7 +261,7 @@ def _report(args, loaded, source, labels_from, x, labels, logits, predicted, cli
     spec = (f"margin (bounds of y_true - y_j, {logits.shape[-1] - 1} per sample; verified when all lower > 0)"
             if margin else "none (bounds of the raw outputs)")
     print(f"perturbation: {ball};  spec: {spec}")
-    where = f"{threads} thread{'s' if threads > 1 else ''}" if args.device == "cpu" else f"device {args.device}"
+    where = f"{threads} thread{'s' if threads > 1 else ''}" if device.type == "cpu" else f"device {device}"
     print(f"capture: {capture_s:.2f} s (once per model);  one forward pass: {forward_ms:.3f} ms (batch 1, {where})")
     calls = "one call per sample" if batch == 1 else f"batches of up to {batch} samples per call"
     print(f"timing: compute_bounds, {calls}; lower and upper bounds")

@@ -2,17 +2,20 @@
 
 The branch-free paths an accelerator takes are run on CPU under ``device_paths()``: they must give
 the bounds the CPU paths give, and read values on the host only where the module says they do
-(the rows of intermediate CROWN walks, alpha-CROWN's stop test, one-time checks).
+(the rows of intermediate CROWN walks, alpha-CROWN's stop test every few evaluations, one-time checks).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 import boundprop
 from boundprop import PerturbationLpNorm, compute_bounds
-from boundprop.syncs import count_syncs, device_paths, may_read, read_flags, to_device, to_host
+from boundprop.algorithms.alpha import _StopTest
+from boundprop.syncs import STOP_TEST_EVERY, count_syncs, device_paths, may_read, read_flags, to_device, to_host
 from boundprop.zoo import ZOO
 
 
@@ -90,7 +93,7 @@ _ALPHA = {"optimize_bound_args": {"iteration": 4}}
 @pytest.mark.parametrize("method", ["IBP", "CROWN-IBP", "CROWN", "forward", "alpha-CROWN"])
 def test_device_paths_give_the_same_bounds_with_reads_only_by_design(name, method):
     """Every method gives the CPU's bounds on the GPU's branches; IBP and CROWN-IBP read nothing,
-    CROWN and forward mode once per walk start, alpha-CROWN also once per evaluation."""
+    CROWN and forward mode once per walk start, alpha-CROWN also once per few evaluations."""
     model, relu_layers = _models()[name]
     x = torch.rand(2, 2, 6, 6, generator=torch.Generator().manual_seed(1))
     graph = boundprop.capture(model, x[:1])
@@ -108,9 +111,52 @@ def test_device_paths_give_the_same_bounds_with_reads_only_by_design(name, metho
     if method in ("CROWN", "forward"):  # one read per start: the rows of its walk
         assert c.total == starts <= relu_layers, c.reads
         return
-    evaluations = 2 * (1 + 4)  # both sides: CROWN, then the iterations
-    flags = sum(n for (_, where), n in c.reads.items() if where.startswith("algorithms/alpha.py"))
-    assert starts <= evaluations * relu_layers and flags <= evaluations + 8 and c.total == starts + flags, c.reads
+    # each start's rows: once for CROWN, once for the first evaluation (kept for the later ones);
+    # the stop test: at the first of the 4 evaluations of each side; a check of the window layout
+    # of each start's parameters when they are made (8 on the residual network)
+    stop_tests = sum(n for (op, where), n in c.reads.items() if where.startswith("algorithms/alpha.py") and op != "equal")
+    checks = sum(n for (op, where), n in c.reads.items() if op == "equal")
+    assert starts <= 2 * relu_layers and stop_tests == 2 and checks <= 8, c.reads
+    assert c.total == starts + stop_tests + checks, c.reads
+
+
+def test_alpha_crown_stops_late_on_device_paths_with_a_bound_as_tight():
+    """On an accelerator alpha-CROWN reads its stop test every ``STOP_TEST_EVERY`` evaluations: a
+    criterion met in between stops it at the next read, and the extra evaluations only tighten."""
+    model, _ = _models()["mlp"]
+    x = torch.rand(2, 2, 6, 6, generator=torch.Generator().manual_seed(1))
+    graph = boundprop.capture(model, x[:1])
+    ptb = {graph.inputs[0]: PerturbationLpNorm(0.1)}
+    evaluations = []
+
+    def criterion(bound):  # met from the second evaluation on
+        evaluations.append(1)
+        return torch.full((bound.shape[0], 1), len(evaluations) >= 2)
+
+    results, counts = {}, {}
+    for paths in ("cpu", "device"):
+        evaluations.clear()
+        with device_paths() if paths == "device" else contextlib.nullcontext():
+            results[paths] = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", upper=False, opts={
+                "optimize_bound_args": {"iteration": 12, "stop_criterion_func": criterion, "lr_alpha": 0.1}})
+        counts[paths] = len(evaluations)
+    assert counts == {"cpu": 2, "device": STOP_TEST_EVERY + 1}
+    assert (results["device"].lower >= results["cpu"].lower).all()
+
+
+@pytest.mark.parametrize("improved, cpu_stop", [("TTFFFFFF", 3), ("TFFTTTTT", 2), ("TTTTTTTT", None)])
+def test_alpha_crown_patience_is_counted_on_the_device(improved, cpu_stop):
+    """Patience 1: the CPU stops at the second evaluation in a row without improvement; the device
+    paths count on the device and stop at the next read, even if a later evaluation improved."""
+    def first_stop() -> int | None:
+        test = _StopTest(patience=1)
+        return next((i for i, flag in enumerate(improved) if test.after(i, torch.tensor(flag == "T"), False)), None)
+
+    assert first_stop() == cpu_stop
+    with device_paths(), count_syncs() as c:
+        late = first_stop()
+    due = None if cpu_stop is None else -(-cpu_stop // STOP_TEST_EVERY) * STOP_TEST_EVERY
+    assert late == due and c.total == (late if late is not None else len(improved) - 1) // STOP_TEST_EVERY + 1
 
 
 @pytest.mark.parametrize("name", ["transformer", "lstm", "gelu_layernorm_mlp", "bn_pool_cnn"])

@@ -22,10 +22,14 @@ Procedure (one call):
    with the output bound. Each evaluation starts from the tightest intervals found so far (at
    first CROWN's) and intersects the new ones with them; the gradient passes straight through that
    intersection to the new bounds (as auto_LiRPA does with reference bounds). Intervals only
-   shrink, so later walks refine a subset of the first unstable set and use the matching rows.
+   shrink, so later walks refine a subset of the first unstable set and use the matching rows (on
+   an accelerator they walk the first set itself, so as not to wait for the device to read the
+   masks again: :func:`~boundprop.algorithms.crown.walk_rows`).
    Loss: ``-sum(lower)`` (or ``sum(upper)``); Adam (``lr_alpha``), ``ExponentialLR(lr_decay)``;
    after each step the parameters are projected back into their valid set
-   (``AlphaSpec.project``). The last evaluation takes no step. The upper side, optimised second,
+   (``AlphaSpec.project``). The last evaluation takes no step; the loop also stops when the stop
+   criterion holds on every row or after ``early_stop_patience`` evaluations without improvement
+   (:class:`_StopTest`). The upper side, optimised second,
    starts from the intervals the lower side found.
 3. Best-so-far per element of the output bound (and the rows of any requested ``A`` that
    produced it); the intermediate intervals returned in ``state.intervals`` are the
@@ -60,9 +64,9 @@ import torch
 from ..domains import Interval
 from ..domains.patches import Patches
 from ..rules import RelaxCall, Var
-from ..syncs import may_read, read_flags, to_device
+from ..syncs import may_read, read_flags, stop_test_due, to_device
 from .backward import AlphaLookup, backward
-from .crown import refine_intermediate
+from .crown import KEPT_ROWS, refine_intermediate
 from .ibp import ibp
 from .state import PropagationState
 
@@ -164,7 +168,8 @@ class AlphaSet:
         the target, whose rows are the spec)."""
         rows = None
         if start != self.target and not self.shared:
-            self._host_index.setdefault(start, on_host)
+            if self._host_index.setdefault(start, on_host) is on_host and start in self._index:
+                return _StartLookup(self, start, None)  # the first rows again (kept: walk_rows)
             index = to_device(on_host, self.state.values[start].device)
             first = self._index.setdefault(start, index)
             if index.numel() != first.numel():
@@ -339,6 +344,35 @@ def _keep_tightest(best: dict[str, Interval], intervals: dict[str, Interval]) ->
             best[name] = _detach(iv) if old is None else old.intersect(_detach(iv))
 
 
+class _StopTest:
+    """When an optimisation stops: its stop criterion met on every row, or no element of the bound
+    improved for more than ``patience`` evaluations.
+
+    Where the flags may be read (CPU) they are read after every evaluation, in one host read. On an
+    accelerator the count and the flags stay on the device and are read every
+    :data:`~boundprop.syncs.STOP_TEST_EVERY` evaluations (:func:`~boundprop.syncs.stop_test_due`);
+    a condition met in between is remembered, so the loop stops at most ``STOP_TEST_EVERY - 1``
+    evaluations late. Those evaluations are sound too, and the best bound so far is what is kept,
+    so a late stop only gives an equal or tighter bound.
+    """
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.stalled: Any = 0  # evaluations since the last improvement
+        self.pending: Any = False  # on the device: a condition met since the last read
+
+    def after(self, step: int, improved: torch.Tensor, met: torch.Tensor | bool) -> bool:
+        """Whether to stop after evaluation ``step`` (``improved``: a 0-dim bool tensor; ``met``: whether
+        every row meets the stop criterion)."""
+        if may_read(improved):
+            improved, met = read_flags(improved, met)
+            self.stalled = 0 if improved else self.stalled + 1
+            return met or self.stalled > self.patience
+        self.stalled = torch.where(improved, 0, self.stalled + 1)
+        self.pending = (self.stalled > self.patience) | met | self.pending
+        return stop_test_due(step, improved) and read_flags(self.pending)[0]
+
+
 def _optimise_side(state: PropagationState, target: str, C: torch.Tensor, side: str, start: _Start,
                    crown_bound: torch.Tensor, crown_A: dict, keep_A: set[str] | None, o: dict,
                    tightest: dict[str, Interval]) -> _Best:
@@ -348,7 +382,7 @@ def _optimise_side(state: PropagationState, target: str, C: torch.Tensor, side: 
     alphas = AlphaSet(state, target, C.shape[1], shared=bool(o["use_shared_alpha"]))
     iterations = int(o["iteration"])
     optimizer = scheduler = None
-    patience = 0
+    stop = _StopTest(int(o["early_stop_patience"]))
     began = time.perf_counter()
     for i in range(iterations):
         last = i == iterations - 1
@@ -361,10 +395,8 @@ def _optimise_side(state: PropagationState, target: str, C: torch.Tensor, side: 
         _keep_tightest(tightest, state.intervals)
         improved = best.update(bound, res.A, bool(o["keep_best"]))
         criterion = o["stop_criterion_func"](bound.detach() if idx == 0 else -bound.detach())
-        improved, stop_all = read_flags(improved, criterion.all() if torch.is_tensor(criterion) else criterion)
-        patience = 0 if improved else patience + 1
-        if (last or stop_all or patience > int(o["early_stop_patience"])
-                or time.perf_counter() - began > float(o["max_time"])):
+        met = criterion.all() if torch.is_tensor(criterion) else criterion
+        if last or stop.after(i, improved, met) or time.perf_counter() - began > float(o["max_time"]):
             break
         loss = -o["loss_reduction_func"](bound) if idx == 0 else o["loss_reduction_func"](bound)
         if torch.is_tensor(criterion):
@@ -427,6 +459,8 @@ def alpha_crown(state: PropagationState, target: str, C: torch.Tensor, lower: bo
         fixed |= {n for n in refined if _affine_only(state, n)}
     start = _Start({n: _detach(iv) for n, iv in state.intervals.items()}, fixed,
                    {k: v for k, v in state.cache.items() if isinstance(k, tuple) and k and k[0] in _STATIC_CACHE})
+    if not may_read(C):  # on an accelerator each start's rows are read once, not once per evaluation
+        start.cache[KEPT_ROWS] = {}  # shared by the evaluations (restore copies the cache shallowly)
     low = crown.lower.detach() if lower else None
     up = crown.upper.detach() if upper else None
     A = {name: (_dense(entry[0]), _dense(entry[1]), *(t.detach() if torch.is_tensor(t) else t for t in entry[2:]))

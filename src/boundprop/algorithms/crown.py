@@ -185,6 +185,32 @@ def unstable_rows(state: PropagationState, name: str) -> torch.Tensor:
     return to_host(unstable_mask(state, name).reshape(state.batch_size, -1).any(0)).nonzero().flatten()
 
 
+#: ``state.cache`` key of the rows an optimisation keeps for the walks of its later evaluations
+#: (a dict ``{start: rows}`` that its evaluations share; see :func:`walk_rows`)
+KEPT_ROWS = ("kept_rows",)
+
+
+def walk_rows(state: PropagationState, name: str) -> torch.Tensor:
+    """The rows of the CROWN walk from ``name``: :func:`unstable_rows`, or the rows an earlier
+    evaluation of the same optimisation chose, where it keeps them (``state.cache[KEPT_ROWS]``).
+
+    Any set of rows is sound: the neurons left out keep their interval. Intervals only shrink from
+    one evaluation to the next, so the kept rows hold every neuron unstable now (for ``unstable``
+    rules monotone in the interval, as alpha-CROWN requires); a neuron that has become stable is
+    walked at a cost, and its interval can only tighten (the walk's bound is intersected with it).
+    alpha-CROWN keeps the
+    rows on accelerators, where reading the mask waits for the device once per start and evaluation;
+    on CPU it reads it afresh (free there, and fewer rows are less work).
+    """
+    kept = state.cache.get(KEPT_ROWS)
+    if kept is None:
+        return unstable_rows(state, name)
+    rows = kept.get(name)
+    if rows is None:
+        rows = kept[name] = unstable_rows(state, name)
+    return rows
+
+
 def _walk_start(state: PropagationState, name: str, part: torch.Tensor, dtype: torch.dtype,
                 part_on_host: torch.Tensor):
     """One-hot specs for the neurons ``part`` of ``name``: Patches on a 2-D map, else a dense tensor.
@@ -259,7 +285,7 @@ def refine(state: PropagationState, name: str, alpha_for_start: AlphaForStart | 
             state.intervals[current] = interval_of(state, current).intersect(state.intervals[current])
         elif not _ibp_exact(state, current):
             refresh_ibp(state, current)
-            rows = unstable_rows(state, current)
+            rows = walk_rows(state, current)
             alpha_for = alpha_for_start(current, rows) if alpha_for_start else None
             state.intervals[current] = crown_interval(state, current, rows, alpha_for)
         state.refined.add(current)

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peer_compare import PEER, forward_burst, load, peer_costs  # noqa: E402
+from results_file import write_result  # noqa: E402
 from scaling_bench import median_time  # noqa: E402
 
 import boundprop  # noqa: E402
@@ -145,9 +146,7 @@ def main() -> None:
                  "stride 1), PyTorch's default, its im2col kernel (`slow_conv_transpose2d`), a matrix "
                  "product + col2im, in the order `boundprop.kernels` tries them. It times the same "
                  "candidates once per case and keeps the fastest.\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    prose = args.out.with_suffix(".notes.md")
-    args.out.write_text(text + ("\n" + prose.read_text() if prose.exists() else ""))
+    write_result(args.out, text)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_file import write_result
+
 RESULTS = Path(__file__).parent / "results" / "forward_unit.md"
 PEER = Path("/work/shared/peer")
 REGIMES = ("fresh", "after a call", "kept")
@@ -102,11 +104,7 @@ def main() -> None:
             + "\n\nMedian of " + str(args.reps) + " plain forward passes per case, one thread, a fresh interpreter "
             "per case; faults: median minor page faults per pass. Command: "
             "`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/forward_unit.py`.\n")
-    notes = args.out.with_suffix(".notes.md")
-    if notes.exists():
-        text += "\n" + notes.read_text()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_result(args.out, text)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from peer_compare import load
+from results_file import write_result
 
 import boundprop
 from boundprop import PerturbationLpNorm, compute_bounds, syncs
@@ -96,15 +97,6 @@ def table(rows: list[dict], before: list[dict] | None) -> str:
     return "\n".join(lines)
 
 
-def write_result(out: Path, lines: list[str]) -> None:
-    """``lines`` and the hand-written notes beside ``out`` (``<name>.notes.md``, if present) into ``out``."""
-    notes = out.with_suffix(".notes.md")
-    if notes.exists():
-        lines = [*lines, "", notes.read_text().rstrip()]
-    out.write_text("\n".join(lines) + "\n")
-    print(out.read_text())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", metavar="REV")
@@ -126,7 +118,7 @@ def main() -> None:
             + "`. A read is a scalar read (`_local_scalar_dense`: `item`, `bool`, `float`), a data-dependent "
             "shape (`nonzero`), a whole-tensor comparison (`equal`) or a copy to the host (`to_host`); "
             "reads inside `torch.optim` (its step counters live on the CPU) are not counted."]
-    write_result(OUT, text)
+    write_result(OUT, "\n".join(text), echo=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from results_file import write_result
+
 RESULTS = Path(__file__).parent / "results" / "memory.md"
 
 CHILD = r"""
@@ -102,11 +104,8 @@ def main() -> None:
     notes = (f"\n\n{datetime.date.today()}, torch from `{sys.executable}`, {platform.machine()}, one thread, "
              "L-inf eps = 0.01, one CROWN call per fresh subprocess; peak RSS = `ru_maxrss` after the call, "
              "baseline = after capture and one forward pass.\n")
-    prose = args.out.with_suffix(".notes.md")
-    extra = prose.read_text() if prose.exists() else ""
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("# Peak memory of CROWN: patches against dense specs\n\n" + "\n".join(
-        [HEADER] + [format_row(r) for r in rows]) + notes + ("\n" + extra if extra else ""))
+    write_result(args.out, "# Peak memory of CROWN: patches against dense specs\n\n" + "\n".join(
+        [HEADER] + [format_row(r) for r in rows]) + notes)
     print(notes)
 
 

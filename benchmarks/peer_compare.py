@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import write_result
 
 import boundprop
 from boundprop import PerturbationLpNorm, compute_bounds
@@ -225,10 +226,7 @@ def main() -> None:
              "(wall clock; 'CPU time' uses process CPU time for both). ratio = cost / auto_LiRPA's cost "
              "(auto_LiRPA's is wall clock). "
              "max rel. diff = max |ours - auto_LiRPA| / max(1, |auto_LiRPA|) over both bounds.\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    prose = args.out.with_suffix(".notes.md")  # hand-written analysis kept beside the generated table
-    extra = "\n" + prose.read_text() if prose.exists() else ""
-    args.out.write_text("# boundprop vs auto_LiRPA on the peer models\n\n" + table + notes + extra)
+    write_result(args.out, "# boundprop vs auto_LiRPA on the peer models\n\n" + table + notes)
     print(notes)
 
 

@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from results_file import write_result
 
 import boundprop
 from boundprop import PerturbationLpNorm, compute_bounds
@@ -152,10 +153,7 @@ def main() -> None:
              f"`boundprop.zoo.mlp(in_dim={args.in_dim}, hidden=width, out=10, depth)`, L-inf eps={args.eps}, "
              f"batch {args.batch}, CPU times (median of {args.reps}).\n")
     text = "\n".join([HEADER] + [format_row(r) for r in rows])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    prose = args.out.with_suffix(".notes.md")
-    extra = prose.read_text() if prose.exists() else ""
-    args.out.write_text("# CROWN time against depth and width\n\n" + text + notes + ("\n" + extra if extra else ""))
+    write_result(args.out, "# CROWN time against depth and width\n\n" + text + notes)
     print(notes)
 
 

@@ -16,7 +16,7 @@ import csv
 from pathlib import Path
 
 import torch
-from host_syncs import write_result
+from results_file import write_result
 
 from boundprop.bab.verifier import Network, verify
 from boundprop.syncs import count_syncs, device_paths
@@ -79,7 +79,7 @@ def main() -> None:
             "Counted on CPU on the accelerator paths (`boundprop.syncs.device_paths`): "
             "`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/verifier_syncs.py`. Reads as in `host_syncs.md`, "
             "plus copies to the host that bypass the dispatcher (`tolist`, `numpy`)."]
-    write_result(OUT, text)
+    write_result(OUT, "\n".join(text), echo=True)
 
 
 if __name__ == "__main__":

@@ -179,6 +179,28 @@ def test_device_paths_on_other_operators(name, method):
     assert sum(n for (_, where), n in c.reads.items() if where.startswith("algorithms/run.py")) <= 1
 
 
+@pytest.mark.parametrize("name", ["transformer", "bn_pool_cnn"])
+def test_alpha_crown_device_paths_on_other_operators(name):
+    """alpha-CROWN with its rows kept and its stop test on the device: the CPU's bounds, and host
+    reads only for each start's rows (CROWN's, then at most once more for all evaluations) and one
+    stop test per side."""
+    factory, shape = ZOO[name]
+    model = factory()
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+    graph = boundprop.capture(model, x[:1])
+    ptb = {graph.inputs[0]: PerturbationLpNorm(0.01)}
+    opts = {"optimize_bound_args": {"iteration": 3}}
+    cpu = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", opts=opts)
+    with device_paths(), count_syncs() as c:
+        dev = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", opts=opts)
+    torch.testing.assert_close(dev.lower, cpu.lower, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dev.upper, cpu.upper, rtol=1e-6, atol=1e-6)
+    with device_paths(), count_syncs() as crown:
+        compute_bounds(graph, (x,), ptb, method="CROWN")
+    starts = sum(n for (_, where), n in c.reads.items() if where.startswith("algorithms/crown.py"))
+    assert crown.total <= starts <= 2 * crown.total and c.total == starts + 2, c.reads
+
+
 def test_checks_deferred_on_device_paths_raise_the_same_error():
     """A relaxation that cannot be bounded (1/x on an interval around 0) is refused with the error
     that names it, also where its check was deferred to the end of the call."""

@@ -159,16 +159,20 @@ def test_alpha_crown_patience_is_counted_on_the_device(improved, cpu_stop):
     assert late == due and c.total == (late if late is not None else len(improved) - 1) // STOP_TEST_EVERY + 1
 
 
+def _zoo_case(name: str):
+    """A zoo model's graph, a batch of 2 inputs and an L-inf ball of 0.01 on them."""
+    factory, shape = ZOO[name]
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
+    graph = boundprop.capture(factory(), x[:1])
+    return graph, x, {graph.inputs[0]: PerturbationLpNorm(0.01)}
+
+
 @pytest.mark.parametrize("name", ["transformer", "lstm", "gelu_layernorm_mlp", "bn_pool_cnn"])
 @pytest.mark.parametrize("method", ["CROWN-IBP", "CROWN"])
 def test_device_paths_on_other_operators(name, method):
     """Products, LayerNorm, curves (sigmoid, tanh, GELU), pooling: the same bounds, and host reads
     only for CROWN's rows and, once per call, the deferred checks that every curve was bounded."""
-    factory, shape = ZOO[name]
-    model = factory()
-    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
-    graph = boundprop.capture(model, x[:1])
-    ptb = {graph.inputs[0]: PerturbationLpNorm(0.01)}
+    graph, x, ptb = _zoo_case(name)
     with torch.no_grad():
         cpu = compute_bounds(graph, (x,), ptb, method=method)
         with device_paths(), count_syncs() as c:
@@ -184,11 +188,7 @@ def test_alpha_crown_device_paths_on_other_operators(name):
     """alpha-CROWN with its rows kept and its stop test on the device: the CPU's bounds, and host
     reads only for each start's rows (CROWN's, then at most once more for all evaluations) and one
     stop test per side."""
-    factory, shape = ZOO[name]
-    model = factory()
-    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
-    graph = boundprop.capture(model, x[:1])
-    ptb = {graph.inputs[0]: PerturbationLpNorm(0.01)}
+    graph, x, ptb = _zoo_case(name)
     opts = {"optimize_bound_args": {"iteration": 3}}
     cpu = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", opts=opts)
     with device_paths(), count_syncs() as c:

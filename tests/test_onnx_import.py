@@ -131,6 +131,76 @@ def test_softmax_flatten_reducemean_clip():
         pytest.skip(str(err))
 
 
+RESIZE_CASES = [  # mode, coordinate_transformation_mode, nearest_mode, scales (H, W) or sizes, exclude_outside
+    ("nearest", "asymmetric", "floor", (2.0, 2.0), None, 0),
+    ("nearest", "half_pixel", "round_prefer_floor", (1.5, 2.5), None, 0),
+    ("nearest", "half_pixel", "round_prefer_ceil", None, (7, 9), 0),
+    ("nearest", "align_corners", "ceil", None, (3, 8), 0),
+    ("nearest", "tf_half_pixel_for_nn", "round_prefer_floor", (0.6, 1.7), None, 0),
+    ("nearest", "pytorch_half_pixel", "floor", (0.5, 1.0), None, 0),
+    ("linear", "half_pixel", "round_prefer_floor", (2.0, 1.5), None, 0),
+    ("linear", "align_corners", "round_prefer_floor", None, (8, 3), 0),
+    ("linear", "asymmetric", "round_prefer_floor", (1.7, 0.6), None, 0),
+    ("linear", "pytorch_half_pixel", "round_prefer_floor", None, (1, 7), 0),
+    ("linear", "half_pixel_symmetric", "round_prefer_floor", (1.5, 2.0), None, 0),
+    ("cubic", "half_pixel", "round_prefer_floor", (2.0, 1.3), None, 0),
+    ("cubic", "align_corners", "round_prefer_floor", None, (6, 4), 0),
+    ("cubic", "half_pixel", "round_prefer_floor", (0.7, 1.6), None, 1),
+]
+
+
+@pytest.mark.parametrize("case", RESIZE_CASES, ids=lambda c: "-".join(str(v) for v in c if v is not None))
+def test_resize_matches_onnxruntime(case):
+    mode, transform, nearest, scales, sizes, exclude_outside = case
+    opset = 19 if transform == "half_pixel_symmetric" else 13
+    x, y = _io((1, 2, 4, 5))
+    inits = [_init("roi", np.zeros(0, dtype=np.float32))]
+    if scales:
+        inits += [_init("scales", np.array([1, 1, *scales], dtype=np.float32))]
+        inputs = ["x", "roi", "scales"]
+    else:
+        inits += [_init("sizes", np.array([1, 2, *sizes], dtype=np.int64))]
+        inputs = ["x", "roi", "", "sizes"]
+    node = helper.make_node("Resize", inputs, ["r"], mode=mode, coordinate_transformation_mode=transform,
+                            nearest_mode=nearest, exclude_outside=exclude_outside)
+    nodes = [node, helper.make_node("Relu", ["r"], ["y"])]  # the resize's output is a perturbed node
+    _compare(_model(nodes, [x], y, inits, opset=opset), (1, 2, 4, 5))
+
+
+def test_upsample_opset9_and_resize_bounds_sound():
+    """``Upsample`` (opset 9, nearest) and a Resize followed by a convolution: the imported graphs agree
+    with onnxruntime, and their bounds hold at sampled points."""
+    from soundness import box_points
+
+    x, y = _io((1, 1, 3, 3))
+    nodes = [helper.make_node("Upsample", ["x", "scales"], ["u"], mode="nearest"),
+             helper.make_node("Conv", ["u", "w"], ["y"])]
+    inits = [_init("scales", np.array([1, 1, 2, 3], dtype=np.float32)), _init("w", RNG.normal(size=(2, 1, 2, 2)))]
+    g = _compare(_model(nodes, [x], y, inits, opset=9), (1, 1, 3, 3))
+    nodes = [helper.make_node("Resize", ["x", "", "scales"], ["u"], mode="linear"),
+             helper.make_node("Conv", ["u", "w"], ["c"]), helper.make_node("Relu", ["c"], ["y"])]
+    inits = [_init("scales", np.array([1, 1, 1.5, 2], dtype=np.float32)), _init("w", RNG.normal(size=(2, 1, 2, 2)))]
+    for graph in (g, _compare(_model(nodes, [x], y, inits), (1, 1, 3, 3))):
+        x0 = torch.rand(2, 1, 3, 3)
+        ptb = {graph.inputs[0]: boundprop.PerturbationLpNorm(0.1)}
+        for method in ("IBP", "CROWN", "forward"):
+            res = boundprop.compute_bounds(graph, (x0,), ptb, method=method)
+            for b in range(2):
+                pts = box_points(x0[b] - 0.1, x0[b] + 0.1, 64)
+                out = evaluate(graph, (pts,))[graph.output].flatten(1)
+                assert (out >= res.lower[b].flatten() - 1e-5).all() and (out <= res.upper[b].flatten() + 1e-5).all()
+
+
+def test_resize_unsupported_settings_named():
+    x, y = _io((1, 1, 4, 4))
+    inits = [_init("roi", np.array([0, 0, 0.1, 0.1, 1, 1, 0.9, 0.9], dtype=np.float32)),
+             _init("scales", np.array([1, 1, 2, 2], dtype=np.float32))]
+    nodes = [helper.make_node("Resize", ["x", "roi", "scales"], ["y"], name="crop", mode="linear",
+                              coordinate_transformation_mode="tf_crop_and_resize")]
+    with pytest.raises(UnsupportedOperatorError, match="crop.*tf_crop_and_resize|tf_crop_and_resize.*crop"):
+        import_onnx(_model(nodes, [x], y, inits))
+
+
 def test_unsupported_ops_listed_together():
     x, y = _io((1, 4))
     nodes = [helper.make_node("Erf", ["x"], ["e"], name="my_erf"),

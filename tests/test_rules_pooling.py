@@ -1,7 +1,8 @@
 """Pooling rules: max_pool2d (IBP exact, sound backward with overlapping windows, -inf padding,
 ceil_mode, dilation), avg/adaptive-avg pooling fast paths equal to the generic vector-Jacobian
-product, and a CNN with max and average pooling."""
+product, a CNN with max and average pooling, and nearest/bilinear upsampling."""
 
+import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings
@@ -125,3 +126,34 @@ def test_cnn_with_pooling_sound_and_crown_tighter():
         res = assert_sound(model, x, eps=0.05, n_random=64)
         w = {m: float((r.upper - r.lower).mean()) for m, r in res.items()}
         assert w["CROWN"] <= w["IBP"] + 1e-6, (kernel, stride, padding, w)
+
+
+UPSAMPLE_OPS = [  # op, args after x
+    (aten.upsample_nearest2d.vec, ([7, 10], None)),
+    (aten._upsample_nearest_exact2d.vec, (None, [2.0, 1.5])),
+    (aten.upsample_bilinear2d.vec, ([9, 8], False, None)),
+    (aten.upsample_bilinear2d.vec, (None, True, [2.0, 2.0])),
+]
+
+
+@settings(max_examples=8, deadline=None)
+@given(case=st.sampled_from(UPSAMPLE_OPS), seed=st.integers(0, 2**16), scale=st.floats(-5, 1))
+def test_upsample_op_level(case, seed, scale):
+    """Nearest and (bi)linear resampling are linear with non-negative weights: IBP on the ends is exact."""
+    op, params = case
+    graph = one_node_graph(op, (Ref("x"), *params))
+    x, r = random_box((2, 2, 4, 5), seed, scale, True, 1.0)
+    check_op(graph, lambda t: op(t, *params), x, r, methods=("IBP", "CROWN", "forward"), seed=seed)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "nearest-exact"])
+def test_cnn_with_upsampling_sound(mode):
+    """A decoder-style CNN (upsampling between convolutions) under every method."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2, mode=mode),
+                          nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    res = assert_sound(model, torch.randn(2, 2, 4, 4), eps=0.1, n_random=64,
+                       methods=("IBP", "CROWN-IBP", "CROWN", "forward", "alpha-CROWN"),
+                       opts={"optimize_bound_args": {"iteration": 3}})
+    w = {m: float((r.upper - r.lower).mean()) for m, r in res.items()}
+    assert w["CROWN"] <= w["CROWN-IBP"] <= w["IBP"] + 1e-6, w

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ops
+from . import onnx_resize, ops
 from .capture import UnsupportedOperatorError, _prune
 from .ir import Graph, Node, ParamSource, Ref, map_refs
 
@@ -388,6 +388,87 @@ def _pad(b: _Builder, ins, attrs, src):
     return b.emit(aten.constant_pad_nd.default, (x, torch_pad, value), source=src, hint="pad")
 
 
+def _text(attrs: dict, key: str, default: str) -> str:
+    value = attrs.get(key, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _resize_inputs(ins, attrs, shape):
+    """``(scales, sizes)`` of a Resize, one entry per axis (None where not given)."""
+    if len(ins) == 2:  # opset 10: (x, scales)
+        scales_in, sizes_in = ins[1], None
+    else:  # opset 11+: (x, roi, scales, sizes)
+        scales_in = ins[2] if len(ins) > 2 else None
+        sizes_in = ins[3] if len(ins) > 3 else None
+    scales = [float(v) for v in scales_in.reshape(-1).tolist()] if scales_in is not None and scales_in.numel() else None
+    sizes = _ints(sizes_in.reshape(-1)) if sizes_in is not None and sizes_in.numel() else None
+    axes = attrs.get("axes")
+    if axes:
+        rank = len(shape)
+        full_scales = [1.0] * rank if scales else None
+        full_sizes = list(shape) if sizes else None
+        for i, axis in enumerate(axes):
+            if scales:
+                full_scales[axis % rank] = scales[i]
+            if sizes:
+                full_sizes[axis % rank] = sizes[i]
+        scales, sizes = full_scales, full_sizes
+    return scales, sizes
+
+
+def _resize(b: _Builder, ins, attrs, src, upsample: bool = False):
+    """``Resize`` / ``Upsample``: per spatial axis an ``index_select`` (nearest) or a constant ``linear``
+    (linear, cubic) along that axis (:mod:`.onnx_resize`)."""
+    x = ins[0]
+    example = b.example(x)
+    shape = tuple(example.shape)
+    rank = len(shape)
+    if upsample:  # opset 7: scales attribute; opset 9: scales input; asymmetric coordinates
+        scales = [float(v) for v in (ins[1].reshape(-1).tolist() if len(ins) > 1 else attrs["scales"])]
+        sizes = None
+        settings = {"mode": _text(attrs, "mode", "nearest"), "coordinate_transformation_mode": "asymmetric",
+                    "nearest_mode": "simple"}
+    else:
+        if any(not _is_const(v) for v in ins[1:]):
+            raise UnsupportedOperatorError([("Resize with computed scales or sizes", src)])
+        scales, sizes = _resize_inputs(ins, attrs, shape)
+        settings = {"mode": _text(attrs, "mode", "nearest"),
+                    "coordinate_transformation_mode": _text(attrs, "coordinate_transformation_mode", "half_pixel"),
+                    "nearest_mode": _text(attrs, "nearest_mode", "round_prefer_floor"),
+                    "cubic_coeff_a": attrs.get("cubic_coeff_a", -0.75),
+                    "exclude_outside": attrs.get("exclude_outside", 0), "antialias": attrs.get("antialias", 0)}
+        if sizes and _text(attrs, "keep_aspect_ratio_policy", "stretch") != "stretch":
+            raise UnsupportedOperatorError([("Resize with keep_aspect_ratio_policy", src)])
+    lengths = onnx_resize.output_lengths(shape, scales, sizes)
+    if list(lengths[:2]) != list(shape[:2]):
+        raise UnsupportedOperatorError([("Resize of the batch or channel axis", src)])
+    for axis in range(2, rank):
+        scale = scales[axis] if scales else lengths[axis] / shape[axis]
+        try:
+            plan = onnx_resize.axis_plan(settings, shape[axis], lengths[axis], scale)
+        except ValueError as err:
+            raise UnsupportedOperatorError([(f"Resize ({err})", src)]) from None
+        if plan is None:
+            continue
+        kind, table = plan
+        if kind == "index":
+            x = (torch.index_select(x, axis, table) if torch.is_tensor(x) else
+                 b.emit(aten.index_select.default, (x, axis, b.arg(table)), source=src, hint="resize"))
+            continue
+        table = table.to(example.dtype)
+        order = list(range(rank))
+        order[axis], order[-1] = order[-1], order[axis]  # a swap: its own inverse
+        if torch.is_tensor(x):
+            x = torch.nn.functional.linear(x.permute(order), table).permute(order)
+            continue
+        if axis != rank - 1:
+            x = b.emit(aten.permute.default, (x, order), source=src, hint="resize")
+        x = b.emit(aten.linear.default, (x, b.arg(table)), source=src, hint="resize")
+        if axis != rank - 1:
+            x = b.emit(aten.permute.default, (x, order), source=src, hint="resize")
+    return x
+
+
 def _softmax(b: _Builder, ins, attrs, src, opset: int):
     (x,) = ins
     axis = int(attrs.get("axis", -1 if opset >= 13 else 1))
@@ -503,6 +584,7 @@ TRANSLATIONS: dict[str, Callable] = {
     "ReduceMax": _reduce(lambda x, axes, keep: aten.amax.default(x, axes, keep)),
     "Cast": _cast, "Clip": _clip, "Identity": _identity, "Dropout": _identity, "Shape": _shape,
     "Constant": _constant, "LeakyRelu": _leaky, "Pow": _pow, "Gelu": _gelu,
+    "Resize": _resize, "Upsample": lambda b, ins, attrs, src: _resize(b, ins, attrs, src, upsample=True),
     "LayerNormalization": _layer_norm, "Split": _split, "Softmax": _softmax,  # these two take an extra argument
 }
 

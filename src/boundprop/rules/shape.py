@@ -51,6 +51,12 @@ MOVEMENT_OPS = (
     aten.gather.default, aten.index.Tensor, aten.constant_pad_nd.default, aten._to_copy.default,
     aten.contiguous.default, aten.detach.default, aten.lift_fresh_copy.default,
     aten.unfold.default, aten.diagonal.default, aten.tile.default, aten.roll.default, aten.flip.default,
+    # nearest-neighbour upsampling copies entries
+    aten.upsample_nearest1d.vec, aten.upsample_nearest1d.default, aten.upsample_nearest2d.vec,
+    aten.upsample_nearest2d.default, aten.upsample_nearest3d.vec, aten.upsample_nearest3d.default,
+    aten._upsample_nearest_exact1d.vec, aten._upsample_nearest_exact1d.default,
+    aten._upsample_nearest_exact2d.vec, aten._upsample_nearest_exact2d.default,
+    aten._upsample_nearest_exact3d.vec, aten._upsample_nearest_exact3d.default,
 )
 
 #: Non-negative linear combinations of entries.
@@ -58,6 +64,9 @@ SUMMING_OPS = (
     aten.sum.dim_IntList, aten.sum.default, aten.mean.dim, aten.mean.default,
     aten.avg_pool1d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
     aten._adaptive_avg_pool2d.default, aten.cumsum.default,
+    # (bi/tri)linear upsampling: convex combinations of neighbouring entries (bicubic's weights can be negative)
+    aten.upsample_linear1d.vec, aten.upsample_linear1d.default, aten.upsample_bilinear2d.vec,
+    aten.upsample_bilinear2d.default, aten.upsample_trilinear3d.vec, aten.upsample_trilinear3d.default,
 )
 
 for _op in MOVEMENT_OPS + SUMMING_OPS:

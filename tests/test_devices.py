@@ -26,9 +26,6 @@ from boundprop.perturbation import perturb_parameters
 from boundprop.spec import margin_matrix
 from boundprop.zoo import RELU_MODELS, ZOO, build
 
-#: methods per model: forward mode has no rule for these models' attention, LayerNorm and max pooling
-_NO_FORWARD = {"transformer", "gelu_layernorm_mlp", "bn_pool_cnn"}
-
 
 def _zoo(fast: set[str]) -> list:
     """The zoo's names, those outside ``fast`` marked slow (``make test-all`` runs them)."""
@@ -70,7 +67,7 @@ def test_bounds_make_every_tensor_on_the_inputs_device(name):
     bm.set_bound_opts({"optimize_bound_args": {"iteration": 2}})
     out = model(x)
     C = margin_matrix(out.argmax(-1), out.shape[-1]) if out.dim() == 2 else None
-    methods = ["IBP", "CROWN-IBP", "CROWN", "alpha-CROWN"] + ([] if name in _NO_FORWARD else ["forward"])
+    methods = ["IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "forward"]
     for method in methods:
         def run(method=method):
             return bm.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(eps=0.05)),), method=method, C=C)
@@ -119,7 +116,7 @@ def test_every_method_runs_whole_on_a_device_without_data(name):
     graph = capture(model, (torch.rand(2, *shape),))
     model.to("meta")
     x = torch.empty(2, *shape, device="meta")
-    methods = ["IBP", "CROWN-IBP", "CROWN"] + ([] if name in _NO_FORWARD else ["forward"])
+    methods = ["IBP", "CROWN-IBP", "CROWN", "forward"]
     if name in RELU_MODELS:  # on meta, many ops of curves run through Python reference code: minutes
         methods.append("alpha-CROWN")
     for method in methods:

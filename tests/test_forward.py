@@ -200,12 +200,50 @@ def test_spec_and_coefficients(mlp):
     assert bool((out >= res.lower.unsqueeze(1) - 1e-5).all() and (out <= res.upper.unsqueeze(1) + 1e-5).all())
 
 
+# --- ops with a backward rule only --------------------------------------------------------------------
+
+
+class BackwardRuleOps(nn.Module):
+    """Max pooling, element-wise max/min, a quotient of perturbed tensors, layer norm and softmax: ops
+    that forward mode bounds through their backward rules."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fa, self.fb = nn.Linear(8, 6), nn.Linear(8, 6)
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.conv(x))).flatten(1)
+        a, b = self.fa(h), self.fb(h)
+        h = torch.maximum(a, b) - torch.minimum(a, 0.5 * b) + a / (2 + torch.sigmoid(b))
+        return self.out(torch.softmax(self.norm(h), -1))
+
+
+def test_backward_rule_ops_sound_and_chunks_agree(monkeypatch):
+    torch.manual_seed(0)
+    model = BackwardRuleOps().eval()
+    x = torch.randn(2, 1, 4, 4)
+    graph = boundprop.capture(model, x)
+    res = assert_sound(model, x, eps=0.1, methods=("IBP", "CROWN", *METHODS), graph=graph)
+    assert _width(res["forward+backward"]) <= _width(res["IBP"])
+    import boundprop.algorithms.forward as fwd
+
+    monkeypatch.setattr(fwd, "IDENTITY_CHUNK_ELEMENTS", 5)  # a row or two of the identity at a time
+    again = compute_bounds(graph, (x,), {graph.inputs[0]: PerturbationLpNorm(0.1)}, method="forward")
+    torch.testing.assert_close(again.lower, res["forward"].lower)
+    torch.testing.assert_close(again.upper, res["forward"].upper)
+
+
 # --- errors -------------------------------------------------------------------------------------------
 
 
 def test_op_without_forward_rule_names_op_and_suggests_crown(two_inputs, monkeypatch):
     model, (a, b), graph = two_inputs
     monkeypatch.setattr(rules_for(aten.mul.Tensor), "forward", None)
+    monkeypatch.setattr(rules_for(aten.mul.Tensor), "backward", None)
     ptb = {graph.inputs[0]: PerturbationLpNorm(0.1), graph.inputs[1]: PerturbationLpNorm(0.1)}
     with pytest.raises(NotImplementedError, match=r"mul.*CROWN"):
         compute_bounds(graph, (a, b), ptb, method="forward")

@@ -14,7 +14,8 @@ rows ``(batch, D + 1, *y.shape[1:])`` with the constant as the last row)::
 * element-wise nonlinearities: the node's input forms are concretised to an interval (intersected
   with IBP's), the op's relaxation ``a x + b <= f(x) <= a' x + b'`` is taken on it, and composed:
   ``lower_f = a+ lower_x + a- upper_x + b``, ``upper_f = a'+ upper_x + a'- lower_x + b'``;
-* other ops: their ``@forward_rule`` (e.g. McCormick for products); otherwise NotImplementedError.
+* other ops: their ``@forward_rule`` (e.g. McCormick for products), or else their backward rule run on
+  the identity over the node's entries (:func:`backward_rule_forms`).
 
 Only nodes whose interval some consumer needs are concretised. The bound of ``C y`` comes from the
 output's forms, with ``C`` merged into a final affine node first (``C J`` before the sign split,
@@ -211,6 +212,55 @@ def relaxed_forms(state: PropagationState, node: Node, forms: dict[str, LinearFo
     return LinearForms(compose(lw, x, "lower"), compose(uw, x, "upper")).add_constant(lb, ub, fresh=True)
 
 
+#: Entries (batch x rows x node entries) of one identity chunk in :func:`backward_rule_forms`.
+IDENTITY_CHUNK_ELEMENTS = 2**22
+
+
+def backward_rule_forms(state: PropagationState, node: Node, forms: dict[str, LinearForms]) -> LinearForms:
+    """Forms of a node that has a backward rule only (max-pooling, softmax, layer norm, element-wise
+    max/min, products and quotients of perturbed tensors...): the rule run on the identity.
+
+    The rule, given coefficients ``A`` on the node's output ``y``, returns for each perturbed input
+    ``x_k`` coefficients ``A_k^l`` (``A_k^u``) and a bias ``b^l`` (``b^u``) with, for every ``x``
+    in the inputs' intervals::
+
+        A y >= sum_k A_k^l x_k + b^l        (and <= with the upper side)
+
+    With ``A = e_i`` (row ``i`` of the identity over ``y``'s entries) that is a linear lower and upper
+    bound of ``y_i`` in the inputs, sound on the same intervals the rule relaxes on. Composed with the
+    inputs' forms (``A+ lower + A- upper``, :func:`spec_rows`), it gives ``y``'s forms. The identity is
+    ``(rows, *y)`` per example, ``n^2`` entries for ``n`` outputs: it goes in chunks of rows.
+    """
+    value = state.values[node.name]
+    batch, shape = value.shape[0], value.shape[1:]
+    n = shape.numel()
+    chunk = max(1, IDENTITY_CHUNK_ELEMENTS // max(1, batch * n))
+    lowers, uppers = [], []
+    for start in range(0, n, chunk):
+        rows = min(chunk, n - start)
+        eye = torch.zeros(rows, n, dtype=value.dtype, device=value.device)
+        eye[:, start:start + rows] = torch.eye(rows, dtype=value.dtype, device=value.device)
+        A = eye.reshape(1, rows, *shape)
+        out = propagate_node(state, node, A, A, None)
+        low = add_to_last_row(_zero_rows(value, rows, forms), out.lbias)
+        up = add_to_last_row(_zero_rows(value, rows, forms), out.ubias)
+        for name, lA, uA in out.A:
+            if name not in state.perturbed:
+                continue
+            low = low + spec_rows(lA, forms[name], "lower")
+            up = up + spec_rows(uA, forms[name], "upper")
+        lowers.append(low)
+        uppers.append(up)
+    cat = lambda parts: (parts[0] if len(parts) == 1 else torch.cat(parts, 2)).reshape(batch, -1, *shape)
+    return LinearForms(cat(lowers), cat(uppers))
+
+
+def _zero_rows(value: torch.Tensor, rows: int, forms: dict[str, LinearForms]) -> torch.Tensor:
+    """``(batch, D + 1, rows)`` zeros (``D + 1`` taken from any form)."""
+    some = next(iter(forms.values()))
+    return value.new_zeros(value.shape[0], some.lower.shape[1], rows)
+
+
 def node_forms(state: PropagationState, node: Node, forms: dict[str, LinearForms]) -> LinearForms:
     entry = state.rules(node)
     if state.is_affine_here(node):
@@ -224,6 +274,8 @@ def node_forms(state: PropagationState, node: Node, forms: dict[str, LinearForms
         args, kwargs = state.resolve_for_linear(node)
         own = {v.name: forms[v.name] for v in collect_vars((args, kwargs))}
         return entry.forward(ForwardCall(args, kwargs, own, state.values[node.name], state.opts))
+    if entry.backward is not None:
+        return backward_rule_forms(state, node, forms)
     raise NotImplementedError(
         f"forward mode has no rule for {node.op_name} <- {node.source or node.name}; "
         f"use method='CROWN' (or 'CROWN-IBP')")

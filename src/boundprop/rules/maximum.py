@@ -121,7 +121,7 @@ def pull_candidates(lam: torch.Tensor, rel: MaxLinear, side: str) -> tuple[torch
     first, second = ((rel.wl, rel.bl), (rel.wu, rel.bu)) if side == "lower" else ((rel.wu, rel.bu), (rel.wl, rel.bl))
     coef = pos.unsqueeze(-1) * first[0].unsqueeze(1) + neg.unsqueeze(-1) * second[0].unsqueeze(1)
     bias = _safe_mul(pos, first[1]) + _safe_mul(neg, second[1])
-    return coef, bias.flatten(2).sum(-1)
+    return coef, bias.reshape(bias.shape[0], bias.shape[1], -1).sum(-1)  # (batch, spec); *out may be ()
 
 
 def _var_check(x) -> Var:

@@ -98,6 +98,10 @@ CASES = [
     Case("clamp_crossed", aten.clamp.default, (1.0, -1.0), smooth=False),
     Case("clamp_min_op", aten.clamp_min.default, (0.1,), smooth=False),
     Case("clamp_max_op", aten.clamp_max.default, (-0.3,), smooth=False),
+    Case("floor", aten.floor.default, smooth=False),
+    Case("ceil", aten.ceil.default, smooth=False),
+    Case("round", aten.round.default, smooth=False),
+    Case("trunc", aten.trunc.default, smooth=False),
     Case("clamp_tensor", aten.clamp.Tensor, (torch.tensor([-0.5, 0.0, 1.0]), torch.tensor([0.5, 2.0, 1.5])),
          smooth=False),
 ]
@@ -398,6 +402,8 @@ MODEL_FNS = {
     "hardtanh": nn.Hardtanh(), "relu6": nn.ReLU6(), "clamp": lambda h: h.clamp(-0.3, 0.7),
     "clamp_min": lambda h: h.clamp(min=0.1), "gelu": nn.GELU(), "gelu_tanh": nn.GELU("tanh"), "silu": nn.SiLU(),
     "softplus": nn.Softplus(), "softplus_b": nn.Softplus(beta=2.0, threshold=3.0), "elu": nn.ELU(), "selu": nn.SELU(),
+    "floor": lambda h: torch.floor(4 * h), "ceil": lambda h: torch.ceil(4 * h), "round": lambda h: torch.round(4 * h),
+    "trunc": lambda h: torch.trunc(4 * h),
 }
 
 

@@ -105,7 +105,9 @@ def _ibp_with_spec(state: PropagationState, target: str, C: torch.Tensor) -> Int
 
 
 def _intersect_with_ibp(state: PropagationState, target: str, C, spec, lower, upper):
-    """Final CROWN bounds never looser than the IBP bounds already computed in the same call."""
+    """Final bounds (CROWN, alpha-CROWN, forward mode) never looser than the IBP bounds already
+    computed in the same call (on the intermediate intervals the method found). Not when the
+    coefficients are returned: the bounds are then the ones those coefficients imply."""
     box = state.intervals[target]
     if C is None:
         box = Interval(box.lower.reshape(lower.shape if lower is not None else upper.shape),
@@ -141,11 +143,15 @@ def run_method(state: PropagationState, method: str, target: str, C: torch.Tenso
     if method in ("forward", "forward+backward"):
         from .forward import forward_bounds
 
-        return forward_bounds(state, target, spec, lower, upper, method, keep_A)
+        lo, hi, A = forward_bounds(state, target, spec, lower, upper, method, keep_A)
+        if keep_A or not state.opts.get("forward_intersect_ibp", True):
+            return lo, hi, A
+        return (*_intersect_with_ibp(state, target, C, spec, lo, hi), A)
     if method == "alpha-crown":
         from .alpha import alpha_crown
 
-        return alpha_crown(state, target, spec, lower, upper, keep_A)
+        lo, hi, A = alpha_crown(state, target, spec, lower, upper, keep_A)
+        return (lo, hi, A) if keep_A else (*_intersect_with_ibp(state, target, C, spec, lo, hi), A)
     raise ValueError(method)
 
 

@@ -574,6 +574,8 @@ TRANSLATIONS: dict[str, Callable] = {
     "Reciprocal": _unary(aten.reciprocal.default), "Neg": _unary(aten.neg.default), "Abs": _unary(aten.abs.default),
     "Sign": _unary(aten.sign.default), "Sin": _unary(aten.sin.default), "Cos": _unary(aten.cos.default),
     "Atan": _unary(aten.atan.default), "Softplus": _unary(aten.softplus.default), "Elu": _unary(aten.elu.default),
+    "Erf": _unary(aten.erf.default), "Floor": _unary(aten.floor.default), "Ceil": _unary(aten.ceil.default),
+    "Round": _unary(aten.round.default),
     "Add": _elementwise(aten.add.Tensor), "Sub": _elementwise(aten.sub.Tensor), "Mul": _elementwise(aten.mul.Tensor),
     "Div": _elementwise(aten.div.Tensor), "Max": _elementwise(aten.maximum.default),
     "Min": _elementwise(aten.minimum.default),

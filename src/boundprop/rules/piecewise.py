@@ -1,4 +1,5 @@
-"""Piecewise-linear element-wise ops: abs, sign, hardtanh and clamp with constant limits.
+"""Piecewise-linear element-wise ops: abs, sign, hardtanh and clamp with constant limits, and the
+rounding steps floor, ceil, round and trunc.
 
 On ``[l, u]`` (lines ``lw x + lb <= f(x) <= uw x + ub``):
 
@@ -19,6 +20,14 @@ On ``[l, u]`` (lines ``lw x + lb <= f(x) <= uw x + ub``):
   inside, else the chord. Default slopes: the larger end of the range when it has the smaller area
   (``u - lo > lo - l`` below, ``hi - l > u - hi`` above), else 0, as auto_LiRPA's hardtanh. With
   one limit inside, alpha-CROWN optimises the free slope (as a fraction of its range, in [0, 1]).
+
+* rounding ``r`` (floor, ceil, round half to even, trunc): non-decreasing steps, so IBP is
+  ``[r(l), r(u)]``, and exact (a constant) where ``r(l) = r(u)``. Every step stays within a band
+  ``x + a <= r(x) <= x + b`` around the identity: ``(a, b)`` = ``(-1, 0)`` for floor, ``(0, 1)`` for
+  ceil, ``(-1/2, 1/2)`` for round, and for trunc floor's band on ``l >= 0``, ceil's on ``u <= 0``,
+  ``(-1, 1)`` across 0. Each side takes its band line or its constant (``r(l)`` below, ``r(u)``
+  above), the line when the interval is wider than the band (``u - l > b - a``), where it encloses
+  less area.
 
 Slopes and offsets of inexact lines are computed in float64 and their offsets moved outwards by a few
 ulps of the output dtype; exact lines are exact. Intervals with an infinite end crossing a
@@ -135,6 +144,53 @@ def sign_relaxation(low, high, call: RelaxCall) -> Relaxation:
     uw = torch.where(up_zero, -inv_l, torch.where(up_mixed, -2 * inv_l, zero))
     ub = torch.where(up_zero, zero, torch.where(up_mixed, one, hi_const))
     return _outward(lw, lb, uw, ub, l64, u64, low_zero | low_mixed | up_zero | up_mixed, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# floor / ceil / round / trunc
+
+#: ``(a, b)`` with ``x + a <= r(x) <= x + b`` for every ``x`` (trunc: refined by sign in the rule)
+ROUNDING_BANDS = {aten.floor.default: (-1.0, 0.0), aten.ceil.default: (0.0, 1.0),
+                  aten.round.default: (-0.5, 0.5), aten.trunc.default: (-1.0, 1.0)}
+
+
+def _rounding_interval(op):
+    def rule(args, kwargs) -> Interval:
+        return args[0].map(op)
+
+    rule.__doc__ = f"IBP of {op} (non-decreasing): ``[r(l), r(u)]``."
+    return rule
+
+
+def _rounding_relaxation(op):
+    band_a, band_b = ROUNDING_BANDS[op]
+
+    @checked(str(op))
+    def relaxation(low, high, call: RelaxCall) -> Relaxation:
+        dtype = low.dtype
+        l64, u64 = low.to(torch.float64), high.to(torch.float64)
+        r_l, r_u = op(l64), op(u64)
+        a = torch.full_like(l64, band_a)
+        b = torch.full_like(l64, band_b)
+        if op == aten.trunc.default:  # floor's band on l >= 0, ceil's on u <= 0
+            a = torch.where(u64 <= 0, 0.0, a)
+            b = torch.where(l64 >= 0, 0.0, b)
+        step = r_l != r_u
+        line = step & (u64 - l64 > b - a)  # also where an end is infinite
+        zero, one = torch.zeros_like(l64), torch.ones_like(l64)
+        lw = torch.where(line, one, zero)
+        uw = lw
+        lb = torch.where(line, a, r_l)
+        ub = torch.where(line, b, torch.where(step, r_u, r_l))
+        return Relaxation(*(t.to(dtype) for t in (lw, lb, uw, ub)))
+
+    relaxation.__doc__ = f"Lines of {op} on ``[l, u]``: its band around the identity or its constants (module doc)."
+    return relaxation
+
+
+for _op in ROUNDING_BANDS:
+    interval_rule(_op)(_rounding_interval(_op))
+    relaxation_rule(_op, unstable=lambda low, high, _op=_op: _op(low) != _op(high))(_rounding_relaxation(_op))
 
 
 # ------------------------------------------------------------------------------------------------

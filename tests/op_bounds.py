@@ -46,11 +46,11 @@ def check_op(graph: Graph, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.
     C = torch.randn((x.shape[0], n_spec, *out_shape), generator=gen, dtype=x.dtype)
     ptb = {"x": PerturbationLpNorm(radius)}
     results = {m: compute_bounds(graph, (x,), ptb, method=m, C=C, opts=opts) for m in methods}
-    flat_C = C.flatten(2)
+    flat_C = C.reshape(C.shape[0], n_spec, -1)  # also for one output entry per example (shape ())
     for b in range(x.shape[0]):
         pts = box_samples(x[b] - radius[b], x[b] + radius[b], n_samples, gen)
         with torch.no_grad():
-            vals = fn(pts).flatten(1) @ flat_C[b].T  # (points, spec)
+            vals = fn(pts).reshape(len(pts), -1) @ flat_C[b].T  # (points, spec)
         scale = tol * (1 + vals.abs() + pts.flatten(1).abs().amax(1, keepdim=True) * 1e-2)
         for method, res in results.items():
             lo, hi = res.lower[b], res.upper[b]

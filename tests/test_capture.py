@@ -41,7 +41,7 @@ def graph_output(graph, *inputs):
 
 class Rounder(nn.Module):
     def forward(self, x):
-        return torch.round(x * 4)  # MARK-round
+        return torch.fmod(x * 4, 1.5)  # MARK-fmod
 
 
 class Sorter(nn.Module):
@@ -59,18 +59,18 @@ class TwoUnsupported(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.fc(x))
-        return self.head(self.rounder(h) + self.sorter(h) + torch.floor(h))  # MARK-floor
+        return self.head(self.rounder(h) + self.sorter(h) + torch.lgamma(h + 1))  # MARK-lgamma
 
 
 def test_unsupported_ops_listed_together_with_module_and_line():
-    for op in (torch.ops.aten.round.default, torch.ops.aten.floor.default, torch.ops.aten.sort.default):
+    for op in (torch.ops.aten.fmod.Scalar, torch.ops.aten.lgamma.default, torch.ops.aten.sort.default):
         assert not boundprop.is_supported(op), f"{op} is supported now: pick another unsupported op"
     with pytest.raises(UnsupportedOperatorError) as info:
         boundprop.capture(TwoUnsupported(), torch.randn(1, 4))
     message = str(info.value)
-    for op, module, marker in (("round", "rounder (Rounder)", "MARK-round"),
+    for op, module, marker in (("fmod.Scalar", "rounder (Rounder)", "MARK-fmod"),
                                ("sort", "sorter (Sorter)", "MARK-sort"),
-                               ("floor", "", "MARK-floor")):
+                               ("lgamma", "", "MARK-lgamma")):
         lines = [line for line in message.splitlines() if line.strip().startswith(f"- {op} ")]
         assert lines, f"{op} missing from:\n{message}"
         line = lines[0]
@@ -78,7 +78,7 @@ def test_unsupported_ops_listed_together_with_module_and_line():
         assert f'{THIS_FILE}", line {line_of(marker)}' in line, line
     assert isinstance(info.value, NotImplementedError)
     ops = {op for op, _ in info.value.entries}
-    assert {"round", "sort", "floor"} <= ops
+    assert {"fmod.Scalar", "sort", "lgamma"} <= ops
 
 
 def test_unsupported_op_on_constant_path_is_fine():

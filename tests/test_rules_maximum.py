@@ -63,6 +63,7 @@ def test_infinite_bounds_give_no_nan():
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**16), scale=st.floats(-6, 1.5), degenerate=st.booleans(),
        dims=st.sampled_from([[1], [2], [1, 3], [-1], [2, 3], [1, 2, 3]]), keepdim=st.booleans(), is_min=st.booleans())
+@example(seed=0, scale=0.0, degenerate=False, dims=[1, 2, 3], keepdim=False, is_min=False)
 def test_reductions_op_level(seed, scale, degenerate, dims, keepdim, is_min):
     """Over some of the non-batch dimensions, or all of them (one entry per example left)."""
     target = aten.amin.default if is_min else aten.amax.default

@@ -106,6 +106,8 @@ CASES = [  # (net, perturbed parameters, input perturbed)
     ("mlp", ("0.weight", "2.weight", "5.weight"), True),
     ("mlp", ("3.weight", "3.bias"), True),
     ("mlp", ("3.bias",), False),
+    ("mlp", ("0.bias",), False),  # only a bias of a layer fed by the fixed input: x W^T is a constant term
+    ("mlp", ("0.bias", "2.bias"), False),
 ]
 
 

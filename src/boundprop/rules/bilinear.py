@@ -381,6 +381,8 @@ _EQ = {("x", False): "bs...ij,b...ikj->bs...ik", ("x", True): "bs...ij,bs...ikj-
 def _matmul_side(A, sign, X: _Factor, Y: _Factor, call, direction):
     """``A . (X @ Y)`` for one side; ``A`` ``(batch, spec, .., n, m)``, X ``(.., n, k)``, Y ``(.., k, m)``."""
     rank = A.dim() - 1
+    if X.const and Y.const:  # neither factor perturbed (only a bias is): the product is a constant term
+        return (None, None), (A * (X.value @ Y.value).unsqueeze(1)).flatten(2).sum(-1)
     if X.const:
         return (None, X.value.unsqueeze(1).transpose(-1, -2) @ A), 0.0
     if Y.const:

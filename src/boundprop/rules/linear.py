@@ -56,7 +56,10 @@ def linear_interval(args, kwargs) -> Interval:
     """``y = x W^T + b``; centre/radius for constant ``W``, interval arithmetic otherwise."""
     x, weight, *rest = args
     bias = rest[0] if rest else kwargs.get("bias")
-    if not is_perturbed(weight):
+    if not is_perturbed(x) and not is_perturbed(weight):  # only the bias is perturbed
+        c = torch.nn.functional.linear(x, weight, None if is_perturbed(bias) else bias)
+        out = Interval(c, c)
+    elif not is_perturbed(weight):
         xc, xr = x.center_radius()
         c = torch.nn.functional.linear(xc, weight, None if is_perturbed(bias) else bias)
         r = torch.nn.functional.linear(xr, weight.abs())

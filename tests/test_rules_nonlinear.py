@@ -362,6 +362,22 @@ def test_reciprocal_entry_points_for_division():
     assert q.lower[0, 1] == 1.0 and q.upper[0, 1] == 4.0 and q.upper[0, 0] == INF
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op", [aten.floor.default, aten.ceil.default, aten.round.default, aten.trunc.default])
+def test_rounding_steps_guard_an_ulp_of_error(op, dtype):
+    """An interval end one ulp short of a step (as rounding leaves a computed bound) still covers the
+    value past the step: one ulp of error must not become an error of 1."""
+    steps = torch.tensor([1.0, -2.0, 0.5, 2.5, 3.0], dtype=dtype)
+    for toward in (-INF, INF):
+        ends = torch.nextafter(steps, torch.full_like(steps, toward))
+        low, high = (ends - 0.3, ends) if toward == -INF else (ends, ends + 0.3)
+        past = steps  # the true value the ulp of error may hide
+        iv = rules_for(op).interval((Interval(low, high),), {})
+        assert (iv.lower <= op(past)).all() and (iv.upper >= op(past)).all(), (op, toward)
+        relax = rules_for(op).relaxation(low, high, RelaxCall())
+        assert (relax.lw * past + relax.lb <= op(past)).all() and (relax.uw * past + relax.ub >= op(past)).all()
+
+
 def test_domain_edges():
     """log / sqrt / rsqrt at and below 0: infinite sides where unbounded, never NaN."""
     low, high = torch.tensor([[0.0, -1.0, 0.0, -2.0]]), torch.tensor([[1.0, 4.0, 0.0, -1.0]])

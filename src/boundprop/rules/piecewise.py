@@ -22,12 +22,15 @@ On ``[l, u]`` (lines ``lw x + lb <= f(x) <= uw x + ub``):
   one limit inside, alpha-CROWN optimises the free slope (as a fraction of its range, in [0, 1]).
 
 * rounding ``r`` (floor, ceil, round half to even, trunc): non-decreasing steps, so IBP is
-  ``[r(l), r(u)]``, and exact (a constant) where ``r(l) = r(u)``. Every step stays within a band
+  ``[r(l), r(u)]``, and exact (a constant) where ``r(l) = r(u)`` (up to the guard below). Every step stays within a band
   ``x + a <= r(x) <= x + b`` around the identity: ``(a, b)`` = ``(-1, 0)`` for floor, ``(0, 1)`` for
   ceil, ``(-1/2, 1/2)`` for round, and for trunc floor's band on ``l >= 0``, ceil's on ``u <= 0``,
   ``(-1, 1)`` across 0. Each side takes its band line or its constant (``r(l)`` below, ``r(u)``
   above), the line when the interval is wider than the band (``u - l > b - a``), where it encloses
-  less area.
+  less area. A step turns an error of one ulp in ``[l, u]`` into an error of 1, so the steps are
+  taken at ``l - m`` and ``u + m``, with ``m = eps^(3/4) (1 + |x|)`` (``eps`` of the dtype: about
+  6.5e-6 in float32, 1.9e-12 in float64), wider than the rounding error of the intervals that
+  reach them; an end within ``m`` of a step is treated as possibly past it.
 
 Slopes and offsets of inexact lines are computed in float64 and their offsets moved outwards by a few
 ulps of the output dtype; exact lines are exact. Intervals with an infinite end crossing a
@@ -154,9 +157,16 @@ ROUNDING_BANDS = {aten.floor.default: (-1.0, 0.0), aten.ceil.default: (0.0, 1.0)
                   aten.round.default: (-0.5, 0.5), aten.trunc.default: (-1.0, 1.0)}
 
 
+def step_guard(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[l - m, u + m]``, ``m = eps^(3/4) (1 + |x|)``: where a step is taken (module doc)."""
+    g = torch.finfo(low.dtype).eps ** 0.75
+    return low - g * (1 + low.abs()), high + g * (1 + high.abs())
+
+
 def _rounding_interval(op):
     def rule(args, kwargs) -> Interval:
-        return args[0].map(op)
+        low, high = step_guard(args[0].lower, args[0].upper)
+        return Interval(op(low), op(high))
 
     rule.__doc__ = f"IBP of {op} (non-decreasing): ``[r(l), r(u)]``."
     return rule
@@ -169,7 +179,7 @@ def _rounding_relaxation(op):
     def relaxation(low, high, call: RelaxCall) -> Relaxation:
         dtype = low.dtype
         l64, u64 = low.to(torch.float64), high.to(torch.float64)
-        r_l, r_u = op(l64), op(u64)
+        r_l, r_u = (op(t).to(torch.float64) for t in step_guard(low, high))
         a = torch.full_like(l64, band_a)
         b = torch.full_like(l64, band_b)
         if op == aten.trunc.default:  # floor's band on l >= 0, ceil's on u <= 0
@@ -188,9 +198,17 @@ def _rounding_relaxation(op):
     return relaxation
 
 
+def _rounding_unstable(op):
+    def unstable(low, high):
+        low, high = step_guard(low, high)
+        return op(low) != op(high)
+
+    return unstable
+
+
 for _op in ROUNDING_BANDS:
     interval_rule(_op)(_rounding_interval(_op))
-    relaxation_rule(_op, unstable=lambda low, high, _op=_op: _op(low) != _op(high))(_rounding_relaxation(_op))
+    relaxation_rule(_op, unstable=_rounding_unstable(_op))(_rounding_relaxation(_op))
 
 
 # ------------------------------------------------------------------------------------------------

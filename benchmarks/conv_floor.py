@@ -11,7 +11,10 @@ one thread and next to one plain forward pass of the same model:
   forward pass that gives the values) is counted;
 * ``ours``: one whole CROWN-IBP call (``compute_bounds``);
 
-and compares both with auto_LiRPA 0.7.1's cost and with half of it (the issue's target).
+and compares both with auto_LiRPA 0.7.1's cost and with half of it (the issue's target). It also
+gives the rate of those transposed convolutions (multiply-adds x 2 / time) next to the rate of one
+large matrix product (1024 x 1024 x 1024, float32) timed in the same run: how close the floor is to
+what the core can do at all.
 
 A second table times every kernel :mod:`boundprop.kernels` chooses from, per layer: the
 convolutions of IBP (batch ``b``, with ``W`` and ``|W|``) and the transposed ones of the walk
@@ -57,6 +60,23 @@ def _transpose_args(conv: torch.nn.Conv2d, in_shape: tuple, out_shape: tuple, ro
     out_padding = tuple(in_shape[2 + i] - ((out_shape[2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i]
                                            + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1) for i in range(2))
     return A, conv.weight.detach(), conv.stride, conv.padding, out_padding, conv.groups, conv.dilation
+
+
+def transposed_flops(layers, rows: int) -> float:
+    """Floating-point operations (2 per multiply-add) of the transposed convolutions of ``rows`` maps:
+    as many as the forward convolutions of ``rows`` inputs."""
+    total = 0.0
+    for conv, _, out_shape in layers:
+        kh, kw = conv.kernel_size
+        per_output = conv.in_channels // conv.groups * kh * kw
+        total += 2.0 * rows * out_shape[1] * out_shape[2] * out_shape[3] * per_output
+    return total
+
+
+def gemm_rate(reps: int) -> float:
+    """FLOP/s of a 1024^3 float32 matrix product (median of ``reps``)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    return 2 * 1024**3 / median_time(lambda: a @ b, reps)
 
 
 def transposed_convs(layers, rows: int):
@@ -109,8 +129,10 @@ def main() -> None:
     torch.set_num_threads(1)
     costs = peer_costs()
     kernel_lines = ["| model | layer | op | maps | time per kernel (ms) |", "|---|---|---|---:|---|"]
-    lines = ["| model | batch | forward (ms) | transposed convs (ms) | floor (forwards) | ours (forwards) | "
-             "auto_LiRPA (forwards) | target (forwards) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | batch | forward (ms) | transposed convs (ms) | their rate (GFLOP/s) | floor (forwards) | "
+             "ours (forwards) | auto_LiRPA (forwards) | target (forwards) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    peak = gemm_rate(args.reps)
     for name in args.models:
         for batch in args.batches:
             if not (PEER / f"{name}_b{batch}.pt").exists():
@@ -120,13 +142,15 @@ def main() -> None:
             graph = boundprop.capture(model, x)
             ptb = {graph.inputs[0]: PerturbationLpNorm(data["eps"])}
             fwd, _ = forward_burst(model, x, seconds=0.3)
-            floor = median_time(transposed_convs(conv_layers(model, x), 2 * batch * SPEC), args.reps)
+            layers = conv_layers(model, x)
+            floor = median_time(transposed_convs(layers, 2 * batch * SPEC), args.reps)
+            rate = transposed_flops(layers, 2 * batch * SPEC) / floor
             with torch.no_grad():
                 call = lambda g=graph, x=x, p=ptb: compute_bounds(g, (x,), p, method="CROWN-IBP")  # noqa: E731
                 ours = median_time(call, args.reps)
             theirs = costs[(name, batch, "CROWN-IBP")]
-            line = (f"| {name} | {batch} | {fwd * 1e3:.3f} | {floor * 1e3:.2f} | {floor / fwd:.1f} | "
-                    f"{ours / fwd:.1f} | {theirs:.1f} | {theirs / 2:.1f} |")
+            line = (f"| {name} | {batch} | {fwd * 1e3:.3f} | {floor * 1e3:.2f} | {rate / 1e9:.1f} | "
+                    f"{floor / fwd:.1f} | {ours / fwd:.1f} | {theirs:.1f} | {theirs / 2:.1f} |")
             lines.append(line)
             print(line, flush=True)
             if not args.no_kernels:
@@ -136,7 +160,9 @@ def main() -> None:
             "floor = the transposed convolutions of one CROWN-IBP walk (2 sides x batch x 10 rows per "
             "convolution, channels-last input as the walk has it after its first convolution, the walk's own "
             "kernels) / one forward pass; ours = one whole "
-            "CROWN-IBP call / one forward pass; target = half of auto_LiRPA's cost.\n")
+            "CROWN-IBP call / one forward pass; target = half of auto_LiRPA's cost. their rate = 2 x the "
+            "multiply-adds of those transposed convolutions / their time; one 1024^3 float32 matrix product ran "
+            f"at {peak / 1e9:.1f} GFLOP/s in the same run.\n")
     if not args.no_kernels:
         text += ("\n### The kernels, per layer (ms, median of the reps; the fastest in bold)\n\n"
                  + "\n".join(kernel_lines) + "\n\nconv2d: IBP's convolution of one batch (input in [0, 1), "

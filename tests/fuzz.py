@@ -14,7 +14,8 @@ One line per seed (``ok``, or what failed and the model); a seed reproduces its 
   box), L2, L1; sometimes a random specification ``C``; batch 1 or 2. Every method's final bounds and
   every intermediate interval it reports are checked at random points, box vertices and points
   pushed outward by PGD (L-inf), or points on and inside the ball (L2, L1; with the ball's vertices
-  for L1). Unsupported operators are reported, not failures.
+  for L1); so are the linear bounds ``lA x + lbias <= C y <= uA x + ubias`` that CROWN, alpha-CROWN
+  and forward mode return for the input. Unsupported operators are reported, not failures.
 * ``weights``: MLPs and CNNs with some parameters perturbed (L-inf, relative, L2), sometimes the input
   too; checked at sampled parameters and inputs (half of them vertices).
 * ``jacobian``: :func:`boundprop.algorithms.jacobian.jacobian_bounds` against autograd Jacobians at
@@ -273,6 +274,7 @@ def set_points(x: torch.Tensor, b: int, eps: float, norm: float, box: tuple | No
 
 def _outside(value: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> float:
     """How far ``value`` lies outside ``[lower, upper]`` beyond the tolerance (0 if inside)."""
+    value, lower, upper = value.detach(), lower.detach(), upper.detach()
     tol = TOL * (1 + value.abs())
     gap = torch.maximum(lower - value - tol, value - upper - tol)
     return max(0.0, float(gap.max()))
@@ -307,6 +309,13 @@ def graph_case(seed: int) -> str:
                                              opts=ALPHA_OPTS if method == "alpha-CROWN" else None)
         except NotImplementedError as err:
             notes.append(f"{method}: {str(err)[:100]}")
+    coeffs = {}
+    for method in ("CROWN", "alpha-CROWN", "forward"):
+        try:
+            coeffs[method] = compute_bounds(graph, (x,), ptb, method=method, C=C, need_A=[graph.inputs[0]],
+                                            opts=ALPHA_OPTS if method == "alpha-CROWN" else None)
+        except NotImplementedError:
+            pass
     bad = set()
     for b in range(batch):
         def spec_fn(z, b=b):
@@ -322,6 +331,17 @@ def graph_case(seed: int) -> str:
             gap = _outside(y, res.lower[b].reshape(1, -1), res.upper[b].reshape(1, -1))
             if gap:
                 bad.add(f"{method} final by {gap:.3g}")
+        for method, res in coeffs.items():  # lA . x + lbias <= C y <= uA . x + ubias at every point
+            a = res.A[graph.inputs[0]]
+            flat = pts.reshape(len(pts), -1)
+            lin = [(t[b] if t.shape[0] > 1 else t[0]).reshape(t.shape[1], -1) @ flat.T for t in (a["lA"], a["uA"])]
+            ends = [(c[b] if torch.is_tensor(c) and c.dim() > 0 and c.shape[0] > 1 else
+                     c[0] if torch.is_tensor(c) and c.dim() > 0 else c) for c in (a["lbias"], a["ubias"])]
+            lower = (lin[0] + torch.as_tensor(ends[0]).reshape(-1, 1)).T
+            upper = (lin[1] + torch.as_tensor(ends[1]).reshape(-1, 1)).T
+            gap = _outside(y, lower, upper)
+            if gap:
+                bad.add(f"{method} coefficients by {gap:.3g}")
             for name, iv in res.intervals.items():
                 v = env.get(name)
                 if torch.is_tensor(v) and v.shape[0] == len(pts) and iv.lower.shape[0] == batch \

@@ -1,6 +1,7 @@
 """Soundness fuzzing: random models, random sets, every method; each bound checked at sampled points.
 
     .venv/bin/python tests/fuzz.py graph 0 500        # kind, first seed, number of seeds
+    .venv/bin/python tests/fuzz.py inputs2 0 200
     .venv/bin/python tests/fuzz.py weights 0 200
     .venv/bin/python tests/fuzz.py jacobian 0 200
     .venv/bin/python tests/fuzz.py verifier 0 200
@@ -16,6 +17,8 @@ One line per seed (``ok``, or what failed and the model); a seed reproduces its 
   pushed outward by PGD (L-inf), or points on and inside the ball (L2, L1; with the ball's vertices
   for L1); so are the linear bounds ``lA x + lbias <= C y <= uA x + ubias`` that CROWN, alpha-CROWN
   and forward mode return for the input. Unsupported operators are reported, not failures.
+* ``inputs2``: models of two inputs (each perturbed, or one fixed) combined by a sum, a product, a
+  concatenation, a maximum or an outer product.
 * ``weights``: MLPs and CNNs with some parameters perturbed (L-inf, relative, L2), sometimes the input
   too; checked at sampled parameters and inputs (half of them vertices).
 * ``jacobian``: :func:`boundprop.algorithms.jacobian.jacobian_bounds` against autograd Jacobians at
@@ -355,6 +358,68 @@ def graph_case(seed: int) -> str:
     return "ok" + (" (" + "; ".join(notes) + ")" if notes else "")
 
 
+class TwoInputs(nn.Module):
+    """``head(combine(f(x), g(y)))`` with ``combine`` a sum, product, concatenation, max or matrix product."""
+
+    def __init__(self, r: random.Random, dx: int, dy: int) -> None:
+        super().__init__()
+        h = r.randint(2, 6)
+        self.f = nn.Sequential(nn.Linear(dx, h), _act(r))
+        self.g = nn.Sequential(nn.Linear(dy, h), _act(r))
+        self.how = r.choice(["add", "mul", "cat", "max", "outer"])
+        width = {"cat": 2 * h, "outer": h * h}.get(self.how, h)
+        self.head = nn.Sequential(nn.Linear(width, 4), _act(r), nn.Linear(4, r.randint(1, 3)))
+
+    def forward(self, x, y):
+        a, b = self.f(x), self.g(y)
+        if self.how == "add":
+            z = a + b
+        elif self.how == "mul":
+            z = a * b
+        elif self.how == "cat":
+            z = torch.cat([a, b], 1)
+        elif self.how == "max":
+            z = torch.maximum(a, b)
+        else:
+            z = (a.unsqueeze(2) @ b.unsqueeze(1)).flatten(1)
+        return self.head(z)
+
+    def extra_repr(self) -> str:
+        return self.how
+
+
+def inputs2_case(seed: int) -> str:
+    """Two inputs, each perturbed on its own (or one of them fixed)."""
+    r = random.Random(seed)
+    torch.manual_seed(seed)
+    dx, dy, batch = r.randint(1, 4), r.randint(1, 4), r.choice([1, 2])
+    model = TwoInputs(r, dx, dy).eval()
+    x, y = torch.randn(batch, dx), torch.randn(batch, dy)
+    graph = boundprop.capture(model, (x, y))
+    eps = (r.choice([0.0, 0.05, 0.3]), r.choice([0.05, 0.3]))
+    ptb = {name: PerturbationLpNorm(e) for name, e in zip(graph.inputs, eps) if e > 0}
+    results = {}
+    for method in METHODS:
+        try:
+            results[method] = compute_bounds(graph, (x, y), ptb, method=method,
+                                             opts=ALPHA_OPTS if method == "alpha-CROWN" else None)
+        except NotImplementedError:
+            pass
+    worst: dict[str, float] = {}
+    for i in range(300):
+        pick = (lambda t, e: t + e * (2 * (torch.rand_like(t) < 0.5).to(t.dtype) - 1)) if i % 2 else \
+            (lambda t, e: t + e * (2 * torch.rand_like(t) - 1))
+        with torch.no_grad():
+            out = model(pick(x, eps[0]), pick(y, eps[1]))
+        for method, res in results.items():
+            gap = _outside(out, res.lower, res.upper)
+            if gap:
+                worst[method] = max(worst.get(method, 0.0), gap)
+    if worst:
+        return f"UNSOUND {worst} | eps={eps} | " + " ".join(str(model).split())
+    return "ok"
+
+
 def weights_case(seed: int) -> str:
     from boundprop.perturbation import perturb_parameters
 
@@ -502,8 +567,8 @@ def verifier_case(seed: int) -> str:
     return f"WRONG {out.verdict}, expected {'sat' if sat else 'unsat'}\n{text}"
 
 
-KINDS: dict[str, Callable[[int], str]] = {"graph": graph_case, "weights": weights_case, "jacobian": jacobian_case,
-                                          "verifier": verifier_case}
+KINDS: dict[str, Callable[[int], str]] = {"graph": graph_case, "inputs2": inputs2_case, "weights": weights_case,
+                                          "jacobian": jacobian_case, "verifier": verifier_case}
 
 
 def run(kind: str, seed: int) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..syncs import may_read
 from .registry import Var
 
 
@@ -49,6 +50,12 @@ def with_values(target: Callable, args: tuple, kwargs: dict) -> Callable[..., to
     return g
 
 
+def _nonzero_or_none(constant: torch.Tensor) -> torch.Tensor | None:
+    """``constant``, or None where it is known to be 0 (e.g. ``cat`` of perturbed tensors only): no
+    pass over the coefficients to add nothing. Known only where values can be read on the host."""
+    return None if may_read(constant) and not bool(constant.any()) else constant
+
+
 class AffinePullback:
     """The linear map ``A -> (A J_1, ..., A J_k)`` and constant term ``c`` of an affine op."""
 
@@ -60,7 +67,7 @@ class AffinePullback:
         g = with_values(target, args, kwargs)
         values = [v.value for v in self.vars]
         self.output, self._vjp = torch.func.vjp(g, *values)
-        self.constant = None if homogeneous else g(*[torch.zeros_like(v) for v in values])
+        self.constant = None if homogeneous else _nonzero_or_none(g(*[torch.zeros_like(v) for v in values]))
 
     def backward(self, A: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``A``: ``(batch, spec, *out)`` -> one ``(batch, spec, *in_i)`` per perturbed argument."""

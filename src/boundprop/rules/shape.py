@@ -71,8 +71,10 @@ SUMMING_OPS = (
 
 for _op in MOVEMENT_OPS + SUMMING_OPS:
     interval_rule(_op)(monotone_interval(_op))
-affine_ops(*(op for op in MOVEMENT_OPS + SUMMING_OPS if op != aten.constant_pad_nd.default), homogeneous=True)
-affine_ops(aten.constant_pad_nd.default)  # the pad value is a constant term
+#: Ops with a constant term: the pad value; the constant tensors that ``cat``/``stack`` join to perturbed ones.
+_WITH_CONSTANT = (aten.constant_pad_nd.default, aten.cat.default, aten.stack.default)
+affine_ops(*(op for op in MOVEMENT_OPS + SUMMING_OPS if op not in _WITH_CONSTANT), homogeneous=True)
+affine_ops(*_WITH_CONSTANT)
 
 
 # --- fast backward paths: coefficients A (batch, spec, *out) -> (batch, spec, *in) ---------------

@@ -1,0 +1,56 @@
+"""Structural ops (:mod:`boundprop.rules.shape`): ``cat`` and ``stack`` joining constant tensors to
+perturbed ones carry the constants into the bounds (their constant term)."""
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from op_bounds import check_op, one_node_graph, random_box
+
+import boundprop
+from boundprop import PerturbationLpNorm, compute_bounds
+from boundprop.graph.ir import Ref
+
+aten = torch.ops.aten
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), scale=st.floats(-4, 1), stack=st.booleans(), first=st.booleans())
+def test_join_with_a_constant_op_level(seed, scale, stack, first):
+    row = torch.randn(1, 3, generator=torch.Generator().manual_seed(seed)) * 5
+    const = row.expand(2, 3).contiguous()  # the same for both examples: fn below sees one example's points
+    parts = [Ref("c"), Ref("x")] if first else [Ref("x"), Ref("c")]
+    op = aten.stack.default if stack else aten.cat.default
+    graph = one_node_graph(op, (parts, 1), {"c": const})
+    x, r = random_box((2, 3), seed, scale, False, 1.0)
+
+    def fn(t):
+        c = row.expand(t.shape[0], -1)
+        return op([c, t] if first else [t, c], 1)
+
+    check_op(graph, fn, x, r, methods=("IBP", "CROWN", "forward"), seed=seed)
+
+
+class FixedAndPerturbed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f, self.g, self.head = nn.Linear(2, 3), nn.Linear(2, 3), nn.Linear(6, 2)
+
+    def forward(self, x, y):
+        return self.head(torch.cat([torch.sigmoid(self.f(x)), torch.tanh(self.g(y))], 1))
+
+
+@pytest.mark.parametrize("method", ["CROWN-IBP", "CROWN", "alpha-CROWN", "forward", "forward+backward"])
+def test_two_inputs_one_fixed(method):
+    """Only ``y`` perturbed: the fixed branch's values enter the bound as constants (found by fuzzing)."""
+    torch.manual_seed(0)
+    model = FixedAndPerturbed().eval()
+    x, y = torch.randn(2, 2), torch.randn(2, 2)
+    graph = boundprop.capture(model, (x, y))
+    res = compute_bounds(graph, (x, y), {graph.inputs[1]: PerturbationLpNorm(0.3)}, method=method,
+                         opts={"optimize_bound_args": {"iteration": 3}})
+    with torch.no_grad():
+        ys = y.unsqueeze(1) + 0.3 * (2 * torch.rand(2, 500, 2) - 1)
+        out = model(x.unsqueeze(1).expand(-1, 500, -1).reshape(-1, 2), ys.reshape(-1, 2)).reshape(2, 500, 2)
+    assert (out >= res.lower.unsqueeze(1) - 1e-5).all() and (out <= res.upper.unsqueeze(1) + 1e-5).all()

@@ -421,16 +421,19 @@ def inputs2_case(seed: int) -> str:
     return "ok"
 
 
-def weights_case(seed: int) -> str:
-    from boundprop.perturbation import perturb_parameters
-
-    r = random.Random(seed)
-    torch.manual_seed(seed)
+def small_model(r: random.Random, conv_share: float, strided: bool,
+                conv_outputs: tuple[int, int]) -> tuple[nn.Module, tuple[int, ...]]:
+    """A conv-activation-linear CNN (with probability ``conv_share``) or a 1-3 layer MLP, with ReLU,
+    tanh, sigmoid or leaky ReLU: ``(model, input shape)``."""
     acts = [nn.ReLU, nn.Tanh, nn.Sigmoid, lambda: nn.LeakyReLU(0.2)]
-    if r.random() < 0.4:
+    if r.random() < conv_share:
         c, h = r.randint(1, 2), r.randint(3, 5)
-        layers = [nn.Conv2d(c, 2, 3, padding=1), r.choice(acts)(), nn.Flatten(), nn.Linear(2 * h * h, r.randint(2, 5))]
+        stride = r.choice([1, 2]) if strided else 1
+        layers = [nn.Conv2d(c, 2, 3, padding=1, stride=stride), r.choice(acts)(), nn.Flatten()]
         shape: tuple[int, ...] = (c, h, h)
+        with torch.no_grad():
+            width = nn.Sequential(*layers)(torch.zeros(1, *shape)).shape[1]
+        layers.append(nn.Linear(width, r.randint(*conv_outputs)))
     else:
         d = r.randint(1, 5)
         shape, layers, width = (d,), [], d
@@ -439,7 +442,15 @@ def weights_case(seed: int) -> str:
             layers += [nn.Linear(width, o), r.choice(acts)()]
             width = o
         layers.append(nn.Linear(width, r.randint(1, 3)))
-    model = nn.Sequential(*layers).eval()
+    return nn.Sequential(*layers).eval(), shape
+
+
+def weights_case(seed: int) -> str:
+    from boundprop.perturbation import perturb_parameters
+
+    r = random.Random(seed)
+    torch.manual_seed(seed)
+    model, shape = small_model(r, 0.4, strided=False, conv_outputs=(2, 5))
     batch = r.choice([1, 2])
     x = torch.randn(batch, *shape)
     graph = boundprop.capture(model, x)
@@ -488,23 +499,7 @@ def jacobian_case(seed: int) -> str:
 
     r = random.Random(seed)
     torch.manual_seed(seed)
-    acts = [nn.ReLU, nn.Tanh, nn.Sigmoid, lambda: nn.LeakyReLU(0.2)]
-    if r.random() < 0.35:
-        c, h = r.randint(1, 2), r.randint(3, 5)
-        layers = [nn.Conv2d(c, 2, 3, padding=1, stride=r.choice([1, 2])), r.choice(acts)(), nn.Flatten()]
-        shape: tuple[int, ...] = (c, h, h)
-        with torch.no_grad():
-            width = nn.Sequential(*layers)(torch.zeros(1, *shape)).shape[1]
-        layers.append(nn.Linear(width, r.randint(1, 3)))
-    else:
-        d = r.randint(1, 5)
-        shape, layers, width = (d,), [], d
-        for _ in range(r.randint(1, 3)):
-            o = r.randint(2, 6)
-            layers += [nn.Linear(width, o), r.choice(acts)()]
-            width = o
-        layers.append(nn.Linear(width, r.randint(1, 3)))
-    model = nn.Sequential(*layers).eval()
+    model, shape = small_model(r, 0.35, strided=True, conv_outputs=(1, 3))
     batch, eps = r.choice([1, 2]), r.choice([0.01, 0.1, 0.5])
     norm, method = r.choice([math.inf, math.inf, 2.0]), r.choice(["IBP", "CROWN"])
     x = torch.randn(batch, *shape)

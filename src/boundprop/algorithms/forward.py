@@ -242,23 +242,13 @@ def backward_rule_forms(state: PropagationState, node: Node, forms: dict[str, Li
         eye[:, start:start + rows] = torch.eye(rows, dtype=value.dtype, device=value.device)
         A = eye.reshape(1, rows, *shape)
         out = propagate_node(state, node, A, A, None)
-        low = add_to_last_row(_zero_rows(value, rows, forms), out.lbias)
-        up = add_to_last_row(_zero_rows(value, rows, forms), out.ubias)
-        for name, lA, uA in out.A:
-            if name not in state.perturbed:
-                continue
-            low = low + spec_rows(lA, forms[name], "lower")
-            up = up + spec_rows(uA, forms[name], "upper")
-        lowers.append(low)
-        uppers.append(up)
+        inputs = [(name, lA, uA) for name, lA, uA in out.A if name in state.perturbed]
+        low = sum(spec_rows(lA, forms[name], "lower") for name, lA, _ in inputs)
+        up = sum(spec_rows(uA, forms[name], "upper") for name, _, uA in inputs)
+        lowers.append(add_to_last_row(low, out.lbias))
+        uppers.append(add_to_last_row(up, out.ubias))
     cat = lambda parts: (parts[0] if len(parts) == 1 else torch.cat(parts, 2)).reshape(batch, -1, *shape)
     return LinearForms(cat(lowers), cat(uppers))
-
-
-def _zero_rows(value: torch.Tensor, rows: int, forms: dict[str, LinearForms]) -> torch.Tensor:
-    """``(batch, D + 1, rows)`` zeros (``D + 1`` taken from any form)."""
-    some = next(iter(forms.values()))
-    return value.new_zeros(value.shape[0], some.lower.shape[1], rows)
 
 
 def node_forms(state: PropagationState, node: Node, forms: dict[str, LinearForms]) -> LinearForms:

@@ -133,25 +133,29 @@ def run_method(state: PropagationState, method: str, target: str, C: torch.Tenso
             return (out.lower if lower else None), (out.upper if upper else None), {}
         out = _ibp_with_spec(state, target, spec)
         return (out.lower if lower else None), (out.upper if upper else None), {}
+    lo, hi, A = _linear_bounds(state, method, target, spec, lower, upper, keep_A)
+    forward_alone = method.startswith("forward") and not state.opts.get("forward_intersect_ibp", True)
+    if keep_A or forward_alone:
+        return lo, hi, A  # with coefficients: the bounds they imply
+    return (*_intersect_with_ibp(state, target, C, spec, lo, hi), A)
+
+
+def _linear_bounds(state: PropagationState, method: str, target: str, spec: torch.Tensor, lower: bool, upper: bool,
+                   keep_A: set[str] | None) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+    """Bounds of ``spec y`` by a method with linear relaxations (CROWN, CROWN-IBP, forward, alpha-CROWN)."""
     if method in ("crown", "crown-ibp"):
         if method == "crown":
             refine_intermediate(state, target)
         res = backward(state, target, spec, lower, upper, keep_A=keep_A)
-        if keep_A:
-            return res.lower, res.upper, res.A  # the bounds the returned coefficients imply
-        return (*_intersect_with_ibp(state, target, C, spec, res.lower, res.upper), res.A)
+        return res.lower, res.upper, res.A
     if method in ("forward", "forward+backward"):
         from .forward import forward_bounds
 
-        lo, hi, A = forward_bounds(state, target, spec, lower, upper, method, keep_A)
-        if keep_A or not state.opts.get("forward_intersect_ibp", True):
-            return lo, hi, A
-        return (*_intersect_with_ibp(state, target, C, spec, lo, hi), A)
+        return forward_bounds(state, target, spec, lower, upper, method, keep_A)
     if method == "alpha-crown":
         from .alpha import alpha_crown
 
-        lo, hi, A = alpha_crown(state, target, spec, lower, upper, keep_A)
-        return (lo, hi, A) if keep_A else (*_intersect_with_ibp(state, target, C, spec, lo, hi), A)
+        return alpha_crown(state, target, spec, lower, upper, keep_A)
     raise ValueError(method)
 
 

@@ -291,8 +291,18 @@ def graph_case(seed: int) -> str:
     r = random.Random(seed)
     torch.manual_seed(seed)
     model, shape = random_model(r)
-    batch = r.choice([1, 1, 2])
-    x = torch.randn(batch, *shape) * r.choice([0.3, 1.0])
+    x = torch.randn(r.choice([1, 1, 2]), *shape) * r.choice([0.3, 1.0])
+    try:
+        graph = boundprop.capture(model, x)
+    except NotImplementedError as err:
+        return "unsupported: " + " ".join(str(err).split())[:200]
+    return check_bounds(r, model, graph, x)
+
+
+def check_bounds(r: random.Random, model: nn.Module, graph, x: torch.Tensor) -> str:
+    """Draw a random input set and specification for ``x`` and check every method's bounds on ``graph``
+    (which computes ``model``) at points of the set (see the module doc)."""
+    batch = x.shape[0]
     norm = r.choice([math.inf, math.inf, math.inf, 2.0, 1.0])
     eps = r.choice([0.01, 0.1, 0.3, 1.0])
     box = None
@@ -301,10 +311,6 @@ def graph_case(seed: int) -> str:
     with torch.no_grad():
         n_out = model(x)[0].numel()
     C = torch.randn(batch, r.randint(1, 3), n_out) if r.random() < 0.4 else None
-    try:
-        graph = boundprop.capture(model, x)
-    except NotImplementedError as err:
-        return "unsupported: " + " ".join(str(err).split())[:200]
     ptb = {graph.inputs[0]: PerturbationLpNorm(eps, norm, *(box or (None, None)))}
     results, notes = {}, []
     for method in METHODS:
@@ -357,6 +363,49 @@ def graph_case(seed: int) -> str:
         return (f"UNSOUND {'; '.join(sorted(bad)[:6])} | norm={norm} eps={eps} box={box is not None} "
                 f"C={C is not None} batch={batch} | " + " ".join(str(model).split()))
     return "ok" + (" (" + "; ".join(notes) + ")" if notes else "")
+
+
+def onnx_case(seed: int) -> str:
+    """A :func:`random_model` exported to ONNX (float32, batch axis dynamic) and read back by
+    :func:`~boundprop.graph.onnx_import.import_onnx`: the imported graph must compute what onnxruntime
+    and the torch model compute, and (in float64) hold every method's bounds as in ``graph``."""
+    import io
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+
+    from boundprop.graph.onnx_import import import_onnx
+
+    r = random.Random(seed)
+    torch.manual_seed(seed)
+    model, shape = random_model(r)  # float32 (see run)
+    x = torch.randn(r.choice([1, 1, 2]), *shape) * r.choice([0.3, 1.0])
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (x[:1],), buffer, dynamo=False, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
+        except Exception as err:  # noqa: BLE001 - the exporter's limits are not ours
+            return "skipped: torch.onnx.export failed: " + " ".join(str(err).split())[:150]
+    try:
+        graph = import_onnx(onnx.load_from_string(buffer.getvalue()))
+    except NotImplementedError as err:
+        return "unsupported: " + " ".join(str(err).split())[:200]
+    points = torch.cat([x, x[:1] + 0.5 * torch.randn(8, *shape)])
+    session = ort.InferenceSession(buffer.getvalue())
+    with torch.no_grad():
+        ours = evaluate(graph, (points,))[graph.output]
+        reference = torch.from_numpy(session.run(None, {"x": points.numpy()})[0])
+        exact = evaluate(graph.to(dtype=torch.float64), (points.double(),))[graph.output]
+        torch_exact = model.double()(points.double())
+    worst = max(float(((ours - reference).abs() / (1 + reference.abs())).max()),
+                float(((exact - torch_exact).abs() / (1 + torch_exact.abs())).max()))
+    if not worst <= 1e-4:
+        return f"IMPORT differs from onnxruntime or torch by {worst:.3g} | " + " ".join(str(model).split())
+    torch.set_default_dtype(torch.float64)
+    return check_bounds(r, model, graph.to(dtype=torch.float64), x.double())
 
 
 class TwoInputs(nn.Module):
@@ -566,14 +615,16 @@ def verifier_case(seed: int) -> str:
     return f"WRONG {out.verdict}, expected {'sat' if sat else 'unsat'}\n{text}"
 
 
-KINDS: dict[str, Callable[[int], str]] = {"graph": graph_case, "inputs2": inputs2_case, "weights": weights_case,
-                                          "jacobian": jacobian_case, "verifier": verifier_case}
+KINDS: dict[str, Callable[[int], str]] = {"graph": graph_case, "onnx": onnx_case, "inputs2": inputs2_case,
+                                          "weights": weights_case, "jacobian": jacobian_case,
+                                          "verifier": verifier_case}
 
 
 def run(kind: str, seed: int) -> str:
-    """One seed of one kind, in float64 (the verifier's models are float32); never raises."""
+    """One seed of one kind, in float64 (the verifier's models and the ONNX exports are float32); never
+    raises."""
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32 if kind == "verifier" else torch.float64)
+    torch.set_default_dtype(torch.float32 if kind in ("verifier", "onnx") else torch.float64)
     try:
         return KINDS[kind](seed)
     except Exception as err:  # noqa: BLE001 - a crash is a finding, reported with its traceback

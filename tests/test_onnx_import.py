@@ -58,6 +58,78 @@ def test_unary_ops(op):
     _compare(_model([helper.make_node(op, ["x"], ["y"])], [x], y), (1, 6))
 
 
+ACTIVATION_CASES = [  # op, attributes, opset
+    ("Elu", {"alpha": 0.4}, 13), ("Selu", {}, 13), ("Selu", {"alpha": 1.2, "gamma": 0.8}, 13),
+    ("Celu", {"alpha": 0.6}, 13), ("HardSigmoid", {}, 13), ("HardSigmoid", {"alpha": 0.7, "beta": 0.2}, 13),
+    ("HardSwish", {}, 14), ("Softsign", {}, 13), ("Mish", {}, 18), ("LogSoftmax", {"axis": -1}, 13),
+]
+
+
+@pytest.mark.parametrize("op,attrs,opset", ACTIVATION_CASES, ids=lambda c: str(c))
+def test_activations_with_attributes(op, attrs, opset):
+    """Each activation with its attributes agrees with onnxruntime (``Elu``'s ``alpha`` was once ignored),
+    and its bounds hold at sampled points."""
+    from soundness import box_points
+
+    x, y = _io((1, 6))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node(op, ["h"], ["y"], **attrs)]
+    g = _compare(_model(nodes, [x], y, [_init("W", RNG.normal(size=(6, 6)))], opset=opset), (1, 6), low=-3, high=3)
+    x0 = torch.rand(2, 6) * 4 - 2
+    ptb = {g.inputs[0]: boundprop.PerturbationLpNorm(0.3)}
+    for method in ("IBP", "CROWN"):
+        res = boundprop.compute_bounds(g, (x0,), ptb, method=method)
+        for b in range(2):
+            out = evaluate(g, (box_points(x0[b] - 0.3, x0[b] + 0.3, 64),))[g.output]
+            assert (out >= res.lower[b] - 1e-5).all() and (out <= res.upper[b] + 1e-5).all()
+
+
+@pytest.mark.parametrize("slope", [[0.25], [0.1, -0.5, 1.5], [2.0]])
+def test_prelu(slope):
+    x, y = _io((1, 3, 4))
+    nodes = [helper.make_node("PRelu", ["x", "s"], ["y"])]
+    _compare(_model(nodes, [x], y, [_init("s", np.array(slope).reshape(-1, 1))]), (1, 3, 4))
+
+
+def test_variadic_ops_reducemin_expand_gather_negative():
+    x, y = _io((1, 2, 3))
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["x"], ["n"]),
+             helper.make_node("Max", ["x", "r", "n"], ["mx"]), helper.make_node("Min", ["x", "r", "n", "c"], ["mn"]),
+             helper.make_node("Sum", ["mx", "mn", "c"], ["sm"]), helper.make_node("Mean", ["sm", "x", "r"], ["me"]),
+             helper.make_node("ReduceMin", ["me"], ["rm"], axes=[2], keepdims=1),
+             helper.make_node("Expand", ["rm", "shape"], ["ex"]),
+             helper.make_node("Gather", ["ex", "idx"], ["g"], axis=2),
+             helper.make_node("Add", ["g", "me"], ["y"])]
+    inits = [_init("c", RNG.normal(size=3)), _init("shape", np.array([1, 2, 3])), _init("idx", np.array([-1, 0, -2]))]
+    _compare(_model(nodes, [x], y, inits), (1, 2, 3))
+
+
+def test_split_uneven_pad_axes_constant_of_shape():
+    """Opset 18: ``Split`` into ``num_outputs`` uneven chunks, ``Pad`` with ``axes``; ``ConstantOfShape``."""
+    x, y = _io((1, 2, 5))
+    nodes = [helper.make_node("Split", ["x"], ["a", "b"], axis=2, num_outputs=2),
+             helper.make_node("Pad", ["b", "pads", "", "axes"], ["bp"]),
+             helper.make_node("ConstantOfShape", ["shape"], ["k"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.5])),
+             helper.make_node("Mul", ["bp", "k"], ["bk"]),
+             helper.make_node("Add", ["a", "bk"], ["y"])]
+    inits = [_init("pads", np.array([0, 1])), _init("axes", np.array([2])), _init("shape", np.array([1, 2, 3]))]
+    _compare(_model(nodes, [x], y, inits, opset=18), (1, 2, 5))
+
+
+@pytest.mark.parametrize("kind", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize("attrs", [{}, {"auto_pad": "SAME_UPPER"}, {"auto_pad": "SAME_LOWER", "strides": [2, 2]},
+                                   {"pads": [0, 1, 1, 0]}, {"pads": [1, 0, 2, 1], "count_include_pad": 1},
+                                   {"pads": [0, 0, 1, 1], "strides": [2, 1]}])
+def test_pool_padding_and_default_strides(kind, attrs):
+    """Pool strides default to 1 (not the kernel); ``auto_pad``; asymmetric pads, where an average pool
+    that does not count the pads divides by the real elements of each window."""
+    if kind == "MaxPool" and "count_include_pad" in attrs:
+        pytest.skip("average pools only")
+    x, y = _io((1, 2, 5, 6))
+    nodes = [helper.make_node(kind, ["x"], ["y"], kernel_shape=[3, 2], **attrs)]
+    _compare(_model(nodes, [x], y), (1, 2, 5, 6))
+
+
 def test_gemm_matmul_add_sub_mul_div():
     x, y = _io((1, 4))
     nodes = [

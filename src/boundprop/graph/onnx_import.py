@@ -172,13 +172,15 @@ def _conv_pads(attrs, x_shape, w_shape, dims):
 
 def _pad_first(b: _Builder, x, pads, dims, src, value=0.0):
     """Asymmetric pads -> explicit constant_pad_nd; returns (x, symmetric pads)."""
-    begin, end = pads[:dims], pads[dims:]
-    if begin == end:
-        return x, begin
-    torch_pad = []
-    for i in reversed(range(dims)):
-        torch_pad += [begin[i], end[i]]
-    return b.emit(aten.constant_pad_nd.default, (x, torch_pad, value), source=src, hint="pad"), [0] * dims
+    if pads[:dims] == pads[dims:]:
+        return x, pads[:dims]
+    return b.emit(aten.constant_pad_nd.default, (x, _torch_pads(pads), value), source=src, hint="pad"), [0] * dims
+
+
+def _torch_pads(pads: list[int]) -> list[int]:
+    """ONNX pads ``[b_1, ..., b_n, e_1, ..., e_n]`` as torch's ``[b_n, e_n, ..., b_1, e_1]``."""
+    dims = len(pads) // 2
+    return [p for i in reversed(range(dims)) for p in (pads[i], pads[i + dims])]
 
 
 def _conv(b: _Builder, ins, attrs, src):
@@ -197,6 +199,11 @@ def _conv_transpose(b: _Builder, ins, attrs, src):
     x, w, bias = (list(ins) + [None])[:3]
     dims = w.dim() - 2
     pads = list(attrs.get("pads", [0] * (2 * dims)))
+    if _text(attrs, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or dims not in (1, 2):
+        raise UnsupportedOperatorError([(f"ConvTranspose{dims}d (auto_pad {_text(attrs, 'auto_pad', 'NOTSET')})",
+                                         src)])
+    if _text(attrs, "auto_pad", "NOTSET") == "VALID":
+        pads = [0] * (2 * dims)
     if pads[:dims] != pads[dims:] or attrs.get("output_shape") is not None:
         raise UnsupportedOperatorError([("ConvTranspose (asymmetric pads / output_shape)", src)])
     strides = list(attrs.get("strides", [1] * dims))
@@ -283,13 +290,17 @@ def _slice(b: _Builder, ins, attrs, src):
 def _gather(b: _Builder, ins, attrs, src):
     x, index = ins
     axis = int(attrs.get("axis", 0))
+    if not torch.is_tensor(index):
+        raise UnsupportedOperatorError([("Gather with indices computed from the input", src)])
     if _is_const(x, index):
-        return torch.index_select(x, axis, index.reshape(-1).long()).reshape(
+        return torch.index_select(x, axis, index.reshape(-1).long() % x.shape[axis]).reshape(
             x.shape[:axis % x.dim()] + index.shape + x.shape[axis % x.dim() + 1:])
+    size = b.example(x).shape[axis]
+    index = index.long() % size  # ONNX counts negative indices from the end
     if index.dim() == 0:
         return b.emit(aten.select.int, (x, axis, int(index)), source=src, hint="gather")
     if index.dim() == 1:
-        return b.emit(aten.index_select.default, (x, axis, b.arg(index.long())), source=src, hint="gather")
+        return b.emit(aten.index_select.default, (x, axis, b.arg(index)), source=src, hint="gather")
     raise UnsupportedOperatorError([("Gather with multi-dimensional indices", src)])
 
 
@@ -298,8 +309,9 @@ def _split(b: _Builder, ins, attrs, src, n_out: int):
     axis = int(attrs.get("axis", 0))
     size = b.example(x).shape[axis] if not torch.is_tensor(x) else x.shape[axis]
     split = _ints(ins[1]) if len(ins) > 1 and ins[1] is not None else list(attrs.get("split", []))
-    if not split:
-        split = [size // n_out] * n_out
+    if not split:  # equal chunks of ceil(size / n); the last is smaller when size does not divide
+        chunk = -(-size // n_out)
+        split = [min(chunk, size - i * chunk) for i in range(n_out)]
     outs, start = [], 0
     for length in split:
         outs.append(_slice(b, [x, [start], [start + length], [axis]], {}, src))
@@ -347,18 +359,27 @@ def _pool(kind):
         dims = len(kernel)
         if dims != 2:
             raise UnsupportedOperatorError([(f"{kind}Pool{dims}d", src)])
-        pads = list(attrs.get("pads", [0] * 2 * dims))
-        strides = list(attrs.get("strides", kernel))
+        dil = list(attrs.get("dilations", [1] * dims))
+        if kind == "Average" and dil != [1] * dims:
+            raise UnsupportedOperatorError([("AveragePool with dilations", src)])
+        pads, strides, _ = _conv_pads(attrs, b.example(x).shape, [0, 0, *kernel], dims)  # strides default to 1
         ceil = bool(attrs.get("ceil_mode", 0))
-        if pads[:dims] != pads[dims:]:
+        include = bool(attrs.get("count_include_pad", 0))
+        asymmetric = pads[:dims] != pads[dims:]
+        if asymmetric and ceil:
+            raise UnsupportedOperatorError([(f"{kind}Pool with asymmetric pads and ceil_mode", src)])
+        if asymmetric:
+            ones = torch.nn.functional.pad(torch.ones(1, 1, *b.example(x).shape[2:]), _torch_pads(pads))
             x, pads = _pad_first(b, x, pads, dims, src, value=-float("inf") if kind == "Max" else 0.0)
         else:
             pads = pads[:dims]
         if kind == "Max":
-            dil = list(attrs.get("dilations", [1] * dims))
             return b.emit(aten.max_pool2d.default, (x, kernel, strides, pads, dil, ceil), source=src, hint="maxpool")
-        include = bool(attrs.get("count_include_pad", 0))
-        return b.emit(aten.avg_pool2d.default, (x, kernel, strides, pads, ceil, include), source=src, hint="avgpool")
+        out = b.emit(aten.avg_pool2d.default, (x, kernel, strides, pads, ceil, include), source=src, hint="avgpool")
+        if asymmetric and not include:  # the explicit zeros were counted: times window size / real elements
+            share = torch.nn.functional.avg_pool2d(ones, kernel, strides)
+            out = b.emit(aten.mul.Tensor, (out, b.arg(1.0 / share)), source=src, hint="avgpool_count")
+        return out
 
     return tr
 
@@ -375,12 +396,18 @@ def _pad(b: _Builder, ins, attrs, src):
     mode = mode.decode() if isinstance(mode, bytes) else mode
     if mode != "constant":
         raise UnsupportedOperatorError([(f"Pad(mode={mode})", src)])
+    if not _is_const(*ins[1:]):
+        raise UnsupportedOperatorError([("Pad with pads or value computed from the input", src)])
     pads = _ints(ins[1]) if len(ins) > 1 else list(attrs["pads"])
     value = float(ins[2]) if len(ins) > 2 and ins[2] is not None else float(attrs.get("value", 0.0))
-    rank = len(pads) // 2
-    torch_pad = []
-    for i in reversed(range(rank)):
-        torch_pad += [pads[i], pads[i + rank]]
+    if len(ins) > 3 and ins[3] is not None:  # opset 18: pads of the listed axes only
+        rank = (x if torch.is_tensor(x) else b.example(x)).dim()
+        axes = [a % rank for a in _ints(ins[3])]
+        full = [0] * (2 * rank)
+        for i, axis in enumerate(axes):
+            full[axis], full[axis + rank] = pads[i], pads[i + len(axes)]
+        pads = full
+    torch_pad = _torch_pads(pads)
     while len(torch_pad) > 2 and torch_pad[-2:] == [0, 0]:
         torch_pad = torch_pad[:-2]
     if torch.is_tensor(x):
@@ -469,13 +496,128 @@ def _resize(b: _Builder, ins, attrs, src, upsample: bool = False):
     return x
 
 
-def _softmax(b: _Builder, ins, attrs, src, opset: int):
+def _softmax(b: _Builder, ins, attrs, src, opset: int, target=aten.softmax.int):
+    """``Softmax`` / ``LogSoftmax`` (``target``); before opset 13 the op flattened the axes from ``axis``
+    on, which is the last axis alone only when ``axis`` is the last."""
     (x,) = ins
     axis = int(attrs.get("axis", -1 if opset >= 13 else 1))
     rank = b.example(x).dim()
     if opset < 13 and axis % rank != rank - 1:
         raise UnsupportedOperatorError([("Softmax (opset < 13) over several axes", src)])
-    return b.emit(aten.softmax.int, (x, axis), source=src, hint="softmax")
+    return b.emit(target, (x, axis), source=src, hint="softmax")
+
+
+def _variadic(target, mean: bool = False):
+    """``Max``, ``Min``, ``Sum``, ``Mean`` of any number of inputs, folded pairwise."""
+    pairwise = _elementwise(target)
+
+    def tr(b: _Builder, ins, attrs, src):
+        out = ins[0]
+        for value in ins[1:]:
+            out = pairwise(b, [out, value], attrs, src)
+        if mean and len(ins) > 1:
+            out = out / len(ins) if torch.is_tensor(out) else b.emit(aten.mul.Tensor, (out, 1.0 / len(ins)), source=src)
+        return out
+
+    return tr
+
+
+def _elu_family(kind: str):
+    """``Elu(alpha)``, ``Selu(alpha, gamma)``, ``Celu(alpha)`` as ATen's ``elu(x, alpha, scale, input_scale)``
+    = ``scale * (x if x > 0 else alpha * (exp(input_scale * x) - 1))``."""
+    def tr(b: _Builder, ins, attrs, src):
+        if kind == "Selu":
+            params = (float(attrs.get("alpha", 1.67326319217681884765625)),
+                      float(attrs.get("gamma", 1.05070102214813232421875)), 1.0)
+        else:
+            alpha = float(attrs.get("alpha", 1.0))
+            params = (alpha, 1.0, 1.0 / alpha if kind == "Celu" else 1.0)
+        if torch.is_tensor(ins[0]):
+            return aten.elu.default(ins[0], *params)
+        return b.emit(aten.elu.default, (ins[0], *params), source=src, hint=kind.lower())
+
+    return tr
+
+
+def _hard_sigmoid(b: _Builder, ins, attrs, src, swish: bool = False):
+    """``HardSigmoid(alpha, beta) = clamp(alpha x + beta, 0, 1)``; ``HardSwish = x HardSigmoid(1/6, 1/2)``."""
+    x = ins[0]
+    alpha, beta = (1.0 / 6.0, 0.5) if swish else (float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5)))
+    if torch.is_tensor(x):
+        gate = (alpha * x + beta).clamp(0.0, 1.0)
+        return x * gate if swish else gate
+    scaled = b.emit(aten.add.Tensor, (b.emit(aten.mul.Tensor, (x, alpha), source=src), beta), source=src)
+    gate = b.emit(aten.clamp.default, (scaled, 0.0, 1.0), source=src, hint="hardsigmoid")
+    return b.emit(aten.mul.Tensor, (x, gate), source=src, hint="hardswish") if swish else gate
+
+
+def _softsign(b: _Builder, ins, attrs, src):
+    """``x / (1 + |x|)``."""
+    x = ins[0]
+    if torch.is_tensor(x):
+        return x / (1 + x.abs())
+    denominator = b.emit(aten.add.Tensor, (b.emit(aten.abs.default, (x,), source=src), 1.0), source=src)
+    return b.emit(aten.div.Tensor, (x, denominator), source=src, hint="softsign")
+
+
+def _mish(b: _Builder, ins, attrs, src):
+    """``x tanh(softplus(x))``."""
+    x = ins[0]
+    if torch.is_tensor(x):
+        return x * torch.tanh(torch.nn.functional.softplus(x))
+    gate = b.emit(aten.tanh.default, (b.emit(aten.softplus.default, (x,), source=src),), source=src)
+    return b.emit(aten.mul.Tensor, (x, gate), source=src, hint="mish")
+
+
+def _prelu(b: _Builder, ins, attrs, src):
+    """``PRelu(x, slope) = relu(x) - slope relu(-x)`` (``slope`` broadcast to ``x`` from the right); a
+    single slope in ``[0, 1]`` is a leaky ReLU (whose relaxation is tighter than the two ReLUs')."""
+    x, slope = ins
+    if not torch.is_tensor(slope):
+        raise UnsupportedOperatorError([("PRelu with a slope computed from the input", src)])
+    if torch.is_tensor(x):
+        return torch.where(x > 0, x, slope * x)
+    flat = slope.reshape(-1)
+    if flat.numel() > 0 and bool((flat == flat[0]).all()) and 0.0 <= float(flat[0]) <= 1.0:
+        return b.emit(aten.leaky_relu.default, (x, float(flat[0])), source=src, hint="prelu")
+    positive = b.emit(aten.relu.default, (x,), source=src, hint="prelu")
+    negative = b.emit(aten.relu.default, (b.emit(aten.neg.default, (x,), source=src),), source=src)
+    scaled = b.emit(aten.mul.Tensor, (negative, b.arg(slope)), source=src)
+    return b.emit(aten.sub.Tensor, (positive, scaled), source=src, hint="prelu")
+
+
+def _constant_of_shape(b: _Builder, ins, attrs, src):
+    import onnx.numpy_helper as nh
+
+    if not torch.is_tensor(ins[0]):
+        raise UnsupportedOperatorError([("ConstantOfShape of a shape computed from the input", src)])
+    value = torch.from_numpy(np.array(nh.to_array(attrs["value"]))) if "value" in attrs else torch.zeros(1)
+    return value.reshape(()).expand(_ints(ins[0])).clone()
+
+
+def _constant_only(fn: Callable, name: str):
+    """Ops that only ever compute shapes and masks in exported models: folded when every input is a
+    constant, unsupported otherwise."""
+    def tr(b: _Builder, ins, attrs, src):
+        if not _is_const(*ins):
+            raise UnsupportedOperatorError([(f"{name} of values computed from the input", src)])
+        return fn(*ins, **attrs)
+
+    return tr
+
+
+def _expand(b: _Builder, ins, attrs, src):
+    x, shape = ins
+    if torch.is_tensor(x):
+        return x * torch.ones(_ints(shape), dtype=x.dtype)  # ONNX Expand broadcasts both ways
+    example = b.example(x)
+    target = torch.broadcast_shapes(example.shape, tuple(_ints(shape)))
+    if target == example.shape:
+        return x
+    if len(target) == example.dim() and target[0] == example.shape[0]:
+        sizes = [-1] + list(target[1:])
+        return b.emit(aten.expand.default, (x, sizes), source=src, hint="expand")
+    raise UnsupportedOperatorError([("Expand over the batch dimension", src)])
 
 
 def _reduce(target):
@@ -573,21 +715,31 @@ TRANSLATIONS: dict[str, Callable] = {
     "Exp": _unary(aten.exp.default), "Log": _unary(aten.log.default), "Sqrt": _unary(aten.sqrt.default),
     "Reciprocal": _unary(aten.reciprocal.default), "Neg": _unary(aten.neg.default), "Abs": _unary(aten.abs.default),
     "Sign": _unary(aten.sign.default), "Sin": _unary(aten.sin.default), "Cos": _unary(aten.cos.default),
-    "Atan": _unary(aten.atan.default), "Softplus": _unary(aten.softplus.default), "Elu": _unary(aten.elu.default),
+    "Atan": _unary(aten.atan.default), "Softplus": _unary(aten.softplus.default), "Elu": _elu_family("Elu"),
+    "Selu": _elu_family("Selu"), "Celu": _elu_family("Celu"), "HardSigmoid": _hard_sigmoid,
+    "HardSwish": lambda b, ins, attrs, src: _hard_sigmoid(b, ins, attrs, src, swish=True), "Softsign": _softsign,
+    "Mish": _mish, "PRelu": _prelu,
     "Erf": _unary(aten.erf.default), "Floor": _unary(aten.floor.default), "Ceil": _unary(aten.ceil.default),
     "Round": _unary(aten.round.default),
     "Add": _elementwise(aten.add.Tensor), "Sub": _elementwise(aten.sub.Tensor), "Mul": _elementwise(aten.mul.Tensor),
-    "Div": _elementwise(aten.div.Tensor), "Max": _elementwise(aten.maximum.default),
-    "Min": _elementwise(aten.minimum.default),
+    "Div": _elementwise(aten.div.Tensor), "Max": _variadic(aten.maximum.default),
+    "Min": _variadic(aten.minimum.default), "Sum": _variadic(aten.add.Tensor),
+    "Mean": _variadic(aten.add.Tensor, mean=True),
     "Flatten": _flatten, "Reshape": _reshape, "Transpose": _transpose, "Concat": _concat, "Slice": _slice,
     "Gather": _gather, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "BatchNormalization": _batch_norm,
     "MaxPool": _pool("Max"), "AveragePool": _pool("Average"), "GlobalAveragePool": _global_avg, "Pad": _pad,
     "ReduceSum": _reduce(aten.sum.dim_IntList), "ReduceMean": _reduce(aten.mean.dim),
     "ReduceMax": _reduce(lambda x, axes, keep: aten.amax.default(x, axes, keep)),
+    "ReduceMin": _reduce(lambda x, axes, keep: aten.amin.default(x, axes, keep)),
     "Cast": _cast, "Clip": _clip, "Identity": _identity, "Dropout": _identity, "Shape": _shape,
-    "Constant": _constant, "LeakyRelu": _leaky, "Pow": _pow, "Gelu": _gelu,
+    "Constant": _constant, "ConstantOfShape": _constant_of_shape, "Expand": _expand,
+    "Equal": _constant_only(lambda a, c: torch.eq(a, c), "Equal"),
+    "Where": _constant_only(lambda c, a, d: torch.where(c.bool(), a, d), "Where"),
+    "Range": _constant_only(lambda a, c, d: torch.arange(a.item(), c.item(), d.item(), dtype=a.dtype), "Range"),
+    "LeakyRelu": _leaky, "Pow": _pow, "Gelu": _gelu,
     "Resize": _resize, "Upsample": lambda b, ins, attrs, src: _resize(b, ins, attrs, src, upsample=True),
-    "LayerNormalization": _layer_norm, "Split": _split, "Softmax": _softmax,  # these two take an extra argument
+    "LayerNormalization": _layer_norm,
+    "Split": _split, "Softmax": _softmax, "LogSoftmax": _softmax,  # these take extra arguments
 }
 
 
@@ -636,8 +788,9 @@ def import_onnx(path_or_model: str | Path | Any, is_supported: Callable[[Any], b
         try:
             if node.op_type == "Split":
                 outs = _split(b, ins, attrs, src, len(node.output))
-            elif node.op_type == "Softmax":
-                outs = [_softmax(b, ins, attrs, src, opset)]
+            elif node.op_type in ("Softmax", "LogSoftmax"):
+                target = aten.softmax.int if node.op_type == "Softmax" else aten.log_softmax.int
+                outs = [_softmax(b, ins, attrs, src, opset, target)]
             else:
                 outs = [translate(b, ins, attrs, src)]
         except UnsupportedOperatorError as err:

@@ -1,6 +1,7 @@
 """Soundness fuzzing: random models, random sets, every method; each bound checked at sampled points.
 
     .venv/bin/python tests/fuzz.py graph 0 500        # kind, first seed, number of seeds
+    .venv/bin/python tests/fuzz.py onnx 0 300
     .venv/bin/python tests/fuzz.py inputs2 0 200
     .venv/bin/python tests/fuzz.py weights 0 200
     .venv/bin/python tests/fuzz.py jacobian 0 200
@@ -11,13 +12,17 @@ a seed reproduces its case exactly.
 
 * ``graph``: a random stack of image blocks (convolutions of any stride, padding, dilation and
   groups, transposed convolutions, batch norm, pooling, residual sums, concatenations, gates,
-  upsampling, padding) and vector blocks (linear, activations, layer norm, softmax, products,
-  quotients, max/min, rounding, attention...), in float64. Sets: L-inf (sometimes clipped to a
+  upsampling, padding, transposes, channel means and slices) and vector blocks (linear, 19
+  activations with PReLU and CELU, batch norm, layer norm, softmax, splits, products, quotients,
+  max/min, rounding, attention...), in float64. Sets: L-inf (sometimes clipped to a
   box), L2, L1; sometimes a random specification ``C``; batch 1 or 2. Every method's final bounds and
   every intermediate interval it reports are checked at random points, box vertices and points
   pushed outward by PGD (L-inf), or points on and inside the ball (L2, L1; with the ball's vertices
   for L1); so are the linear bounds ``lA x + lbias <= C y <= uA x + ubias`` that CROWN, alpha-CROWN
   and forward mode return for the input. Unsupported operators are reported, not failures.
+* ``onnx``: a ``graph`` model exported by ``torch.onnx.export`` (float32, dynamic batch) and imported:
+  the imported graph must compute what onnxruntime computes (float32) and what the torch model
+  computes (float64), and its bounds are checked as in ``graph``.
 * ``inputs2``: models of two inputs (each perturbed, or one fixed) combined by a sum, a product, a
   concatenation, a maximum or an outer product.
 * ``weights``: MLPs and CNNs with some parameters perturbed (L-inf, relative, L2), sometimes the input
@@ -99,6 +104,18 @@ class Pair(nn.Module):
         return self.op(self.f(x), self.g(x))
 
 
+class HalfActivated(nn.Module):
+    """The first half of the features through an activation, the rest as they are (a Split in ONNX)."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.act = act
+
+    def forward(self, x):
+        first, rest = torch.split(x, [(x.shape[1] + 1) // 2, x.shape[1] // 2], 1)
+        return torch.cat([self.act(first), rest], 1)
+
+
 class Attention(nn.Module):
     """Single-head self-attention over the features split into 2 tokens (1 if odd), plus the input."""
 
@@ -116,15 +133,19 @@ class Attention(nn.Module):
 
 ACTIVATIONS = [nn.ReLU, lambda: nn.LeakyReLU(0.1), nn.Sigmoid, nn.Tanh, nn.ELU, nn.Softplus, nn.GELU, nn.SiLU,
                nn.Hardtanh, nn.Identity]
+#: Rarer activations, one draw in four
+MORE_ACTIVATIONS = [lambda: nn.ELU(0.4), nn.SELU, lambda: nn.CELU(0.7), nn.ReLU6, nn.Hardswish, nn.Mish,
+                    lambda: nn.PReLU(init=-0.3), lambda: nn.PReLU(init=1.6), lambda: nn.PReLU(init=0.2)]
 
 
 def _act(r: random.Random) -> nn.Module:
-    return r.choice(ACTIVATIONS)()
+    return r.choice(MORE_ACTIVATIONS if r.random() < 0.25 else ACTIVATIONS)()
 
 
 def image_block(r: random.Random, c: int, h: int) -> tuple[nn.Module, int, int] | None:
     """A block on ``(c, h, h)`` maps: ``(module, channels, size)``, or None if it does not fit."""
-    kind = r.choice(["conv", "conv", "conv", "act", "act", "bn", "pool", "res", "cat", "gate", "convT", "up", "pad"])
+    kind = r.choice(["conv", "conv", "conv", "act", "act", "bn", "pool", "res", "cat", "gate", "convT", "up", "pad",
+                     "layout"])
     if kind == "conv":
         k, s, p, d = r.choice([1, 2, 3]), r.choice([1, 1, 2]), r.choice([0, 1]), r.choice([1, 1, 2])
         if h + 2 * p - d * (k - 1) - 1 < 0:
@@ -165,6 +186,14 @@ def image_block(r: random.Random, c: int, h: int) -> tuple[nn.Module, int, int] 
     if kind == "up":
         mode = r.choice(["nearest", "bilinear"])
         return (nn.Upsample(scale_factor=2, mode=mode), c, 2 * h) if h <= 6 else None
+    if kind == "layout":  # transposes, channel statistics, channel slices (Transpose, ReduceMean, Slice in ONNX)
+        return r.choice([
+            (Fn(lambda x: x.transpose(2, 3), "transpose"), c, h),
+            (Fn(lambda x: torch.cat([x, x.mean(1, keepdim=True)], 1), "channel-mean"), c + 1, h),
+            (Fn(lambda x: torch.cat([x[:, 1:], x[:, :1]], 1), "channel-roll"), c, h),
+            (Fn(lambda x: F.avg_pool2d(x, 3, 2, 1, ceil_mode=False, count_include_pad=False), "avgpool-pad"), c,
+             (h - 1) // 2 + 1),
+        ])
     return (Fn(lambda x: F.pad(x, (1, 1, 1, 1)), "pad"), c, h + 2) if h <= 8 else None
 
 
@@ -183,7 +212,7 @@ VECTOR_FNS: dict[str, Callable] = {
 def vector_block(r: random.Random, d: int) -> tuple[nn.Module, int]:
     """A block on ``(d,)`` vectors: ``(module, new d)``."""
     kind = r.choice(["lin", "lin", "act", "act", "res", "ln", "mul", "max", "min", "softmax", "logsoftmax",
-                     "attention", "extra", "fn", "fn", "fn"])
+                     "attention", "extra", "fn", "fn", "fn", "split", "bn"])
     if kind == "lin":
         o = r.randint(2, 8)
         return nn.Linear(d, o, bias=r.random() < 0.8), o
@@ -201,6 +230,13 @@ def vector_block(r: random.Random, d: int) -> tuple[nn.Module, int]:
                                                        "min": torch.minimum}[kind]), d
     if kind == "softmax":
         return nn.Softmax(-1), d
+    if kind == "split" and d >= 2:
+        return HalfActivated(_act(r)), d
+    if kind == "bn":
+        bn = nn.BatchNorm1d(d)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.2, 2)
+        return bn, d
     if kind == "logsoftmax":
         return nn.LogSoftmax(-1), d
     if kind == "attention":
@@ -222,7 +258,7 @@ def random_model(r: random.Random) -> tuple[nn.Module, tuple[int, ...]]:
             if block is not None:
                 layers.append(block[0])
                 c, h = block[1], block[2]
-        layers.append(nn.Flatten())
+        layers.append(nn.Flatten() if r.random() < 0.7 else Fn(lambda x: x.reshape(x.size(0), -1), "reshape"))
         d = c * h * h
     else:
         d = r.randint(1, 8)
@@ -281,7 +317,7 @@ def _outside(value: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> f
     value, lower, upper = value.detach(), lower.detach(), upper.detach()
     tol = TOL * (1 + value.abs())
     gap = torch.maximum(lower - value - tol, value - upper - tol)
-    return max(0.0, float(gap.max()))
+    return max(0.0, float(gap.max())) if gap.numel() else 0.0
 
 
 # --- the kinds ----------------------------------------------------------------------------------------

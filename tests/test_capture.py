@@ -99,6 +99,31 @@ def test_unsupported_op_on_constant_path_is_fine():
     assert_sound(model, x, eps=0.1, graph=graph, pgd=False)
 
 
+class Casts(nn.Module):
+    def __init__(self, lossy: bool):
+        super().__init__()
+        self.fc, self.lossy = nn.Linear(3, 3), lossy
+
+    def forward(self, x):
+        h = self.fc(x) * 3
+        if self.lossy:
+            return h.half().float() + h.bool().float()
+        return h.to(torch.int64).float() + h.double().float() + self.fc.bias.half().float()
+
+
+def test_casts_of_perturbed_values():
+    """A cast to an integer type truncates (it was once a plain copy: CROWN's bounds then excluded the
+    model's value); casts to bool and float16 are reported; a float16 cast of a constant is fine."""
+    x = torch.randn(3, 3)
+    model = Casts(lossy=False).eval()
+    graph = boundprop.capture(model, x)
+    assert torch.ops.aten.trunc.default in [n.target for n in graph.nodes]
+    assert_sound(model, x, eps=0.3, graph=graph, methods=("IBP", "CROWN-IBP", "CROWN", "forward"))
+    with pytest.raises(UnsupportedOperatorError) as info:
+        boundprop.capture(Casts(lossy=True).eval(), x)
+    assert [op for op, _ in info.value.entries] == ["lossy_cast", "lossy_cast"]
+
+
 # --------------------------------------------------------------------------------------------
 # several inputs, some perturbed
 

@@ -103,6 +103,33 @@ def test_variadic_ops_reducemin_expand_gather_negative():
     _compare(_model(nodes, [x], y, inits), (1, 2, 3))
 
 
+@pytest.mark.parametrize("start,end,step", [(-1, -(2**63 - 1), -1), (4, 0, -2), (10, -10, -3), (-2, -6, -2)])
+def test_slice_negative_steps(start, end, step):
+    """Negative steps, on the input (a flip and a slice) and on a constant (the padding that torch's
+    exporter reverses with a ``Slice``)."""
+    x, y = _io((1, 2, 6))
+    nodes = [helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["s"]),
+             helper.make_node("Slice", ["c", "st", "en", "ax", "sp"], ["cs"]),
+             helper.make_node("ReduceSum", ["cs"], ["t"], keepdims=1),
+             helper.make_node("Add", ["s", "t"], ["y"])]
+    inits = [_init("st", np.array([start])), _init("en", np.array([end])), _init("ax", np.array([2])),
+             _init("sp", np.array([step])), _init("c", RNG.normal(size=(1, 1, 6)))]
+    _compare(_model(nodes, [x], y, inits), (1, 2, 6))
+
+
+def test_casts():
+    """``Cast`` to an integer type truncates (as onnxruntime); to float16 or bool it is unsupported."""
+    x, y = _io((1, 5))
+    nodes = [helper.make_node("Mul", ["x", "k"], ["h"]), helper.make_node("Cast", ["h"], ["i"], to=TensorProto.INT32),
+             helper.make_node("Cast", ["i"], ["f"], to=TensorProto.FLOAT), helper.make_node("Add", ["f", "x"], ["y"])]
+    g = _compare(_model(nodes, [x], y, [_init("k", np.array(3.0, dtype=np.float32))]), (1, 5), low=-2, high=2)
+    assert torch.ops.aten.trunc.default in [n.target for n in g.nodes]
+    for to in (TensorProto.FLOAT16, TensorProto.BOOL):
+        nodes = [helper.make_node("Cast", ["x"], ["c"], to=to), helper.make_node("Cast", ["c"], ["y"], to=1)]
+        with pytest.raises(UnsupportedOperatorError, match="lossy_cast"):
+            import_onnx(_model(nodes, [x], y), boundprop.is_supported)
+
+
 def test_split_uneven_pad_axes_constant_of_shape():
     """Opset 18: ``Split`` into ``num_outputs`` uneven chunks, ``Pad`` with ``axes``; ``ConstantOfShape``."""
     x, y = _io((1, 2, 5))

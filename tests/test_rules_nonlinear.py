@@ -102,6 +102,10 @@ CASES = [
     Case("ceil", aten.ceil.default, smooth=False),
     Case("round", aten.round.default, smooth=False),
     Case("trunc", aten.trunc.default, smooth=False),
+    Case("prelu_0.25", aten._prelu_kernel.default, (torch.tensor(0.25),), smooth=False),
+    Case("prelu_negative", aten._prelu_kernel.default, (torch.tensor(-0.7),), smooth=False),
+    Case("prelu_steep", aten._prelu_kernel.default, (torch.tensor(2.5),), smooth=False),
+    Case("prelu_1", aten._prelu_kernel.default, (torch.tensor(1.0),), smooth=False),
     Case("clamp_tensor", aten.clamp.Tensor, (torch.tensor([-0.5, 0.0, 1.0]), torch.tensor([0.5, 2.0, 1.5])),
          smooth=False),
 ]
@@ -418,6 +422,7 @@ MODEL_FNS = {
     "hardtanh": nn.Hardtanh(), "relu6": nn.ReLU6(), "clamp": lambda h: h.clamp(-0.3, 0.7),
     "clamp_min": lambda h: h.clamp(min=0.1), "gelu": nn.GELU(), "gelu_tanh": nn.GELU("tanh"), "silu": nn.SiLU(),
     "softplus": nn.Softplus(), "softplus_b": nn.Softplus(beta=2.0, threshold=3.0), "elu": nn.ELU(), "selu": nn.SELU(),
+    "elu_0.4": nn.ELU(0.4), "celu": nn.CELU(0.6), "prelu": nn.PReLU(init=-0.3), "prelu_steep": nn.PReLU(init=1.8),
     "floor": lambda h: torch.floor(4 * h), "ceil": lambda h: torch.ceil(4 * h), "round": lambda h: torch.round(4 * h),
     "trunc": lambda h: torch.trunc(4 * h),
 }
@@ -446,6 +451,24 @@ def test_model_with_every_op_sound():
                        graph=_quick_capture(model, x))
     width = {m: float((r.upper - r.lower).mean()) for m, r in res.items()}
     assert width["CROWN"] <= width["IBP"] + 1e-6
+
+
+def test_prelu_cnn_sound_in_every_layout():
+    """Per-channel slopes (convex, concave, decreasing) through patches, dense specs and alpha-CROWN's
+    spec-dependent parameters: the slopes must meet their channel in each layout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.PReLU(3), nn.Conv2d(3, 3, 3, stride=2), nn.PReLU(3),
+                          nn.Flatten(), nn.Linear(12, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([-0.4, 0.3, 1.8]))
+        model[3].weight.copy_(torch.tensor([2.2, 0.0, -1.0]))
+    x = torch.randn(2, 2, 5, 5)
+    graph = boundprop.capture(model, x)
+    assert [n.target for n in graph.nodes].count(aten._prelu_kernel.default) == 2
+    opts = {"optimize_bound_args": {"iteration": 5}}
+    assert_sound(model, x, eps=0.2, methods=("IBP", "CROWN", "forward", "alpha-CROWN"), graph=graph, opts=opts)
+    assert_sound(model, x, eps=0.2, methods=("CROWN", "alpha-CROWN"), graph=graph,
+                 opts={**opts, "conv_mode": "matrix"})
 
 
 @pytest.mark.slow

@@ -47,6 +47,9 @@ KEPT_OPS = (
     aten.silu.default,
     aten.softplus.default,
     aten.elu.default,
+    aten.celu.default,  # as elu (see _rewrite_call)
+    aten.prelu.default,
+    aten._prelu_kernel.default,  # what make_fx traces prelu into
 )
 
 #: Ops whose value depends only on shapes, never on values: they are never perturbed.
@@ -213,6 +216,36 @@ def _rewrite_getitem(node: fx.Node) -> tuple[Any, tuple, dict] | None:
     return None
 
 
+def _rewrite_call(fx_node: fx.Node, target: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict, list[Node]]:
+    """Ops with a rule under another name, and the nodes they need first:
+
+    * casts of floating values: to an integer type, ``trunc`` (the same values, kept floating); to bool
+      or a float type narrower than float32, :func:`~boundprop.graph.ops.lossy_cast` (no rule);
+    * ``celu(x, a) = elu(x, alpha=a, scale=1, input_scale=1/a)``;
+    * ``prelu(x, w)`` (one slope per channel, dimension 1) is ``_prelu_kernel(x, w')`` with ``w'`` the
+      slopes shaped ``(C, 1, ..., 1)`` to broadcast from the right, as ``make_fx`` traces it. The rule
+      then needs no layout: the intervals it sees may carry a specification or window dimension
+      before the channels.
+    """
+    if target == aten.celu.default:
+        alpha = float(args[1]) if len(args) > 1 else float(kwargs.get("alpha", 1.0))
+        return aten.elu.default, (args[0], alpha, 1.0, 1.0 / alpha), {}, []
+    if target == aten._to_copy.default and kwargs.get("dtype") is not None and isinstance(args[0], fx.Node):
+        source = args[0].meta["val"].dtype if "val" in args[0].meta else None
+        if source is not None and source.is_floating_point:
+            if ops.is_lossy_float_cast(source, kwargs["dtype"]):
+                return ops.lossy_cast, (args[0], kwargs["dtype"]), {}, []
+            if not kwargs["dtype"].is_floating_point and not kwargs["dtype"].is_complex:
+                return aten.trunc.default, (args[0],), {}, []  # float -> int truncates toward 0
+    if target == aten.prelu.default:
+        x, w = args[0], args[1]
+        rank = len(x.meta["val"].shape) if isinstance(x, fx.Node) and "val" in x.meta else 2
+        slopes = Node(f"{fx_node.name}_slopes", aten.reshape.default, (_to_refs(w), [-1] + [1] * max(rank - 2, 0)), {},
+                      _source_of(fx_node))
+        return aten._prelu_kernel.default, (x, Ref(slopes.name)), {}, [slopes]
+    return target, args, kwargs, []
+
+
 def _translate(fx_graph: fx.Graph, leaf_kinds: dict[str, ParamSource | None], model: torch.nn.Module | None,
                input_shapes: tuple) -> Graph:
     """Translate an ATen fx graph; ``leaf_kinds`` maps placeholder name -> source (None = user input)."""
@@ -241,6 +274,9 @@ def _translate(fx_graph: fx.Graph, leaf_kinds: dict[str, ParamSource | None], mo
                     target, args, kwargs = rewritten
             elif fx_node.name in multi_output_parents and _all_users_rewritable(fx_node):
                 continue  # every use is rewritten into a single-output op
+            else:
+                target, args, kwargs, before = _rewrite_call(fx_node, target, args, kwargs)
+                nodes.extend(before)
             args, kwargs = _to_refs(tuple(args)), _to_refs(kwargs)
             nodes.append(Node(fx_node.name, target, tuple(args), kwargs, _source_of(fx_node)))
         elif fx_node.op == "output":

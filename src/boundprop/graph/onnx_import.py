@@ -274,15 +274,20 @@ def _slice(b: _Builder, ins, attrs, src):
     rank = b.example(x).dim()
     out = x
     for start, end, axis, step in zip(starts, ends, axes, steps):
-        if step < 1:
-            raise UnsupportedOperatorError([("Slice with negative step", src)])
         axis = axis % rank
-        end = min(end, 2**62)
-        if torch.is_tensor(out):
+        if torch.is_tensor(out):  # numpy's slices clamp the ends as ONNX does, for either sign of step
             index = [slice(None)] * rank
             index[axis] = slice(start, end, step)
-            out = out[tuple(index)]
+            out = torch.from_numpy(np.ascontiguousarray(out.numpy()[tuple(index)]))
+        elif step < 0:  # the same elements, counted from the end of the flipped axis
+            n = b.example(out).shape[axis]
+            start = min(max(start + n if start < 0 else start, 0), n - 1)
+            end = min(max(end + n if end < 0 else end, -1), n - 1)
+            flipped = b.emit(aten.flip.default, (out, [axis]), source=src, hint="slice_flip")
+            out = b.emit(aten.slice.Tensor, (flipped, axis, n - 1 - start, n - 1 - end, -step), source=src,
+                         hint="slice")
         else:
+            end = min(end, 2**62)
             out = b.emit(aten.slice.Tensor, (out, axis, start, end, step), source=src, hint="slice")
     return out
 
@@ -570,16 +575,16 @@ def _mish(b: _Builder, ins, attrs, src):
 
 
 def _prelu(b: _Builder, ins, attrs, src):
-    """``PRelu(x, slope) = relu(x) - slope relu(-x)`` (``slope`` broadcast to ``x`` from the right); a
-    single slope in ``[0, 1]`` is a leaky ReLU (whose relaxation is tighter than the two ReLUs')."""
+    """``PRelu(x, slope)``, ``slope`` broadcast to ``x`` from the right: ATen's ``_prelu_kernel`` when the
+    slopes vary along one axis at most (its rule aligns them from the right, see ``rules/relu.py``),
+    else ``relu(x) - slope relu(-x)``."""
     x, slope = ins
     if not torch.is_tensor(slope):
         raise UnsupportedOperatorError([("PRelu with a slope computed from the input", src)])
     if torch.is_tensor(x):
         return torch.where(x > 0, x, slope * x)
-    flat = slope.reshape(-1)
-    if flat.numel() > 0 and bool((flat == flat[0]).all()) and 0.0 <= float(flat[0]) <= 1.0:
-        return b.emit(aten.leaky_relu.default, (x, float(flat[0])), source=src, hint="prelu")
+    if all(n == 1 for n in slope.shape[1:]):
+        return b.emit(aten._prelu_kernel.default, (x, b.arg(slope)), source=src, hint="prelu")
     positive = b.emit(aten.relu.default, (x,), source=src, hint="prelu")
     negative = b.emit(aten.relu.default, (b.emit(aten.neg.default, (x,), source=src),), source=src)
     scaled = b.emit(aten.mul.Tensor, (negative, b.arg(slope)), source=src)
@@ -641,8 +646,13 @@ def _cast(b: _Builder, ins, attrs, src):
     dtype = _ONNX_DTYPES.get(int(attrs["to"]), torch.float32)
     if torch.is_tensor(x):
         return x.to(dtype)
-    if dtype.is_floating_point and b.example(x).dtype.is_floating_point:
-        return x
+    source = b.example(x).dtype
+    if source.is_floating_point:  # as capture does (see capture._rewrite_call)
+        if ops.is_lossy_float_cast(source, dtype):
+            return b.emit(ops.lossy_cast, (x, dtype), source=src, hint="cast")
+        if dtype.is_floating_point:
+            return x
+        return b.emit(aten.trunc.default, (x,), source=src, hint="cast")
     return b.emit(aten._to_copy.default, (x,), {"dtype": dtype}, source=src, hint="cast")
 
 

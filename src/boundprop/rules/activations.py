@@ -48,8 +48,11 @@ def _lowered(value: float, dtype: torch.dtype) -> float:
 
 
 def valley_bounds(f, low: torch.Tensor, high: torch.Tensor, minimum: tuple[float, float]) -> Interval:
-    """IBP of a function decreasing up to ``minimum[0]`` and increasing after it, tending to 0 at -inf."""
-    fl, fu = (torch.where(t == -math.inf, torch.zeros_like(t), f(t)) for t in (low, high))
+    """IBP of a function decreasing up to ``minimum[0]`` and increasing after it, tending to 0 at -inf and
+    to +inf at +inf. The limits are set here: PyTorch's float32 CPU ``gelu`` gives NaN at +inf on a CPU
+    with AVX-512 (inf on an AVX2-only one)."""
+    fl, fu = (torch.where(t == -math.inf, torch.zeros_like(t), torch.where(t == math.inf, t, f(t)))
+              for t in (low, high))
     holds = (low <= minimum[0]) & (high >= minimum[0])
     floor_value = torch.full_like(fl, _lowered(minimum[1], fl.dtype))
     return Interval(torch.where(holds, floor_value, torch.minimum(fl, fu)), torch.maximum(fl, fu))

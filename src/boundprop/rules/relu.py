@@ -1,4 +1,4 @@
-"""ReLU and leaky ReLU: piecewise-linear activations.
+"""ReLU, leaky ReLU and PReLU: piecewise-linear activations with one kink at 0.
 
 For ``f(x) = max(x, s x)`` (``s = 0`` for ReLU, ``0 <= s < 1``) on ``[l, u]``:
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..domains import Relaxation
+from ..domains import Interval, Relaxation
 from ..syncs import may_read, sums_finite
 from .registry import AlphaSpec, RelaxCall, interval_rule, is_zero, relaxation_rule
 
@@ -160,3 +160,82 @@ def relu_interval(args, kwargs):
 def leaky_relu_interval(args, kwargs):
     slope = args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01)
     return args[0].map(lambda t: torch.nn.functional.leaky_relu(t, slope))
+
+
+# --- PReLU ---------------------------------------------------------------------------------------
+#
+# ``_prelu_kernel(x, w) = x`` for ``x >= 0`` and ``w x`` below, with slopes ``w`` that broadcast to ``x``
+# from the right (capture turns ``prelu``'s one slope per channel into ``(C, 1, ..., 1)``, as make_fx
+# does; the ONNX importer keeps ``PRelu``'s slopes so when they vary along one axis at most). So the
+# slopes align with the intervals the rule sees whatever comes before the channels: ``(batch, C, ...)``,
+# ``(batch, 1, C, ...)`` under spec-dependent alpha, ``(batch, rows, C, kh, kw)`` windows of patches.
+#
+# The kink is at 0 for every ``w``: convex (``max(x, w x)``) where ``w <= 1``, concave (``min(x, w x)``)
+# where ``w > 1``. On an unstable neuron (``l < 0 < u``) one side is the chord through ``(l, w l)`` and
+# ``(u, u)`` and the other a line ``t x`` through the kink with ``t`` between ``w`` and 1 (a supporting
+# line there): chord above and ``t x`` below when convex, the reverse when concave. ``t`` is 1 where
+# ``u > -l``, else ``w`` (the adaptive choice), or alpha-CROWN's parameter projected into
+# ``[min(w, 1), max(w, 1)]``.
+
+
+def _prelu_slopes(call_args: tuple, like: torch.Tensor) -> torch.Tensor:
+    """The slope of every element of ``like``."""
+    w = call_args[0]
+    if not torch.is_tensor(w):
+        raise NotImplementedError("prelu with a perturbed slope is not supported")
+    return torch.broadcast_to(w.to(like.dtype), like.shape)
+
+
+def _prelu_value(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, x, w * x)
+
+
+def _prelu_origin_slope(l, u, w):
+    return torch.where(u > -l, torch.ones_like(w), w)
+
+
+@interval_rule(aten._prelu_kernel.default)
+def prelu_interval(args, kwargs):
+    """``[min, max]`` of ``prelu`` over ``[l, u]``: at an end or at the kink ``clamp(0, l, u)``."""
+    x = args[0]
+    w = _prelu_slopes(tuple(args[1:]), x.lower)
+    kink = torch.maximum(torch.minimum(torch.zeros_like(x.lower), x.upper), x.lower)
+    values = torch.stack([_prelu_value(t, w) for t in (x.lower, x.upper, kink)])
+    return Interval(values.amin(0), values.amax(0))
+
+
+def _prelu_alpha_init(l, u, call: RelaxCall):
+    return _prelu_origin_slope(l, u, _prelu_slopes(call.args, l))
+
+
+def _prelu_alpha_project(alpha, l, u, call=None):
+    w = _prelu_slopes(call.args, l)
+    one = torch.ones_like(w)
+    return torch.minimum(torch.maximum(alpha, torch.minimum(w, one)), torch.maximum(w, one))
+
+
+@relaxation_rule(aten._prelu_kernel.default,
+                 alpha=AlphaSpec(init=_prelu_alpha_init, project=_prelu_alpha_project))
+def prelu_relaxation(l, u, call: RelaxCall) -> Relaxation:
+    w = _prelu_slopes(call.args, l)
+    unstable = (l < 0) & (u > 0)
+    stable = torch.where(l >= 0, torch.ones_like(w), w)
+    chord_slope = (u - w * l) / (u - l).clamp_min(1e-12)
+    chord_bias = w * l - chord_slope * l
+    if not may_read(l) or not bool(torch.isfinite(l + u).all()):  # the chord's limits at infinite ends
+        up_inf, low_inf = torch.isinf(u), torch.isinf(l)
+        chord_slope = torch.where(low_inf, torch.zeros_like(w), torch.where(up_inf, torch.ones_like(w), chord_slope))
+        # u = inf: the line x + (w - 1) l; l = -inf: the constant sup (convex: u, or +inf if w < 0) or inf
+        # (concave: -inf) of prelu over (-inf, u]
+        unbounded = torch.where(w > 1, -torch.inf, torch.where(w < 0, torch.inf, u.clamp_min(0.0)))
+        chord_bias = torch.where(low_inf, torch.where(up_inf & (w <= 1), torch.inf, unbounded),
+                                 torch.where(up_inf, (w - 1) * l, chord_bias))
+    origin = call.alpha if call.alpha is not None else _prelu_origin_slope(l, u, w)
+    origin = _prelu_alpha_project(origin, l, u, call)
+    convex = w <= 1
+    zero = torch.zeros_like(l)
+    lw = torch.where(unstable, torch.where(convex, origin, chord_slope), stable)
+    lb = torch.where(unstable & ~convex, chord_bias, zero)
+    uw = torch.where(unstable, torch.where(convex, chord_slope, origin), stable)
+    ub = torch.where(unstable & convex, chord_bias, zero)
+    return Relaxation(lw, lb, uw, ub)

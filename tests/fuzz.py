@@ -2,6 +2,7 @@
 
     .venv/bin/python tests/fuzz.py graph 0 500        # kind, first seed, number of seeds
     .venv/bin/python tests/fuzz.py onnx 0 300
+    .venv/bin/python tests/fuzz.py onnxops 0 300
     .venv/bin/python tests/fuzz.py inputs2 0 200
     .venv/bin/python tests/fuzz.py weights 0 200
     .venv/bin/python tests/fuzz.py jacobian 0 200
@@ -20,9 +21,9 @@ a seed reproduces its case exactly.
   pushed outward by PGD (L-inf), or points on and inside the ball (L2, L1; with the ball's vertices
   for L1); so are the linear bounds ``lA x + lbias <= C y <= uA x + ubias`` that CROWN, alpha-CROWN
   and forward mode return for the input. Unsupported operators are reported, not failures.
-* ``onnx``: a ``graph`` model exported by ``torch.onnx.export`` (float32, dynamic batch) and imported:
-  the imported graph must compute what onnxruntime computes (float32) and what the torch model
-  computes (float64), and its bounds are checked as in ``graph``.
+* ``onnx``, ``onnxops`` (:mod:`fuzz_onnx`): ``graph`` models exported to ONNX by torch, and chains of
+  ONNX nodes with attributes torch never writes; the imported graph must compute what onnxruntime
+  computes, and its bounds are checked as in ``graph``.
 * ``inputs2``: models of two inputs (each perturbed, or one fixed) combined by a sum, a product, a
   concatenation, a maximum or an outer product.
 * ``weights``: MLPs and CNNs with some parameters perturbed (L-inf, relative, L2), sometimes the input
@@ -401,49 +402,6 @@ def check_bounds(r: random.Random, model: nn.Module, graph, x: torch.Tensor) -> 
     return "ok" + (" (" + "; ".join(notes) + ")" if notes else "")
 
 
-def onnx_case(seed: int) -> str:
-    """A :func:`random_model` exported to ONNX (float32, batch axis dynamic) and read back by
-    :func:`~boundprop.graph.onnx_import.import_onnx`: the imported graph must compute what onnxruntime
-    and the torch model compute, and (in float64) hold every method's bounds as in ``graph``."""
-    import io
-    import warnings
-
-    import onnx
-    import onnxruntime as ort
-
-    from boundprop.graph.onnx_import import import_onnx
-
-    r = random.Random(seed)
-    torch.manual_seed(seed)
-    model, shape = random_model(r)  # float32 (see run)
-    x = torch.randn(r.choice([1, 1, 2]), *shape) * r.choice([0.3, 1.0])
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, (x[:1],), buffer, dynamo=False, input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
-        except Exception as err:  # noqa: BLE001 - the exporter's limits are not ours
-            return "skipped: torch.onnx.export failed: " + " ".join(str(err).split())[:150]
-    try:
-        graph = import_onnx(onnx.load_from_string(buffer.getvalue()))
-    except NotImplementedError as err:
-        return "unsupported: " + " ".join(str(err).split())[:200]
-    points = torch.cat([x, x[:1] + 0.5 * torch.randn(8, *shape)])
-    session = ort.InferenceSession(buffer.getvalue())
-    with torch.no_grad():
-        ours = evaluate(graph, (points,))[graph.output]
-        reference = torch.from_numpy(session.run(None, {"x": points.numpy()})[0])
-        exact = evaluate(graph.to(dtype=torch.float64), (points.double(),))[graph.output]
-        torch_exact = model.double()(points.double())
-    worst = max(float(((ours - reference).abs() / (1 + reference.abs())).max()),
-                float(((exact - torch_exact).abs() / (1 + torch_exact.abs())).max()))
-    if not worst <= 1e-4:
-        return f"IMPORT differs from onnxruntime or torch by {worst:.3g} | " + " ".join(str(model).split())
-    torch.set_default_dtype(torch.float64)
-    return check_bounds(r, model, graph.to(dtype=torch.float64), x.double())
-
-
 class TwoInputs(nn.Module):
     """``head(combine(f(x), g(y)))`` with ``combine`` a sum, product, concatenation, max or matrix product."""
 
@@ -651,7 +609,18 @@ def verifier_case(seed: int) -> str:
     return f"WRONG {out.verdict}, expected {'sat' if sat else 'unsat'}\n{text}"
 
 
-KINDS: dict[str, Callable[[int], str]] = {"graph": graph_case, "onnx": onnx_case, "inputs2": inputs2_case,
+def _onnx_kind(name: str) -> Callable[[int], str]:
+    """A kind from :mod:`fuzz_onnx` (imported on first use: it imports this module)."""
+    def case(seed: int) -> str:
+        import fuzz_onnx
+
+        return getattr(fuzz_onnx, name)(seed)
+
+    return case
+
+
+KINDS: dict[str, Callable[[int], str]] = {"graph": graph_case, "onnx": _onnx_kind("onnx_case"),
+                                          "onnxops": _onnx_kind("onnx_ops_case"), "inputs2": inputs2_case,
                                           "weights": weights_case, "jacobian": jacobian_case,
                                           "verifier": verifier_case}
 
@@ -660,7 +629,7 @@ def run(kind: str, seed: int) -> str:
     """One seed of one kind, in float64 (the verifier's models and the ONNX exports are float32); never
     raises."""
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32 if kind in ("verifier", "onnx") else torch.float64)
+    torch.set_default_dtype(torch.float32 if kind in ("verifier", "onnx", "onnxops") else torch.float64)
     try:
         return KINDS[kind](seed)
     except Exception as err:  # noqa: BLE001 - a crash is a finding, reported with its traceback

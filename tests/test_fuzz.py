@@ -4,10 +4,10 @@ long runs from the command line, see ``tests/fuzz.py``)."""
 import pytest
 from fuzz import KINDS, run
 
-FAST = {"graph": range(6), "onnx": range(4), "inputs2": range(4), "weights": range(3), "jacobian": range(3),
-        "verifier": range(2)}
-SLOW = {"graph": range(6, 40), "onnx": range(4, 30), "inputs2": range(4, 40), "weights": range(3, 30),
-        "jacobian": range(3, 30), "verifier": range(2, 20)}
+FAST = {"graph": range(6), "onnx": range(3), "onnxops": range(4), "inputs2": range(4), "weights": range(3),
+        "jacobian": range(3), "verifier": range(2)}
+SLOW = {"graph": range(6, 40), "onnx": range(3, 30), "onnxops": range(4, 40), "inputs2": range(4, 40),
+        "weights": range(3, 30), "jacobian": range(3, 30), "verifier": range(2, 20)}
 
 
 def _cases(table: dict, slow: bool) -> list:

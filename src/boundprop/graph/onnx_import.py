@@ -375,7 +375,11 @@ def _pool(kind):
             raise UnsupportedOperatorError([(f"{kind}Pool with asymmetric pads and ceil_mode", src)])
         if asymmetric:
             ones = torch.nn.functional.pad(torch.ones(1, 1, *b.example(x).shape[2:]), _torch_pads(pads))
-            x, pads = _pad_first(b, x, pads, dims, src, value=-float("inf") if kind == "Max" else 0.0)
+            # a max pool's pads: the lowest finite value, not -inf, which would make the linear bounds'
+            # constant 0 * -inf = NaN where the pads get no weight (pads are smaller than the kernel, so a
+            # window holds an element of x, unless a dilation steps over all of them)
+            low = float(torch.finfo(b.example(x).dtype).min) if b.example(x).is_floating_point() else 0.0
+            x, pads = _pad_first(b, x, pads, dims, src, value=low if kind == "Max" else 0.0)
         else:
             pads = pads[:dims]
         if kind == "Max":
@@ -739,8 +743,7 @@ TRANSLATIONS: dict[str, Callable] = {
     "Gather": _gather, "Squeeze": _squeeze, "Unsqueeze": _unsqueeze, "BatchNormalization": _batch_norm,
     "MaxPool": _pool("Max"), "AveragePool": _pool("Average"), "GlobalAveragePool": _global_avg, "Pad": _pad,
     "ReduceSum": _reduce(aten.sum.dim_IntList), "ReduceMean": _reduce(aten.mean.dim),
-    "ReduceMax": _reduce(lambda x, axes, keep: aten.amax.default(x, axes, keep)),
-    "ReduceMin": _reduce(lambda x, axes, keep: aten.amin.default(x, axes, keep)),
+    "ReduceMax": _reduce(aten.amax.default), "ReduceMin": _reduce(aten.amin.default),
     "Cast": _cast, "Clip": _clip, "Identity": _identity, "Dropout": _identity, "Shape": _shape,
     "Constant": _constant, "ConstantOfShape": _constant_of_shape, "Expand": _expand,
     "Equal": _constant_only(lambda a, c: torch.eq(a, c), "Equal"),

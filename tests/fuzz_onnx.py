@@ -130,7 +130,8 @@ def _image_node(r: random.Random, c: _Chain) -> tuple[list, str]:
     v, ch = c.value, c.shape[1]
     out = c.name("v")
     op = r.choice(["Conv", "Conv", "ConvTranspose", "MaxPool", "AveragePool", "BatchNormalization", "Pad",
-                   "Resize", "Transpose", "Slice", "Reduce", "GlobalAveragePool", "Concat"])
+                   "Resize", "Transpose", "Slice", "Reduce", "GlobalAveragePool", "GlobalMaxPool", "Concat",
+                   "InstanceNormalization", "DepthToSpace", "SpaceToDepth", "Tile"])
     if op == "Conv":
         k, group = (r.randint(1, 3), r.randint(1, 3)), r.choice([1, 1, ch])
         cout = r.randint(1, 3) * group
@@ -181,11 +182,20 @@ def _image_node(r: random.Random, c: _Chain) -> tuple[list, str]:
         return [helper.make_node("Slice", [v, c.const([start], np.int64), c.const([end], np.int64),
                                            c.const([axis], np.int64), c.const([step], np.int64)], [out])], out
     if op == "Reduce":
-        kind = r.choice(["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"])
+        kind = r.choice(["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "ReduceSumSquare"])
         axes = c.const(r.choice([[1], [2, 3], [3]]), np.int64)
         return [helper.make_node(kind, [v, axes], [out], keepdims=1)], out
-    if op == "GlobalAveragePool":
+    if op in ("GlobalAveragePool", "GlobalMaxPool"):
         return [helper.make_node(op, [v], [out])], out
+    if op == "InstanceNormalization":
+        ins = [c.const(np.random.uniform(-2, 2, ch)), c.const(np.random.randn(ch))]
+        return [helper.make_node(op, [v, *ins], [out], epsilon=1e-3)], out
+    if op == "DepthToSpace":
+        return [helper.make_node(op, [v], [out], blocksize=2, mode=r.choice(["DCR", "CRD"]))], out
+    if op == "SpaceToDepth":
+        return [helper.make_node(op, [v], [out], blocksize=2)], out
+    if op == "Tile":
+        return [helper.make_node(op, [v, c.const([1, r.randint(1, 2), 1, r.randint(1, 2)], np.int64)], [out])], out
     other, relu = c.name("v"), c.name("v")
     return [helper.make_node("Relu", [v], [relu]),
             helper.make_node("Mul", [relu, c.const(np.random.randn(ch, 1, 1))], [other]),

@@ -134,6 +134,31 @@ def test_casts():
             import_onnx(_model(nodes, [x], y), boundprop.is_supported)
 
 
+@pytest.mark.parametrize("case", ["InstanceNormalization", "GlobalMaxPool", "ReduceL1", "ReduceSumSquare", "Tile",
+                                  "DepthToSpace-DCR", "DepthToSpace-CRD", "SpaceToDepth"])
+def test_more_ops_match_onnxruntime_and_bound(case):
+    x, y = _io((1, 4, 4, 6))
+    op, _, mode = case.partition("-")
+    inits = []
+    if op == "InstanceNormalization":
+        inits = [_init("s", RNG.uniform(0.5, 2, 4)), _init("b", RNG.normal(size=4))]
+        node = helper.make_node(op, ["h", "s", "b"], ["y"], epsilon=1e-3)
+    elif op in ("ReduceL1", "ReduceSumSquare"):
+        inits = [_init("axes", np.array([1, 3]))]
+        node = helper.make_node(op, ["h", "axes"], ["y"], keepdims=1)
+    elif op == "Tile":
+        inits = [_init("reps", np.array([1, 2, 1, 3]))]
+        node = helper.make_node(op, ["h", "reps"], ["y"])
+    elif op in ("DepthToSpace", "SpaceToDepth"):
+        node = helper.make_node(op, ["h"], ["y"], blocksize=2, **({"mode": mode} if mode else {}))
+    else:
+        node = helper.make_node(op, ["h"], ["y"])
+    nodes = [helper.make_node("Mul", ["x", "k"], ["h"]), node]
+    inits.append(_init("k", RNG.normal(size=(1, 4, 1, 6))))
+    g = _compare(_model(nodes, [x], y, inits, opset=18), (1, 4, 4, 6))
+    _assert_bounds_hold(g, torch.randn(2, 4, 4, 6), 0.1)
+
+
 def test_split_uneven_pad_axes_constant_of_shape():
     """Opset 18: ``Split`` into ``num_outputs`` uneven chunks, ``Pad`` with ``axes``; ``ConstantOfShape``."""
     x, y = _io((1, 2, 5))
@@ -150,10 +175,11 @@ def test_split_uneven_pad_axes_constant_of_shape():
 @pytest.mark.parametrize("kind", ["MaxPool", "AveragePool"])
 @pytest.mark.parametrize("attrs", [{}, {"auto_pad": "SAME_UPPER"}, {"auto_pad": "SAME_LOWER", "strides": [2, 2]},
                                    {"pads": [0, 1, 1, 0]}, {"pads": [1, 0, 2, 1], "count_include_pad": 1},
-                                   {"pads": [0, 0, 1, 1], "strides": [2, 1]}])
+                                   {"pads": [0, 0, 1, 1], "strides": [2, 1]}, {"pads": [2, 1, 2, 1]}])
 def test_pool_padding_and_default_strides(kind, attrs):
-    """Pool strides default to 1 (not the kernel); ``auto_pad``; asymmetric pads, where an average pool
-    that does not count the pads divides by the real elements of each window."""
+    """Pool strides default to 1 (not the kernel); ``auto_pad``; asymmetric pads and pads over half the
+    kernel (torch takes neither), where an average pool that does not count the pads divides by the
+    real elements of each window."""
     if kind == "MaxPool" and "count_include_pad" in attrs:
         pytest.skip("average pools only")
     x, y = _io((1, 2, 5, 6))

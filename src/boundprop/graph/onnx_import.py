@@ -170,9 +170,9 @@ def _conv_pads(attrs, x_shape, w_shape, dims):
     return pads, strides, dil
 
 
-def _pad_first(b: _Builder, x, pads, dims, src, value=0.0):
-    """Asymmetric pads -> explicit constant_pad_nd; returns (x, symmetric pads)."""
-    if pads[:dims] == pads[dims:]:
+def _pad_first(b: _Builder, x, pads, dims, src, value=0.0, always: bool = False):
+    """Asymmetric pads (any pads if ``always``) -> explicit constant_pad_nd; returns (x, symmetric pads)."""
+    if pads[:dims] == pads[dims:] and not always:
         return x, pads[:dims]
     return b.emit(aten.constant_pad_nd.default, (x, _torch_pads(pads), value), source=src, hint="pad"), [0] * dims
 
@@ -370,22 +370,24 @@ def _pool(kind):
         pads, strides, _ = _conv_pads(attrs, b.example(x).shape, [0, 0, *kernel], dims)  # strides default to 1
         ceil = bool(attrs.get("ceil_mode", 0))
         include = bool(attrs.get("count_include_pad", 0))
-        asymmetric = pads[:dims] != pads[dims:]
-        if asymmetric and ceil:
-            raise UnsupportedOperatorError([(f"{kind}Pool with asymmetric pads and ceil_mode", src)])
-        if asymmetric:
+        # pads torch's pooling cannot take (asymmetric, or over half the kernel) are applied first
+        reach = [(kernel[i] - 1) * dil[i] + 1 for i in range(dims)]
+        explicit = pads[:dims] != pads[dims:] or any(pads[i] > reach[i] // 2 for i in range(dims))
+        if explicit and ceil:
+            raise UnsupportedOperatorError([(f"{kind}Pool with ceil_mode and asymmetric or wide pads", src)])
+        if explicit:
             ones = torch.nn.functional.pad(torch.ones(1, 1, *b.example(x).shape[2:]), _torch_pads(pads))
             # a max pool's pads: the lowest finite value, not -inf, which would make the linear bounds'
             # constant 0 * -inf = NaN where the pads get no weight (pads are smaller than the kernel, so a
             # window holds an element of x, unless a dilation steps over all of them)
             low = float(torch.finfo(b.example(x).dtype).min) if b.example(x).is_floating_point() else 0.0
-            x, pads = _pad_first(b, x, pads, dims, src, value=low if kind == "Max" else 0.0)
+            x, pads = _pad_first(b, x, pads, dims, src, value=low if kind == "Max" else 0.0, always=True)
         else:
             pads = pads[:dims]
         if kind == "Max":
             return b.emit(aten.max_pool2d.default, (x, kernel, strides, pads, dil, ceil), source=src, hint="maxpool")
         out = b.emit(aten.avg_pool2d.default, (x, kernel, strides, pads, ceil, include), source=src, hint="avgpool")
-        if asymmetric and not include:  # the explicit zeros were counted: times window size / real elements
+        if explicit and not include:  # the explicit zeros were counted: times window size / real elements
             share = torch.nn.functional.avg_pool2d(ones, kernel, strides)
             out = b.emit(aten.mul.Tensor, (out, b.arg(1.0 / share)), source=src, hint="avgpool_count")
         return out
@@ -723,6 +725,74 @@ def _layer_norm(b: _Builder, ins, attrs, src):
                                             float(attrs.get("epsilon", 1e-5))), source=src, hint="layernorm")
 
 
+def _instance_norm(b: _Builder, ins, attrs, src):
+    """``InstanceNormalization``: each (example, channel) map normalised over its spatial axes, then
+    ``scale`` and ``B`` per channel: a layer norm over the spatial shape, without its own affine part."""
+    x, scale, bias = ins
+    shape = list(b.example(x).shape[2:])
+    normal = b.emit(aten.layer_norm.default, (x, shape, None, None, float(attrs.get("epsilon", 1e-5))), source=src,
+                    hint="instancenorm")
+    per_channel = [-1] + [1] * len(shape)
+    scaled = b.emit(aten.mul.Tensor, (normal, b.arg(scale.reshape(per_channel))), source=src)
+    return b.emit(aten.add.Tensor, (scaled, b.arg(bias.reshape(per_channel))), source=src)
+
+
+def _global_max(b: _Builder, ins, attrs, src):
+    (x,) = ins
+    return b.emit(aten.amax.default, (x, list(range(2, b.example(x).dim())), True), source=src, hint="globalmax")
+
+
+def _reduce_of(target, *extra):
+    """``ReduceL1`` (``sum |x|``) and ``ReduceSumSquare`` (``sum x^2``): ``target(x, *extra)``, then ``ReduceSum``."""
+    reduce_sum = _reduce(aten.sum.dim_IntList)
+
+    def tr(b: _Builder, ins, attrs, src):
+        x = ins[0]
+        mapped = target(x, *extra) if torch.is_tensor(x) else b.emit(target, (x, *extra), source=src)
+        return reduce_sum(b, [mapped, *ins[1:]], attrs, src)
+
+    return tr
+
+
+def _tile(b: _Builder, ins, attrs, src):
+    x, repeats = ins
+    if not torch.is_tensor(repeats):
+        raise UnsupportedOperatorError([("Tile with repeats computed from the input", src)])
+    counts = _ints(repeats)
+    if torch.is_tensor(x):
+        return x.repeat(counts)
+    if counts[0] != 1:
+        raise UnsupportedOperatorError([("Tile over the batch dimension", src)])
+    return b.emit(aten.repeat.default, (x, counts), source=src, hint="tile")
+
+
+def _depth_space(to_space: bool):
+    """``DepthToSpace`` (modes DCR and CRD) and ``SpaceToDepth`` as reshape, permute, reshape::
+
+        DCR: (N, b, b, C/b^2, H, W) -> (N, C/b^2, H, b, W, b);  CRD: (N, C/b^2, b, b, H, W) -> same
+        SpaceToDepth: (N, C, H/b, b, W/b, b) -> (N, b, b, C, H/b, W/b)
+    """
+    def tr(b: _Builder, ins, attrs, src):
+        (x,) = ins
+        k = int(attrs["blocksize"])
+        _, c, h, w = (x if torch.is_tensor(x) else b.example(x)).shape
+        if to_space:
+            crd = _text(attrs, "mode", "DCR") == "CRD"
+            split = [c // (k * k), k, k, h, w] if crd else [k, k, c // (k * k), h, w]
+            perm = [0, 1, 4, 2, 5, 3] if crd else [0, 3, 4, 1, 5, 2]
+            final = [c // (k * k), h * k, w * k]
+        else:
+            split, perm, final = [c, h // k, k, w // k, k], [0, 3, 5, 1, 2, 4], [c * k * k, h // k, w // k]
+        if torch.is_tensor(x):
+            return x.reshape(-1, *split).permute(perm).reshape(-1, *final)
+        batch = b.batch_ref(x)
+        out = b.emit(aten.reshape.default, (x, [batch, *split]), source=src)
+        out = b.emit(aten.permute.default, (out, perm), source=src)
+        return b.emit(aten.reshape.default, (out, [batch, *final]), source=src, hint="depth_space")
+
+    return tr
+
+
 TRANSLATIONS: dict[str, Callable] = {
     "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv, "ConvTranspose": _conv_transpose,
     "Relu": _unary(aten.relu.default), "Sigmoid": _unary(aten.sigmoid.default), "Tanh": _unary(aten.tanh.default),
@@ -744,6 +814,13 @@ TRANSLATIONS: dict[str, Callable] = {
     "MaxPool": _pool("Max"), "AveragePool": _pool("Average"), "GlobalAveragePool": _global_avg, "Pad": _pad,
     "ReduceSum": _reduce(aten.sum.dim_IntList), "ReduceMean": _reduce(aten.mean.dim),
     "ReduceMax": _reduce(aten.amax.default), "ReduceMin": _reduce(aten.amin.default),
+    "ReduceL1": _reduce_of(aten.abs.default), "ReduceSumSquare": _reduce_of(aten.pow.Tensor_Scalar, 2.0),
+    "GlobalMaxPool": _global_max,
+    "InstanceNormalization": _instance_norm, "Tile": _tile, "DepthToSpace": _depth_space(True),
+    "SpaceToDepth": _depth_space(False),
+    "Less": _constant_only(lambda a, c: torch.lt(a, c), "Less"),
+    "Greater": _constant_only(lambda a, c: torch.gt(a, c), "Greater"),
+    "Not": _constant_only(lambda a: torch.logical_not(a), "Not"),
     "Cast": _cast, "Clip": _clip, "Identity": _identity, "Dropout": _identity, "Shape": _shape,
     "Constant": _constant, "ConstantOfShape": _constant_of_shape, "Expand": _expand,
     "Equal": _constant_only(lambda a, c: torch.eq(a, c), "Equal"),

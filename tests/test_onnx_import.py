@@ -175,11 +175,15 @@ def test_split_uneven_pad_axes_constant_of_shape():
 @pytest.mark.parametrize("kind", ["MaxPool", "AveragePool"])
 @pytest.mark.parametrize("attrs", [{}, {"auto_pad": "SAME_UPPER"}, {"auto_pad": "SAME_LOWER", "strides": [2, 2]},
                                    {"pads": [0, 1, 1, 0]}, {"pads": [1, 0, 2, 1], "count_include_pad": 1},
-                                   {"pads": [0, 0, 1, 1], "strides": [2, 1]}, {"pads": [2, 1, 2, 1]}])
+                                   {"pads": [0, 0, 1, 1], "strides": [2, 1]}, {"pads": [2, 1, 2, 1]},
+                                   {"ceil_mode": 1, "strides": [2, 2]},
+                                   {"ceil_mode": 1, "strides": [2, 2], "pads": [1, 1, 1, 1], "count_include_pad": 1},
+                                   {"ceil_mode": 1, "strides": [2, 4], "pads": [0, 1, 2, 0]},
+                                   {"ceil_mode": 1, "strides": [3, 2], "pads": [2, 0, 1, 1], "count_include_pad": 1}])
 def test_pool_padding_and_default_strides(kind, attrs):
-    """Pool strides default to 1 (not the kernel); ``auto_pad``; asymmetric pads and pads over half the
-    kernel (torch takes neither), where an average pool that does not count the pads divides by the
-    real elements of each window."""
+    """Pool strides default to 1 (not the kernel); ``auto_pad``; asymmetric pads, pads over half the
+    kernel and ``ceil_mode`` with them, where an average pool divides each window's sum by what it
+    counts."""
     if kind == "MaxPool" and "count_include_pad" in attrs:
         pytest.skip("average pools only")
     x, y = _io((1, 2, 5, 6))

@@ -358,6 +358,13 @@ def _batch_norm(b: _Builder, ins, attrs, src):
 
 
 def _pool(kind):
+    """``MaxPool`` / ``AveragePool``. Pads torch's pooling takes (symmetric, at most half the kernel,
+    floor mode) go to it; others are applied first, explicitly: asymmetric or wide pads, and ``ceil_mode``,
+    whose last, partial windows become whole ones over extra padding at the end (after a last window
+    that would start past the input and its leading pad is dropped, as onnxruntime and torch do). A max
+    pool pads with the lowest finite value; an average pool pads with zeros and divides each window's
+    sum by what it should count: its elements of ``x`` (``count_include_pad=0``), or those of ``x`` and
+    its pads, not the extra ones (``count_include_pad=1``)."""
     def tr(b: _Builder, ins, attrs, src):
         (x,) = ins
         kernel = list(attrs["kernel_shape"])
@@ -367,30 +374,46 @@ def _pool(kind):
         dil = list(attrs.get("dilations", [1] * dims))
         if kind == "Average" and dil != [1] * dims:
             raise UnsupportedOperatorError([("AveragePool with dilations", src)])
-        pads, strides, _ = _conv_pads(attrs, b.example(x).shape, [0, 0, *kernel], dims)  # strides default to 1
+        size = list(b.example(x).shape[2:])
+        pads, strides, _ = _conv_pads(attrs, [0, 0, *size], [0, 0, *kernel], dims)  # strides default to 1
         ceil = bool(attrs.get("ceil_mode", 0))
         include = bool(attrs.get("count_include_pad", 0))
-        # pads torch's pooling cannot take (asymmetric, or over half the kernel) are applied first
         reach = [(kernel[i] - 1) * dil[i] + 1 for i in range(dims)]
-        explicit = pads[:dims] != pads[dims:] or any(pads[i] > reach[i] // 2 for i in range(dims))
-        if explicit and ceil:
-            raise UnsupportedOperatorError([(f"{kind}Pool with ceil_mode and asymmetric or wide pads", src)])
-        if explicit:
-            ones = torch.nn.functional.pad(torch.ones(1, 1, *b.example(x).shape[2:]), _torch_pads(pads))
-            # a max pool's pads: the lowest finite value, not -inf, which would make the linear bounds'
-            # constant 0 * -inf = NaN where the pads get no weight (pads are smaller than the kernel, so a
-            # window holds an element of x, unless a dilation steps over all of them)
-            low = float(torch.finfo(b.example(x).dtype).min) if b.example(x).is_floating_point() else 0.0
-            x, pads = _pad_first(b, x, pads, dims, src, value=low if kind == "Max" else 0.0, always=True)
-        else:
-            pads = pads[:dims]
+        extra = [0] * dims
+        if ceil:
+            for i in range(dims):
+                padded = size[i] + pads[i] + pads[i + dims]
+                n = -(-(padded - reach[i]) // strides[i]) + 1
+                if (n - 1) * strides[i] >= size[i] + pads[i]:
+                    n -= 1
+                extra[i] = max(0, (n - 1) * strides[i] + reach[i] - padded)
+        if pads[:dims] == pads[dims:] and all(pads[i] <= reach[i] // 2 for i in range(dims)) and not any(extra):
+            if kind == "Max":
+                return b.emit(aten.max_pool2d.default, (x, kernel, strides, pads[:dims], dil, False), source=src,
+                              hint="maxpool")
+            return b.emit(aten.avg_pool2d.default, (x, kernel, strides, pads[:dims], False, include), source=src,
+                          hint="avgpool")
+        full = pads[:dims] + [pads[dims + i] + extra[i] for i in range(dims)]
         if kind == "Max":
-            return b.emit(aten.max_pool2d.default, (x, kernel, strides, pads, dil, ceil), source=src, hint="maxpool")
-        out = b.emit(aten.avg_pool2d.default, (x, kernel, strides, pads, ceil, include), source=src, hint="avgpool")
-        if explicit and not include:  # the explicit zeros were counted: times window size / real elements
-            share = torch.nn.functional.avg_pool2d(ones, kernel, strides)
-            out = b.emit(aten.mul.Tensor, (out, b.arg(1.0 / share)), source=src, hint="avgpool_count")
-        return out
+            # the lowest finite value, not -inf, which would make the linear bounds' constant 0 * -inf = NaN
+            # where the pads get no weight (pads are smaller than the kernel, so a window holds an element
+            # of x, unless a dilation steps over all of them)
+            low = float(torch.finfo(b.example(x).dtype).min) if b.example(x).is_floating_point() else 0.0
+            x, _ = _pad_first(b, x, full, dims, src, value=low, always=True)
+            return b.emit(aten.max_pool2d.default, (x, kernel, strides, [0] * dims, dil, False), source=src,
+                          hint="maxpool")
+        x, _ = _pad_first(b, x, full, dims, src, always=True)
+        out = b.emit(aten.avg_pool2d.default, (x, kernel, strides, [0] * dims, False, True), source=src,
+                     hint="avgpool")
+        if include:  # ones over x and its pads, zeros over the extra
+            padded = [size[i] + pads[i] + pads[i + dims] for i in range(dims)]
+            counted = torch.nn.functional.pad(torch.ones(1, 1, *padded), _torch_pads([0] * dims + extra))
+        else:  # ones over x only
+            counted = torch.nn.functional.pad(torch.ones(1, 1, *size), _torch_pads(full))
+        share = torch.nn.functional.avg_pool2d(counted, kernel, strides)  # counted / kernel elements per window
+        if bool((share == 1).all()):
+            return out
+        return b.emit(aten.mul.Tensor, (out, b.arg(1.0 / share)), source=src, hint="avgpool_count")
 
     return tr
 

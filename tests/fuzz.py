@@ -30,8 +30,9 @@ a seed reproduces its case exactly.
   too; checked at sampled parameters and inputs (half of them vertices).
 * ``jacobian``: :func:`boundprop.algorithms.jacobian.jacobian_bounds` against autograd Jacobians at
   sampled points.
-* ``verifier``: ReLU MLPs and properties whose threshold sits just above or below the exact optimum
-  (MILP, :mod:`test_oracles`); the verdict must match (``timeout`` is allowed, never a wrong one).
+* ``verifier``: ReLU MLPs and small CNNs (a convolution is a dense layer for the MILP) and properties
+  whose threshold sits just above or below the exact optimum (MILP, :mod:`test_oracles`); the verdict
+  must match (``timeout`` is allowed, never a wrong one).
 
 Tolerance: 1e-7 relative (float64). What this found is fixed and kept as unit tests.
 """
@@ -562,32 +563,61 @@ def jacobian_case(seed: int) -> str:
         else "ok"
 
 
+def dense_layers(model: nn.Sequential, shape: tuple[int, ...]) -> list[tuple]:
+    """The affine layers of a ReLU network as dense ``(W, b)`` (numpy; a convolution applied to the
+    identity gives its matrix), for the MILP oracle."""
+    layers = []
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                n = math.prod(shape)
+                if isinstance(m, nn.Linear):
+                    shape = (n,)
+                basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
+                b = m(torch.zeros(1, *shape, dtype=torch.float64))
+                W = (m(basis) - b).reshape(n, -1).T
+                layers.append((W.numpy(), b.flatten().numpy()))
+                shape = tuple(b.shape[1:])
+    return layers
+
+
 def verifier_case(seed: int) -> str:
-    from test_oracles import MLPProgram, linears
+    from test_oracles import MLPProgram
 
     from boundprop.bab.verifier import verify
     from boundprop.spec.vnnlib import parse_vnnlib
 
     r = random.Random(seed)
     torch.manual_seed(seed)
-    n_in, n_out = r.randint(1, 5), r.randint(1, 3)
-    layers, width = [], n_in
-    for _ in range(r.randint(1, 3)):
+    n_out = r.randint(1, 3)
+    if r.random() < 0.3:  # a small CNN (its convolution is a dense layer for the MILP)
+        c, size = r.randint(1, 2), r.randint(3, 4)
+        shape: tuple[int, ...] = (c, size, size)
+        layers = [nn.Conv2d(c, r.randint(1, 3), r.choice([2, 3]), r.choice([1, 2]), r.choice([0, 1])), nn.ReLU(),
+                  nn.Flatten()]
+        with torch.no_grad():
+            width = nn.Sequential(*layers)(torch.zeros(1, *shape)).shape[1]
+    else:
+        shape, layers = (r.randint(1, 5),), []
+        width = shape[0]
+    for _ in range(r.randint(0 if layers else 1, 2 if layers else 3)):
         h = r.randint(2, 12)
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
     model = nn.Sequential(*layers, nn.Linear(width, n_out)).float().eval()
+    n_in = math.prod(shape)
     x0 = torch.rand(n_in, dtype=torch.float32) * 2 - 1
     eps = r.choice([0.05, 0.2, 0.5, 1.0])
     lo, hi = x0 - eps, x0 + eps
     exact = copy.deepcopy(model).double()
-    xd = x0.double().unsqueeze(0)
+    xd = x0.double().reshape(1, *shape)
     graph = boundprop.capture(exact, xd)
     with torch.no_grad():
         res = compute_bounds(graph, (xd,), {graph.inputs[0]: PerturbationLpNorm(eps)}, method="IBP")
-    names = [n.name for n in graph.nodes if n.target == torch.ops.aten.linear.default][:-1]
-    bounds = [(res.intervals[n].lower[0].numpy() - 1e-6, res.intervals[n].upper[0].numpy() + 1e-6) for n in names]
-    program = MLPProgram(linears(exact), lo.double().numpy(), hi.double().numpy(), bounds, True)
+    names = [n.args[0].name for n in graph.nodes if n.target == torch.ops.aten.relu.default]
+    bounds = [(res.intervals[n].lower[0].flatten().numpy() - 1e-6, res.intervals[n].upper[0].flatten().numpy() + 1e-6)
+              for n in names]
+    program = MLPProgram(dense_layers(exact, shape), lo.double().numpy(), hi.double().numpy(), bounds, True)
     terms, sat = [], False
     for j in r.sample(range(n_out), r.randint(1, n_out)):
         smallest = r.random() < 0.5
@@ -603,7 +633,7 @@ def verifier_case(seed: int) -> str:
     text += "".join(f"(assert (>= X_{i} {float(lo[i]):.9f}))\n(assert (<= X_{i} {float(hi[i]):.9f}))\n"
                     for i in range(n_in))
     text += f"(assert (or {' '.join(f'(and {t})' for t in terms)}))\n" if len(terms) > 1 else f"(assert {terms[0]})\n"
-    out = verify(model, parse_vnnlib(text), timeout=30, input_shape=(1, n_in))
+    out = verify(model, parse_vnnlib(text), timeout=30, input_shape=(1, *shape))
     if out.verdict in ("timeout", "unknown") or (out.verdict == "sat") == sat:
         return f"ok ({out.verdict})"
     return f"WRONG {out.verdict}, expected {'sat' if sat else 'unsat'}\n{text}"

@@ -41,10 +41,13 @@ def _import_and_check(proto: onnx.ModelProto, reference_64, x: torch.Tensor, r: 
     points = torch.cat([x, x[:1] + 0.5 * torch.randn(8, *x.shape[1:])])
     session = ort.InferenceSession(proto.SerializeToString())
     name = session.get_inputs()[0].name
+    try:
+        expected = torch.cat([torch.from_numpy(session.run(None, {name: p[None].numpy()})[0]) for p in points])
+    except Exception as err:  # noqa: BLE001 - no reference to compare with
+        return "skipped: onnxruntime failed: " + " ".join(str(err).split())[:150]
     graph_64 = graph.to(dtype=torch.float64)
     with torch.no_grad():
         ours = evaluate(graph, (points,))[graph.output]
-        expected = torch.cat([torch.from_numpy(session.run(None, {name: p[None].numpy()})[0]) for p in points])
         worst = float(((ours - expected.reshape(ours.shape)).abs() / (1 + expected.abs().reshape(ours.shape))).max())
         if reference_64 is not None:
             exact = evaluate(graph_64, (points.double(),))[graph.output]

@@ -124,6 +124,29 @@ def test_casts_of_perturbed_values():
     assert [op for op, _ in info.value.entries] == ["lossy_cast", "lossy_cast"]
 
 
+class BatchMixing(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.fc = how, nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.how == "mean":  # statistics over the batch
+            return h - h.mean(0, keepdim=True)
+        if self.how == "transpose":
+            return torch.relu(self.fc.weight @ h.t()).t()
+        return h.reshape(-1).relu().reshape(x.shape[0], -1)  # the batch folded into the features
+
+
+@pytest.mark.parametrize("how", ["mean", "transpose", "fold"])
+def test_ops_that_move_or_mix_the_batch_are_reported(how):
+    """Bounds are per example: an op whose output does not keep the batch first, alone, is reported (on
+    ``h - h.mean(0)`` CROWN-IBP once returned a lower bound above the model's value)."""
+    with pytest.raises(UnsupportedOperatorError, match="batch dimension") as info:
+        boundprop.capture(BatchMixing(how).eval(), torch.randn(3, 3))
+    assert len(info.value.entries) == 1
+
+
 # --------------------------------------------------------------------------------------------
 # several inputs, some perturbed
 

@@ -348,7 +348,7 @@ class TinyLSTM(nn.Module):
     By default the cell is unrolled explicitly (gates ``i, f, g, o`` from ``nn.Linear`` layers,
     ``c_t = f * c_{t-1} + i * g``, ``h_t = o * tanh(c_t)``, ``h_0 = c_0 = 0``), so every
     intermediate tensor keeps the batch first. ``native=True`` uses ``nn.LSTM`` (batch first)
-    instead, whose captured graph works time-major internally.
+    instead, which runs time-major inside; capture unrolls it (:mod:`boundprop.graph.recurrent`).
     """
 
     def __init__(self, d: int, hidden: int, out: int, native: bool = False) -> None:

@@ -22,6 +22,7 @@ from torch import fx
 
 from . import ops
 from .ir import Graph, Node, ParamSource, Ref
+from .recurrent import unrolled_recurrences
 
 aten = torch.ops.aten
 
@@ -50,6 +51,7 @@ KEPT_OPS = (
     aten.celu.default,  # as elu (see _rewrite_call)
     aten.prelu.default,
     aten._prelu_kernel.default,  # what make_fx traces prelu into
+    aten.stack.default,  # so that select(stack(xs, d), d, i) folds to xs[i] (see _fold_stack_reads)
 )
 
 #: Ops whose value depends only on shapes, never on values: they are never perturbed.
@@ -138,18 +140,19 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
     was_training = model.training
     model.eval()
     try:
-        try:
-            ep = _export(model, inputs)
-            graph = _from_exported(ep, model, inputs)
-        except UnsupportedOperatorError:
-            raise
-        except Exception as export_error:  # noqa: BLE001
+        with unrolled_recurrences(model):
             try:
-                graph = _from_make_fx(model, inputs)
-            except Exception:  # noqa: BLE001
-                raise RuntimeError(f"boundprop could not capture the model: {export_error}") from export_error
-            warnings.warn(f"torch.export failed ({type(export_error).__name__}: {export_error}); captured "
-                          "with make_fx instead, specialised to the example input shapes", stacklevel=2)
+                ep = _export(model, inputs)
+                graph = _from_exported(ep, model, inputs)
+            except UnsupportedOperatorError:
+                raise
+            except Exception as export_error:  # noqa: BLE001
+                try:
+                    graph = _from_make_fx(model, inputs)
+                except Exception:  # noqa: BLE001
+                    raise RuntimeError(f"boundprop could not capture the model: {export_error}") from export_error
+                warnings.warn(f"torch.export failed ({type(export_error).__name__}: {export_error}); captured "
+                              "with make_fx instead, specialised to the example input shapes", stacklevel=2)
     finally:
         model.train(was_training)
     if is_supported is not None:
@@ -216,10 +219,12 @@ def _rewrite_getitem(node: fx.Node) -> tuple[Any, tuple, dict] | None:
     return None
 
 
-def _rewrite_call(fx_node: fx.Node, target: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict, list[Node]]:
+def _rewrite_call(fx_node: fx.Node, target: Any, args: tuple, kwargs: dict,
+                  from_input: bool) -> tuple[Any, tuple, dict, list[Node]]:
     """Ops with a rule under another name, and the nodes they need first:
 
-    * casts of floating values: to an integer type, ``trunc`` (the same values, kept floating); to bool
+    * casts of floating values computed from an input (``from_input``; casts of constants, such as
+      index arithmetic, stay): to an integer type, ``trunc`` (the same values, kept floating); to bool
       or a float type narrower than float32, :func:`~boundprop.graph.ops.lossy_cast` (no rule);
     * ``celu(x, a) = elu(x, alpha=a, scale=1, input_scale=1/a)``;
     * ``prelu(x, w)`` (one slope per channel, dimension 1) is ``_prelu_kernel(x, w')`` with ``w'`` the
@@ -230,7 +235,8 @@ def _rewrite_call(fx_node: fx.Node, target: Any, args: tuple, kwargs: dict) -> t
     if target == aten.celu.default:
         alpha = float(args[1]) if len(args) > 1 else float(kwargs.get("alpha", 1.0))
         return aten.elu.default, (args[0], alpha, 1.0, 1.0 / alpha), {}, []
-    if target == aten._to_copy.default and kwargs.get("dtype") is not None and isinstance(args[0], fx.Node):
+    if target == aten._to_copy.default and from_input and kwargs.get("dtype") is not None \
+            and isinstance(args[0], fx.Node):
         source = args[0].meta["val"].dtype if "val" in args[0].meta else None
         if source is not None and source.is_floating_point:
             if ops.is_lossy_float_cast(source, kwargs["dtype"]):
@@ -254,6 +260,7 @@ def _translate(fx_graph: fx.Graph, leaf_kinds: dict[str, ParamSource | None], mo
     params: dict[str, ParamSource] = {}
     output = None
     multi_output_parents: set[str] = set()
+    tainted: set[str] = set()  # nodes computed from an input
     for fx_node in fx_graph.nodes:
         if fx_node.op == "call_function" and fx_node.target is operator.getitem:
             parent = fx_node.args[0]
@@ -264,9 +271,12 @@ def _translate(fx_graph: fx.Graph, leaf_kinds: dict[str, ParamSource | None], mo
             src = leaf_kinds[fx_node.name]
             if src is None:
                 inputs.append(fx_node.name)
+                tainted.add(fx_node.name)
             else:
                 params[fx_node.name] = src
         elif fx_node.op == "call_function":
+            if fx_node.target not in SHAPE_OPS and any(n.name in tainted for n in fx_node.all_input_nodes):
+                tainted.add(fx_node.name)
             target, args, kwargs = fx_node.target, fx_node.args, dict(fx_node.kwargs)
             if target is operator.getitem:
                 rewritten = _rewrite_getitem(fx_node)
@@ -275,7 +285,7 @@ def _translate(fx_graph: fx.Graph, leaf_kinds: dict[str, ParamSource | None], mo
             elif fx_node.name in multi_output_parents and _all_users_rewritable(fx_node):
                 continue  # every use is rewritten into a single-output op
             else:
-                target, args, kwargs, before = _rewrite_call(fx_node, target, args, kwargs)
+                target, args, kwargs, before = _rewrite_call(fx_node, target, args, kwargs, fx_node.name in tainted)
                 nodes.extend(before)
             args, kwargs = _to_refs(tuple(args)), _to_refs(kwargs)
             nodes.append(Node(fx_node.name, target, tuple(args), kwargs, _source_of(fx_node)))
@@ -343,7 +353,87 @@ def _from_exported(ep: torch.export.ExportedProgram, model: torch.nn.Module, inp
             kinds[name] = ParamSource(spec.target, "constant", ep.constants[spec.target])
         else:
             raise TypeError(f"unsupported graph input kind {spec.kind} ({name})")
+    _fold_stack_reads(ep.graph_module.graph)
+    _check_batch_first(ep.graph_module.graph, {name for name, kind in kinds.items() if kind is None})
     return _translate(ep.graph_module.graph, kinds, model, tuple(tuple(x.shape) for x in inputs))
+
+
+def _fold_stack_reads(fx_graph: fx.Graph) -> None:
+    """``select(stack(xs, d), d, i) -> xs[i]`` and ``squeeze(stack([x], d), d) -> x``, then drop what no
+    longer has users: reading one step of a stacked sequence (an unrolled recurrent layer's output,
+    ``h_n[-1]``) needs no tensor with the steps' axis before the batch."""
+    def stacked(node: Any) -> tuple[list, int] | None:
+        if not isinstance(node, fx.Node) or node.target != aten.stack.default:
+            return None
+        items = list(node.args[0])
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        rank = len(items[0].meta["val"].shape) + 1 if isinstance(items[0], fx.Node) and "val" in items[0].meta \
+            else None
+        return (items, dim % rank) if rank else None
+
+    for node in list(fx_graph.nodes):
+        if node.op != "call_function":
+            continue
+        found = stacked(node.args[0]) if node.args else None
+        if found is None:
+            continue
+        items, dim = found
+        if node.target == aten.select.int and node.args[1] % (len(node.args[0].meta["val"].shape)) == dim:
+            node.replace_all_uses_with(items[node.args[2]])
+        elif node.target == aten.squeeze.dims and len(items) == 1 and \
+                [d % len(node.args[0].meta["val"].shape) for d in node.args[1]] == [dim]:
+            node.replace_all_uses_with(items[0])
+    fx_graph.eliminate_dead_code()
+
+
+def _check_batch_first(fx_graph: fx.Graph, user_inputs: set[str]) -> None:
+    """Every tensor computed from an input must keep the batch as its first dimension, alone.
+
+    Bounds are per example: coefficients, intervals and relaxations all carry the batch first, and
+    the input set is a product of per-example sets. An op that moves the batch (``x.permute(1, 0, 2)``,
+    as ``nn.LSTM`` does inside), reduces over it (``x.mean(0)``) or folds it into another dimension
+    (``x.reshape(-1, d)``) breaks that: CROWN then failed or, on ``x - x.mean(0)``, returned wrong
+    bounds. With a dynamic batch (exported with a batch symbol ``B``), every such op is reported, at
+    the first node where ``B`` leaves dimension 0; specialised captures have no symbol to check.
+    """
+    batch = None
+    for node in fx_graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt):
+                batch = val.shape[0].node.expr
+                break
+    if batch is None:
+        return
+
+    def batch_first(val: Any) -> bool:
+        if not isinstance(val, torch.Tensor):
+            return True
+        dims = list(val.shape)
+        if not dims or not isinstance(dims[0], torch.SymInt) or dims[0].node.expr != batch:
+            return False
+        return not any(isinstance(d, torch.SymInt) and batch in d.node.expr.free_symbols for d in dims[1:])
+
+    tainted, conforming, wrong = set(user_inputs), set(user_inputs), []
+    for node in fx_graph.nodes:
+        if node.op != "call_function" or node.target in SHAPE_OPS:
+            continue
+        inputs = [a.name for a in node.all_input_nodes]
+        if not any(n in tainted for n in inputs):
+            continue
+        tainted.add(node.name)
+        val = node.meta.get("val")
+        if isinstance(val, (tuple, list)) or batch_first(val):  # several outputs: their getitems are checked
+            conforming.add(node.name)
+        elif all(n in conforming or n not in tainted for n in inputs):
+            wrong.append((f"{_op_label(node)} (moves, reduces or folds the batch dimension)", _source_of(node)))
+    if wrong:
+        raise UnsupportedOperatorError(wrong)
+
+
+def _op_label(node: fx.Node) -> str:
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.split(".")[0] if name.endswith(".default") else name
 
 
 def _from_make_fx(model: torch.nn.Module, inputs: tuple) -> Graph:

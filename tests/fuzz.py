@@ -618,7 +618,7 @@ def verifier_case(seed: int) -> str:
     bounds = [(res.intervals[n].lower[0].flatten().numpy() - 1e-6, res.intervals[n].upper[0].flatten().numpy() + 1e-6)
               for n in names]
     program = MLPProgram(dense_layers(exact, shape), lo.double().numpy(), hi.double().numpy(), bounds, True)
-    terms, sat = [], False
+    terms, checks, sat = [], [], False
     for j in r.sample(range(n_out), r.randint(1, n_out)):
         smallest = r.random() < 0.5
         try:
@@ -627,6 +627,7 @@ def verifier_case(seed: int) -> str:
             return f"skipped: the MILP oracle failed ({err})"
         delta = r.choice([-0.05, -0.003, 0.003, 0.05]) * (1 + abs(opt))
         terms.append(f"({'<=' if smallest else '>='} Y_{j} {opt + delta:.9f})")
+        checks.append((j, smallest, float(f"{opt + delta:.9f}")))
         sat |= delta > 0 if smallest else delta < 0
     text = "".join(f"(declare-const X_{i} Real)\n" for i in range(n_in))
     text += "".join(f"(declare-const Y_{j} Real)\n" for j in range(n_out))
@@ -636,6 +637,13 @@ def verifier_case(seed: int) -> str:
     out = verify(model, parse_vnnlib(text), timeout=30, input_shape=(1, *shape))
     if out.verdict in ("timeout", "unknown") or (out.verdict == "sat") == sat:
         return f"ok ({out.verdict})"
+    if out.verdict == "sat":  # the MILP says none exists: check the counterexample here, in float64
+        cex = out.counterexample[0].double().flatten()
+        with torch.no_grad():
+            y = exact(cex.reshape(1, *shape))[0]
+        inside = bool(((cex >= lo.double() - 1e-9) & (cex <= hi.double() + 1e-9)).all())
+        if inside and any(y[j] <= v if smallest else y[j] >= v for j, smallest, v in checks):
+            return "ORACLE WRONG: the MILP missed the counterexample the verifier found (checked here)"
     return f"WRONG {out.verdict}, expected {'sat' if sat else 'unsat'}\n{text}"
 
 

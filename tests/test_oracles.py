@@ -140,8 +140,10 @@ class MLPProgram:
         c = np.zeros(self.n)
         c[self.last[0]:self.last[1]] = sign * w[j]
         if self.integrality.any():
+            # presolve off: HiGHS's presolve once returned "optimal" 0.098 where 0.215 is feasible (a point
+            # at the neurons' upper bounds, 1e-6 inside them; fuzz verifier seed 59)
             res = milp(c, constraints=LinearConstraint(self.A, self.c_lo, self.c_hi), integrality=self.integrality,
-                       bounds=Bounds(self.lb, self.ub), options={"mip_rel_gap": 1e-9})
+                       bounds=Bounds(self.lb, self.ub), options={"mip_rel_gap": 1e-9, "presolve": False})
         else:
             eq = self.c_lo == self.c_hi
             A_ub = np.vstack([self.A[~eq & np.isfinite(self.c_hi)].toarray(),

@@ -159,6 +159,15 @@ def test_more_ops_match_onnxruntime_and_bound(case):
     _assert_bounds_hold(g, torch.randn(2, 4, 4, 6), 0.1)
 
 
+def test_transpose_moving_the_batch_reported():
+    """CROWN failed with an IndexError on such a graph; the importer names the node instead."""
+    x, y = _io((1, 4))
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0], name="colvec"),
+             helper.make_node("Relu", ["t"], ["y"])]
+    with pytest.raises(UnsupportedOperatorError, match="moves the batch dimension.*colvec"):
+        import_onnx(_model(nodes, [x], y))
+
+
 def test_split_uneven_pad_axes_constant_of_shape():
     """Opset 18: ``Split`` into ``num_outputs`` uneven chunks, ``Pad`` with ``axes``; ``ConstantOfShape``."""
     x, y = _io((1, 2, 5))

@@ -251,6 +251,8 @@ def _transpose(b: _Builder, ins, attrs, src):
     perm = list(attrs.get("perm", list(reversed(range(b.example(x).dim())))))
     if torch.is_tensor(x):
         return x.permute(perm)
+    if perm[0] != 0:  # as capture's batch-first rule: bounds are per example, the batch first
+        raise UnsupportedOperatorError([("Transpose that moves the batch dimension", src)])
     return b.emit(aten.permute.default, (x, perm), source=src, hint="transpose")
 
 

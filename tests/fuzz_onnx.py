@@ -85,6 +85,7 @@ class _Chain:
     def __init__(self, shape: tuple[int, ...]) -> None:
         self.nodes: list = []
         self.inits: list = []
+        self.shape_in = shape
         self.value, self.shape = "x", shape
         self.count = 0
 
@@ -253,7 +254,6 @@ def onnx_ops_case(seed: int) -> str:
     image = r.random() < 0.6
     shape = (1, r.randint(1, 3), r.randint(3, 6), r.randint(3, 6)) if image else (1, r.randint(2, 6))
     c = _Chain(shape)
-    c.shape_in = shape
     for _ in range(r.randint(2, 6)):
         for _attempt in range(5):
             before = len(c.inits)

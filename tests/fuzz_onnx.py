@@ -39,9 +39,9 @@ def _import_and_check(proto: onnx.ModelProto, reference_64, x: torch.Tensor, r: 
     except NotImplementedError as err:
         return "unsupported: " + " ".join(str(err).split())[:200]
     points = torch.cat([x, x[:1] + 0.5 * torch.randn(8, *x.shape[1:])])
-    session = ort.InferenceSession(proto.SerializeToString())
-    name = session.get_inputs()[0].name
-    try:
+    try:  # (its shape inference and its kernels disagree on a few shapes the chain was built from)
+        session = ort.InferenceSession(proto.SerializeToString())
+        name = session.get_inputs()[0].name
         expected = torch.cat([torch.from_numpy(session.run(None, {name: p[None].numpy()})[0]) for p in points])
     except Exception as err:  # noqa: BLE001 - no reference to compare with
         return "skipped: onnxruntime failed: " + " ".join(str(err).split())[:150]

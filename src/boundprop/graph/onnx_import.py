@@ -363,7 +363,8 @@ def _pool(kind):
     """``MaxPool`` / ``AveragePool``. Pads torch's pooling takes (symmetric, at most half the kernel,
     floor mode) go to it; others are applied first, explicitly: asymmetric or wide pads, and ``ceil_mode``,
     whose last, partial windows become whole ones over extra padding at the end (after a last window
-    that would start past the input and its leading pad is dropped, as onnxruntime and torch do). A max
+    that would start in the trailing pad is dropped, as the ONNX specification, torch and onnxruntime's
+    shape inference have it; onnxruntime's kernels keep it). A max
     pool pads with the lowest finite value; an average pool pads with zeros and divides each window's
     sum by what it should count: its elements of ``x`` (``count_include_pad=0``), or those of ``x`` and
     its pads, not the extra ones (``count_include_pad=1``)."""
@@ -381,6 +382,8 @@ def _pool(kind):
         ceil = bool(attrs.get("ceil_mode", 0))
         include = bool(attrs.get("count_include_pad", 0))
         reach = [(kernel[i] - 1) * dil[i] + 1 for i in range(dims)]
+        if any(size[i] + pads[i] + pads[i + dims] < reach[i] for i in range(dims)):
+            raise UnsupportedOperatorError([(f"{kind}Pool with a window larger than its padded input", src)])
         extra = [0] * dims
         if ceil:
             for i in range(dims):

@@ -13,7 +13,7 @@ a seed reproduces its case exactly.
 
 * ``graph``: a random stack of image blocks (convolutions of any stride, padding, dilation and
   groups, transposed convolutions, batch norm, pooling, residual sums, concatenations, gates,
-  upsampling, padding, transposes, channel means and slices) and vector blocks (linear, 19
+  upsampling, padding, transposes, channel means and slices) and vector blocks (linear, 16
   activations with PReLU and CELU, batch norm, layer norm, softmax, splits, products, quotients,
   max/min, rounding, attention...), in float64. Sets: L-inf (sometimes clipped to a
   box), L2, L1; sometimes a random specification ``C``; batch 1 or 2. Every method's final bounds and

@@ -260,7 +260,7 @@ def _translate(fx_graph: fx.Graph, leaf_kinds: dict[str, ParamSource | None], mo
     params: dict[str, ParamSource] = {}
     output = None
     multi_output_parents: set[str] = set()
-    tainted: set[str] = set()  # nodes computed from an input
+    tainted = _input_dependent(fx_graph, {n for n, kind in leaf_kinds.items() if kind is None})
     for fx_node in fx_graph.nodes:
         if fx_node.op == "call_function" and fx_node.target is operator.getitem:
             parent = fx_node.args[0]
@@ -271,12 +271,9 @@ def _translate(fx_graph: fx.Graph, leaf_kinds: dict[str, ParamSource | None], mo
             src = leaf_kinds[fx_node.name]
             if src is None:
                 inputs.append(fx_node.name)
-                tainted.add(fx_node.name)
             else:
                 params[fx_node.name] = src
         elif fx_node.op == "call_function":
-            if fx_node.target not in SHAPE_OPS and any(n.name in tainted for n in fx_node.all_input_nodes):
-                tainted.add(fx_node.name)
             target, args, kwargs = fx_node.target, fx_node.args, dict(fx_node.kwargs)
             if target is operator.getitem:
                 rewritten = _rewrite_getitem(fx_node)
@@ -414,14 +411,11 @@ def _check_batch_first(fx_graph: fx.Graph, user_inputs: set[str]) -> None:
             return False
         return not any(isinstance(d, torch.SymInt) and batch in d.node.expr.free_symbols for d in dims[1:])
 
-    tainted, conforming, wrong = set(user_inputs), set(user_inputs), []
+    tainted, conforming, wrong = _input_dependent(fx_graph, user_inputs), set(user_inputs), []
     for node in fx_graph.nodes:
-        if node.op != "call_function" or node.target in SHAPE_OPS:
+        if node.op != "call_function" or node.name not in tainted:
             continue
         inputs = [a.name for a in node.all_input_nodes]
-        if not any(n in tainted for n in inputs):
-            continue
-        tainted.add(node.name)
         val = node.meta.get("val")
         if isinstance(val, (tuple, list)) or batch_first(val):  # several outputs: their getitems are checked
             conforming.add(node.name)
@@ -429,6 +423,16 @@ def _check_batch_first(fx_graph: fx.Graph, user_inputs: set[str]) -> None:
             wrong.append((f"{_op_label(node)} (moves, reduces or folds the batch dimension)", _source_of(node)))
     if wrong:
         raise UnsupportedOperatorError(wrong)
+
+
+def _input_dependent(fx_graph: fx.Graph, user_inputs: set[str]) -> set[str]:
+    """Names of the user inputs and of the nodes computed from their values (shape reads excluded)."""
+    found = set(user_inputs)
+    for node in fx_graph.nodes:
+        if node.op == "call_function" and node.target not in SHAPE_OPS and \
+                any(n.name in found for n in node.all_input_nodes):
+            found.add(node.name)
+    return found
 
 
 def _op_label(node: fx.Node) -> str:

@@ -208,10 +208,14 @@ def _prelu_alpha_init(l, u, call: RelaxCall):
     return _prelu_origin_slope(l, u, _prelu_slopes(call.args, l))
 
 
-def _prelu_alpha_project(alpha, l, u, call=None):
-    w = _prelu_slopes(call.args, l)
+def _between_slopes(alpha: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``alpha`` clamped into ``[min(w, 1), max(w, 1)]``: the lines through the kink that bound prelu."""
     one = torch.ones_like(w)
     return torch.minimum(torch.maximum(alpha, torch.minimum(w, one)), torch.maximum(w, one))
+
+
+def _prelu_alpha_project(alpha, l, u, call=None):
+    return _between_slopes(alpha, _prelu_slopes(call.args, l))
 
 
 @relaxation_rule(aten._prelu_kernel.default,
@@ -230,8 +234,7 @@ def prelu_relaxation(l, u, call: RelaxCall) -> Relaxation:
         unbounded = torch.where(w > 1, -torch.inf, torch.where(w < 0, torch.inf, u.clamp_min(0.0)))
         chord_bias = torch.where(low_inf, torch.where(up_inf & (w <= 1), torch.inf, unbounded),
                                  torch.where(up_inf, (w - 1) * l, chord_bias))
-    origin = call.alpha if call.alpha is not None else _prelu_origin_slope(l, u, w)
-    origin = _prelu_alpha_project(origin, l, u, call)
+    origin = _between_slopes(call.alpha, w) if call.alpha is not None else _prelu_origin_slope(l, u, w)
     convex = w <= 1
     zero = torch.zeros_like(l)
     lw = torch.where(unstable, torch.where(convex, origin, chord_slope), stable)

@@ -148,7 +148,8 @@ def random_split(size: int, candidates: torch.Tensor, count: int, g: torch.Gener
 @pytest.mark.parametrize("seed", range(4))
 def test_domain_bounds_are_sound(seed):
     """For random split assignments, every sampled input satisfying the splits, and the exact MILP minimum
-    under the splits, stay above the float64 bound, for random alphas/betas and for optimised ones."""
+    under the splits, stay above the float64 bound, for random alphas/betas (in range or not) and for
+    optimised ones."""
     model, chain, lo, hi, a, b, l, u, _ = setup(seed)
     bounder = BetaCrown(chain, a, b, lo, hi)
     g = torch.Generator().manual_seed(100 + seed)
@@ -163,10 +164,13 @@ def test_domain_bounds_are_sound(seed):
         split = random_split(l.numel(), unstable, 1 + trial % 4, g)
         feasible = ((z * split) >= 0).all(1)
         exact = milp_min(chain, a[0], float(b[0]), lo, hi, l, u, split)
-        for kind in ("random", "large", "optimised"):
+        for kind in ("random", "large", "out of range", "optimised"):
             N = l.numel()
             if kind == "random":
                 dom = domain(l, u, split, alpha=torch.rand(1, N, generator=g), beta=torch.rand(1, N, generator=g))
+            elif kind == "out of range":  # the deciding walk clamps them into [0, 1] and >= 0
+                dom = domain(l, u, split, alpha=3 * torch.rand(1, N, generator=g) - 1,
+                             beta=-torch.rand(1, N, generator=g))
             elif kind == "large":
                 dom = domain(l, u, split, alpha=torch.rand(1, N, generator=g), beta=10 * torch.rand(1, N, generator=g))
             else:

@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 
+from ..adam import Adam
 from ..domains import Interval
 from ..domains.patches import Patches
 from ..rules import RelaxCall, Var
@@ -381,7 +382,7 @@ def _optimise_side(state: PropagationState, target: str, C: torch.Tensor, side: 
     best = _Best(crown_bound, crown_A, idx)
     alphas = AlphaSet(state, target, C.shape[1], shared=bool(o["use_shared_alpha"]))
     iterations = int(o["iteration"])
-    optimizer = scheduler = None
+    optimizer = None
     stop = _StopTest(int(o["early_stop_patience"]))
     began = time.perf_counter()
     for i in range(iterations):
@@ -405,26 +406,53 @@ def _optimise_side(state: PropagationState, target: str, C: torch.Tensor, side: 
         if not params or not loss.requires_grad:
             break  # nothing to optimise (e.g. no unstable neuron)
         if optimizer is None:
-            lr = float(o["lr_alpha"])
-            if o["optimizer"] == "adam":
-                optimizer = torch.optim.Adam(params, lr=lr)
-            else:
-                optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
-            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, float(o["lr_decay"]))
-        else:
-            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            new = [p for p in params if id(p) not in known]
-            if new:  # a walk met a node it never met before (not expected: the walks are fixed)
-                optimizer.add_param_group({"params": new, "lr": optimizer.param_groups[0]["lr"]})
+            optimizer = _Optimiser(str(o["optimizer"]), float(o["lr_alpha"]), float(o["lr_decay"]))
         # autograd.grad, not loss.backward(): the model's own parameters must not collect gradients
         grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
-        for p, g in zip(params, grads):
-            p.grad = g if g is not None else torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.step(params, grads)
         alphas.project()
-        scheduler.step()
     return best
+
+
+class _Optimiser:
+    """The alphas' optimiser, stepped with explicit gradients: :class:`~boundprop.adam.Adam`
+    (``"adam"``, auto_LiRPA's default) or ``torch.optim.SGD`` with momentum 0.9; the learning rate
+    decays by ``decay`` after each step (auto_LiRPA's ``lr_decay``).
+
+    Why not ``torch.optim.Adam``: the same steps, but on CPU its square root of the second moment is
+    slow where that moment is exactly 0, i.e. on every neuron whose alpha never gets a gradient
+    (stable neurons, whose alphas exist for the layout's sake): about 10 times an ordinary square
+    root. The walks' parameters are fixed, but a parameter met late joins with fresh moments."""
+
+    def __init__(self, kind: str, lr: float, decay: float) -> None:
+        self.kind, self.lr, self.decay = kind, lr, decay
+        self.adam: Adam | None = None
+        self.sgd: Any = None
+        self.known: set[int] = set()
+
+    def step(self, params: list[torch.Tensor], grads) -> None:
+        grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
+        new = [p for p in params if id(p) not in self.known]
+        self.known.update(id(p) for p in new)
+        if self.kind == "adam":
+            if self.adam is None:
+                self.adam = Adam([], self.lr)
+            self.adam.add(new)
+            order = {id(p): g for p, g in zip(params, grads)}
+            self.adam.lr = self.lr
+            self.adam.step([order.get(id(p), torch.zeros_like(p)) for p in self.adam.params])
+        else:
+            if self.sgd is None:
+                self.sgd = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+            elif new:
+                self.sgd.add_param_group({"params": new, "lr": self.lr})
+            for group in self.sgd.param_groups:
+                group["lr"] = self.lr
+            for p, g in zip(params, grads):
+                p.grad = g
+            self.sgd.step()
+            self.sgd.zero_grad(set_to_none=True)
+        self.lr *= self.decay
 
 
 def _affine_only(state: PropagationState, name: str) -> bool:

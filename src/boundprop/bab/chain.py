@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adam import Adam
 from ..graph.ir import Graph, evaluate, run_node
 from ..syncs import stop_test_due
-from .adam import Adam
 
 aten = torch.ops.aten
 
@@ -345,17 +345,22 @@ class ChainBounder:
         """
         chain = self.chain
         batch, rows = lo.shape[0], self.rows
-        center, radius = (lo + hi) / 2, (hi - lo) / 2
         relax = [self._relax(l, u) for l, u in pre]
         unstable = [(l < 0) & (u > 0) for l, u in pre]
         box = torch.arange(batch, device=lo.device).repeat_interleave(n_groups)
         # (G, rows); not one_hot, which reads the groups' range on the host
         member = (torch.arange(n_groups, device=groups.device).unsqueeze(1) == groups).to(lo.dtype)
         logits = lo.new_zeros(batch, n_groups, rows).masked_fill(member.unsqueeze(0) == 0, -torch.inf)
-        alphas = [r[0][box].clone() for r in relax]  # (batch * G, n_i), start from the adaptive slopes
-        free = [m[box] for m in unstable]
+        # per layer, gathered once: (fixed part of the lower slope, its free mask, s, t), (batch * G, n_i);
+        # the slope is fixed + free * alpha (alpha on unstable neurons, a 0/1 slope elsewhere)
+        layers = []
+        for (a0, s, t), m in zip(relax, unstable):
+            free = m[box].to(lo.dtype)
+            layers.append((a0[box] * (1 - free), free, s[box], t[box]))
+        alphas = [r[0][box].clone() for r in relax]  # start from the adaptive slopes
         params = [logits.requires_grad_(True)] + [a.requires_grad_(True) for a in alphas]
         adam = Adam(params, lr)
+        hi_box, width_box = hi[box], (hi - lo)[box]
         best = lo.new_full((batch, n_groups), -torch.inf)
         if row_lower is not None:
             best = best.scatter_reduce(1, groups.expand(batch, -1), row_lower, reduce="amax")
@@ -365,13 +370,14 @@ class ChainBounder:
                 mu = (theta @ self.spec_W).reshape(batch * n_groups, -1)
                 bias = (theta @ self.spec_c).reshape(-1)
                 for i in range(chain.n_relu_layers, 0, -1):
-                    _, s, t = (r[box] for r in relax[i - 1])
-                    a = torch.where(free[i - 1], alphas[i - 1].clamp(0, 1), relax[i - 1][0][box])
-                    pos, neg = mu.clamp_min(0), mu.clamp_max(0)
-                    lam = pos * a + neg * s
-                    bias = bias + (neg * t).sum(-1) + lam @ chain.biases[i - 1]
+                    fixed, free, s, t = layers[i - 1]
+                    a = fixed + free * alphas[i - 1]
+                    pos = mu.relu()  # pos(mu) a + neg(mu) s, with one sign split (and its gradient)
+                    lam = mu * s + pos * (a - s)
+                    bias = bias + ((mu - pos) * t).sum(-1) + lam @ chain.biases[i - 1]
                     mu = lam @ chain.weights[i - 1]
-                value = (mu * center[box]).sum(-1) - (mu.abs() * radius[box]).sum(-1) + bias
+                # min over the box: hi where mu < 0, lo where mu > 0
+                value = (mu * hi_box).sum(-1) - (mu.relu() * width_box).sum(-1) + bias
                 value = value.reshape(batch, n_groups)
                 loss = -(value.clamp_max(1.0)).sum()
             best = torch.maximum(best, value.detach())
@@ -380,4 +386,7 @@ class ChainBounder:
             with torch.enable_grad():
                 grads = torch.autograd.grad(loss, params)
             adam.step(grads)
+            with torch.no_grad():  # projected: every slope met is in [0, 1], so every value is a bound
+                for alpha in alphas:
+                    alpha.clamp_(0, 1)
         return best

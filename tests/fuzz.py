@@ -33,6 +33,8 @@ a seed reproduces its case exactly.
 * ``verifier``: ReLU MLPs and small CNNs (a convolution is a dense layer for the MILP) and properties
   whose threshold sits just above or below the exact optimum (MILP, :mod:`test_oracles`); the verdict
   must match (``timeout`` is allowed, never a wrong one).
+* ``verifier_split``: the same, with ReLU splitting forced on every network (the beta-CROWN search of
+  :mod:`boundprop.bab.relu_split`, which the verifier otherwise keeps for inputs too many to split).
 
 Tolerance: 1e-7 relative (float64). What this found is fixed and kept as unit tests.
 """
@@ -581,10 +583,12 @@ def dense_layers(model: nn.Sequential, shape: tuple[int, ...]) -> list[tuple]:
     return layers
 
 
-def verifier_case(seed: int) -> str:
+def verifier_case(seed: int, relu_split: bool = False) -> str:
+    """A random small ReLU network and a property whose answer the MILP knows. ``relu_split``: the
+    verifier splits ReLUs whatever the number of inputs (the beta-CROWN search)."""
     from test_oracles import MLPProgram
 
-    from boundprop.bab.verifier import verify
+    from boundprop.bab.verifier import VerifierOptions, verify
     from boundprop.spec.vnnlib import parse_vnnlib
 
     r = random.Random(seed)
@@ -634,7 +638,8 @@ def verifier_case(seed: int) -> str:
     text += "".join(f"(assert (>= X_{i} {float(lo[i]):.9f}))\n(assert (<= X_{i} {float(hi[i]):.9f}))\n"
                     for i in range(n_in))
     text += f"(assert (or {' '.join(f'(and {t})' for t in terms)}))\n" if len(terms) > 1 else f"(assert {terms[0]})\n"
-    out = verify(model, parse_vnnlib(text), timeout=30, input_shape=(1, *shape))
+    options = VerifierOptions(max_input_split_dims=0) if relu_split else None
+    out = verify(model, parse_vnnlib(text), timeout=30, input_shape=(1, *shape), options=options)
     if out.verdict in ("timeout", "unknown") or (out.verdict == "sat") == sat:
         return f"ok ({out.verdict})"
     if out.verdict == "sat":  # the MILP says none exists: check the counterexample here, in float64
@@ -660,14 +665,15 @@ def _onnx_kind(name: str) -> Callable[[int], str]:
 KINDS: dict[str, Callable[[int], str]] = {"graph": graph_case, "onnx": _onnx_kind("onnx_case"),
                                           "onnxops": _onnx_kind("onnx_ops_case"), "inputs2": inputs2_case,
                                           "weights": weights_case, "jacobian": jacobian_case,
-                                          "verifier": verifier_case}
+                                          "verifier": verifier_case,
+                                          "verifier_split": lambda seed: verifier_case(seed, relu_split=True)}
 
 
 def run(kind: str, seed: int) -> str:
     """One seed of one kind, in float64 (the verifier's models and the ONNX exports are float32); never
     raises."""
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32 if kind in ("verifier", "onnx", "onnxops") else torch.float64)
+    torch.set_default_dtype(torch.float32 if kind in ("verifier", "verifier_split", "onnx", "onnxops") else torch.float64)
     try:
         return KINDS[kind](seed)
     except Exception as err:  # noqa: BLE001 - a crash is a finding, reported with its traceback

@@ -5,9 +5,9 @@ import pytest
 from fuzz import KINDS, run
 
 FAST = {"graph": range(6), "onnx": range(3), "onnxops": range(4), "inputs2": range(4), "weights": range(3),
-        "jacobian": range(3), "verifier": range(2)}
+        "jacobian": range(3), "verifier": range(2), "verifier_split": range(2)}
 SLOW = {"graph": range(6, 40), "onnx": range(3, 30), "onnxops": range(4, 40), "inputs2": range(4, 40),
-        "weights": range(3, 30), "jacobian": range(3, 30), "verifier": range(2, 20)}
+        "weights": range(3, 30), "jacobian": range(3, 30), "verifier": range(2, 20), "verifier_split": range(2, 20)}
 
 
 def _cases(table: dict, slow: bool) -> list:

@@ -1,8 +1,8 @@
 """Adam for bound optimisation (alpha-CROWN, the verifier's beta-CROWN), without ``torch.optim``.
 
 ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2``,
-``p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`` (Kingma and Ba), with NaN and
-infinite gradient entries taken as 0.
+``p <- p - lr (m / (1 - b1^t)) / (sqrt((v + 1e-30) / (1 - b2^t)) + eps)`` (Kingma and Ba; the
+1e-30 is explained in :meth:`Adam.step`), with NaN and infinite gradient entries taken as 0.
 """
 
 from __future__ import annotations

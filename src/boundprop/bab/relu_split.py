@@ -457,7 +457,7 @@ def finish_with_lp(bounder: BetaCrown, dom: Domains, confirm) -> str:
 
     device = dom.l.device
     Ws, cs, spec_W, spec_c, lo, hi, _ = (t.cpu() if torch.is_tensor(t) else [w.cpu() for w in t]
-                                            for t in bounder.data[torch.float64])
+                                         for t in bounder.data[torch.float64])
     l, split = dom.l[0].cpu(), dom.split[0].cpu()
     P, q = Ws[0].T, cs[0]  # z_1 = x P + q
     rows_A, rows_b, idx = [], [], []

@@ -73,7 +73,7 @@ import torch
 from ..adam import Adam
 from ..syncs import stop_test_due
 from .attack import violation
-from .chain import ChainBounder, ReluChain, restrict_chain
+from .chain import ChainBounder, ReluChain, box_minimum, relu_layer_step, restrict_chain
 from .search import Confirmer, refuted_groups
 
 #: dense segments up to this many entries are extracted for ReLU splitting (CIFAR conv nets: ~13M)
@@ -206,9 +206,8 @@ class BetaCrown:
         ``(D, R, n_k)`` (:meth:`per_layer`). With ``clamp``, ``alpha`` is clamped into ``[0, 1]`` and
         ``beta`` to ``>= 0`` here; without, the caller keeps them in range (the bound is valid only
         for parameters in range). The lower slope is ``alpha`` on unstable neurons and ``1``/``0``
-        on active/inactive ones, written ``active + unstable * alpha`` (the masks are disjoint), and
-        ``pos(mu) a + neg(mu) s`` as ``mu s + pos(mu) (a - s)``: every comparison or ``where``
-        avoided here is one fewer in the gradient's computation too."""
+        on active/inactive ones, written ``active + unstable * alpha`` (the masks are disjoint: no
+        ``where``, see :func:`relu_layer_step`)."""
         Ws, cs, spec_W, spec_c, lo, hi, width = self.data[dtype]
         D = alphas[0].shape[0]
         mu = spec_W.expand(D, -1, -1) if rows is None else spec_W[rows]
@@ -221,14 +220,8 @@ class BetaCrown:
             alpha, beta = alphas[k].to(dtype), betas[k].to(dtype)
             if clamp:
                 alpha, beta = alpha.clamp(0, 1), beta.clamp_min(0)
-            a = active + unstable * alpha
-            pos = mu.relu()  # its gradient is one fused pass; clamp_min's is a comparison and a where
-            lam = mu * s + pos * (a - s)
-            bias = bias + ((mu - pos) * t).sum(-1)
-            lam = lam - beta * sigma
-            bias = bias + lam @ cs[k]
-            mu = lam @ Ws[k]
-        value = mu @ hi - mu.relu() @ width + bias  # min over the box: hi where mu < 0, lo where mu > 0
+            mu, bias = relu_layer_step(mu, bias, active + unstable * alpha, s, t, Ws[k], cs[k], beta * sigma)
+        value = box_minimum(mu, hi, width) + bias
         x = torch.where(mu > 0, lo, hi) if inputs else None
         coeffs = torch.cat(mus[::-1], -1) if record else None
         return value, x, coeffs
@@ -327,9 +320,7 @@ def refine_intervals(bounder: BetaCrown, dom: Domains, first: torch.Tensor, max_
     chain = bounder.chain
     crown = bounder.crown
     D = len(dom)
-    lo, hi = bounder.data[torch.float64][4:6]
-    center = ((lo + hi) / 2).expand(D, -1)
-    radius = ((hi - lo) / 2).expand(D, -1)
+    hi, width = (t.expand(D, -1) for t in bounder.data[torch.float64][5:7])
     done = 0
     for k in range(1, chain.n_relu_layers):
         lk, uk = bounder.layer(dom.l, k), bounder.layer(dom.u, k)
@@ -340,7 +331,7 @@ def refine_intervals(bounder: BetaCrown, dom: Domains, first: torch.Tensor, max_
             break
         box, neuron = box[:m], neuron[:m]
         relax = [ChainBounder._relax(bounder.layer(dom.l, i), bounder.layer(dom.u, i)) for i in range(k)]
-        value, _ = crown._neuron_bounds(box, neuron, k, relax, center, radius)
+        value, _ = crown._neuron_bounds(box, neuron, k, relax, hi, width)
         done += 2 * m
         off = bounder.offsets[k]
         dom.l[box, off + neuron] = torch.maximum(dom.l[box, off + neuron], value[:m])

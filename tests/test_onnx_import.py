@@ -160,12 +160,19 @@ def test_more_ops_match_onnxruntime_and_bound(case):
 
 
 def test_transpose_moving_the_batch_reported():
-    """CROWN failed with an IndexError on such a graph; the importer names the node instead."""
+    """CROWN failed with an IndexError on such a graph; the importer names the op that needs the batch first and
+    the node that moved it. Shape ops that bring the batch back are fine."""
     x, y = _io((1, 4))
     nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0], name="colvec"),
              helper.make_node("Relu", ["t"], ["y"])]
-    with pytest.raises(UnsupportedOperatorError, match="moves the batch dimension.*colvec"):
+    with pytest.raises(UnsupportedOperatorError, match="Relu of a tensor whose batch dimension is not first.*colvec"):
         import_onnx(_model(nodes, [x], y))
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0], name="colvec"),
+             helper.make_node("Transpose", ["t"], ["y"], perm=[1, 0])]
+    with pytest.raises(UnsupportedOperatorError, match="model output whose batch dimension is not first.*colvec"):
+        import_onnx(_model(nodes[:1], [x], helper.make_tensor_value_info("t", TensorProto.FLOAT, None)))
+    _compare(_model(nodes + [helper.make_node("Relu", ["y"], ["z"])], [x],
+                    helper.make_tensor_value_info("z", TensorProto.FLOAT, None)), (1, 4))
 
 
 def test_split_uneven_pad_axes_constant_of_shape():

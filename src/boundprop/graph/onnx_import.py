@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import onnx_resize, ops
+from . import onnx_recurrent, onnx_resize, ops
 from .capture import UnsupportedOperatorError, _prune
 from .ir import Graph, Node, ParamSource, Ref, map_refs
 
@@ -251,8 +251,8 @@ def _transpose(b: _Builder, ins, attrs, src):
     perm = list(attrs.get("perm", list(reversed(range(b.example(x).dim())))))
     if torch.is_tensor(x):
         return x.permute(perm)
-    if perm[0] != 0:  # as capture's batch-first rule: bounds are per example, the batch first
-        raise UnsupportedOperatorError([("Transpose that moves the batch dimension", src)])
+    if perm[0] != 0:  # bounds are per example, the batch first: held as lists until it comes back
+        return onnx_recurrent.arrange(b, x, perm, src)
     return b.emit(aten.permute.default, (x, perm), source=src, hint="transpose")
 
 
@@ -263,16 +263,20 @@ def _concat(b: _Builder, ins, attrs, src):
     return b.emit(aten.cat.default, ([b.arg(v) for v in ins], axis), source=src, hint="concat")
 
 
-def _slice(b: _Builder, ins, attrs, src):
-    x = ins[0]
+def _slice_args(ins, attrs) -> tuple[list[int], list[int], list[int], list[int]]:
+    """``(starts, ends, axes, steps)`` of a Slice (inputs from opset 10, attributes before)."""
     if len(ins) > 1:
         starts, ends = _ints(ins[1]), _ints(ins[2])
         axes = _ints(ins[3]) if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
         steps = _ints(ins[4]) if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
-    else:
-        starts, ends = list(attrs["starts"]), list(attrs["ends"])
-        axes = list(attrs.get("axes", range(len(starts))))
-        steps = [1] * len(starts)
+        return starts, ends, axes, steps
+    starts, ends = list(attrs["starts"]), list(attrs["ends"])
+    return starts, ends, list(attrs.get("axes", range(len(starts)))), [1] * len(starts)
+
+
+def _slice(b: _Builder, ins, attrs, src):
+    x = ins[0]
+    starts, ends, axes, steps = _slice_args(ins, attrs)
     rank = b.example(x).dim()
     out = x
     for start, end, axis, step in zip(starts, ends, axes, steps):
@@ -858,7 +862,15 @@ TRANSLATIONS: dict[str, Callable] = {
     "Resize": _resize, "Upsample": lambda b, ins, attrs, src: _resize(b, ins, attrs, src, upsample=True),
     "LayerNormalization": _layer_norm,
     "Split": _split, "Softmax": _softmax, "LogSoftmax": _softmax,  # these take extra arguments
+    "LSTM": onnx_recurrent.recurrent("LSTM"), "GRU": onnx_recurrent.recurrent("GRU"),
+    "RNN": onnx_recurrent.recurrent("RNN"),
 }
+
+
+#: translations that take values whose batch dimension is not first (:mod:`.onnx_recurrent`)
+LEADING_TRANSLATIONS: dict[str, Callable] = onnx_recurrent.leading_translations(_axes, _slice_args, _slice)
+#: ops with several outputs, whose translations return a list
+_MULTI_OUTPUT = ("Split", "LSTM", "GRU", "RNN")
 
 
 def import_onnx(path_or_model: str | Path | Any, is_supported: Callable[[Any], bool] | None = None) -> Graph:
@@ -891,7 +903,14 @@ def import_onnx(path_or_model: str | Path | Any, is_supported: Callable[[Any], b
     missing: list[tuple[str, str]] = []
     for node in g.node:
         src = f"ONNX node {node.name or '(unnamed)'} ({node.op_type})"
-        translate = TRANSLATIONS.get(node.op_type)
+        moved = [b.values[name] for name in node.input if isinstance(b.values.get(name), onnx_recurrent.Leading)]
+        translate = (LEADING_TRANSLATIONS if moved else TRANSLATIONS).get(node.op_type)
+        if moved and translate is None:
+            missing.append((f"{node.op_type} of a tensor whose batch dimension is not first (moved by "
+                            f"{moved[0].origin})", src))
+            for out in node.output:
+                b.values[out] = Ref("__missing__")
+            continue
         if node.domain not in ("", "ai.onnx") or translate is None:
             missing.append((node.op_type, src))
             for out in node.output:
@@ -906,6 +925,8 @@ def import_onnx(path_or_model: str | Path | Any, is_supported: Callable[[Any], b
         try:
             if node.op_type == "Split":
                 outs = _split(b, ins, attrs, src, len(node.output))
+            elif node.op_type in _MULTI_OUTPUT:
+                outs = translate(b, ins, attrs, src)
             elif node.op_type in ("Softmax", "LogSoftmax"):
                 target = aten.softmax.int if node.op_type == "Softmax" else aten.log_softmax.int
                 outs = [_softmax(b, ins, attrs, src, opset, target)]
@@ -921,6 +942,9 @@ def import_onnx(path_or_model: str | Path | Any, is_supported: Callable[[Any], b
     if len(g.output) != 1:
         raise TypeError(f"boundprop needs a model with one output; this ONNX model has {len(g.output)}")
     out = b.values[g.output[0].name]
+    if isinstance(out, onnx_recurrent.Leading):
+        raise UnsupportedOperatorError([(f"model output whose batch dimension is not first (moved by {out.origin})",
+                                         "the ONNX graph's output")])
     if torch.is_tensor(out):
         raise TypeError("the ONNX model's output does not depend on its input")
     if out.name in b.inputs:

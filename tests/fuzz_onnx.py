@@ -6,7 +6,9 @@
 * ``onnxops``: a chain of ONNX nodes built directly, with the attributes torch's exporter never
   writes (``auto_pad``, asymmetric pads, ``ceil_mode``, ``count_include_pad``, ``Gemm``'s ``alpha``,
   ``beta`` and ``transB``, activation parameters, negative slice steps, ``Split`` into uneven
-  parts...). Each node is kept only if onnxruntime accepts it. Same checks.
+  parts...), and LSTM, GRU and RNN nodes with random settings (layouts, directions, ``clip``,
+  peepholes, initial states) on sequences. Each node is kept only if onnxruntime accepts it. Same
+  checks.
 
 Both run with float32 as the default dtype (see :func:`fuzz.run`) and check bounds in float64.
 """
@@ -247,17 +249,71 @@ def _any_node(r: random.Random, c: _Chain) -> tuple[list, str]:
     return [helper.make_node(kind, [v], [out], axis=-1)], out
 
 
+def _sequence_node(r: random.Random, c: _Chain) -> tuple[list, str]:
+    """An LSTM, GRU or RNN node on the current ``(1, T, F)`` value, with random settings, and the shape ops
+    that bring one of its outputs back to ``(1, T', F')`` with the batch first."""
+    v, (_, steps, features) = c.value, c.shape
+    op = r.choice(["LSTM", "GRU", "RNN"])
+    gates, hidden = {"LSTM": 4, "GRU": 3, "RNN": 1}[op], r.randint(1, 3)
+    direction = r.choice(["forward", "reverse", "bidirectional"])
+    dirs = 2 if direction == "bidirectional" else 1
+    layout = r.choice([0, 0, 1])
+    attrs = {"hidden_size": hidden, "direction": direction, "layout": layout}
+    if r.random() < 0.3:
+        attrs["clip"] = r.uniform(0.5, 3.0)
+    if op == "GRU":
+        attrs["linear_before_reset"] = r.choice([0, 1])
+    if op == "RNN" and r.random() < 0.5:
+        attrs["activations"] = [r.choice(["Tanh", "Relu"])] * dirs
+    nodes, source = [], v
+    if not layout:
+        source = c.name("v")
+        nodes.append(helper.make_node("Transpose", [v], [source], perm=[1, 0, 2]))
+    ins = [source, c.const(np.random.randn(dirs, gates * hidden, features) * 0.7),
+           c.const(np.random.randn(dirs, gates * hidden, hidden) * 0.7)]
+    optional = [c.const(np.random.randn(dirs, 2 * gates * hidden) * 0.5) if r.random() < 0.8 else "", ""]
+    state_shape = (1, dirs, hidden) if layout else (dirs, 1, hidden)
+    optional += [c.const(np.random.randn(*state_shape)) if r.random() < 0.3 else "" for _ in range(2 if op == "LSTM"
+                                                                                                   else 1)]
+    if op == "LSTM":
+        optional.append(c.const(np.random.randn(dirs, 3 * hidden) * 0.5) if r.random() < 0.3 else "")
+    ins += optional
+    while ins[-1] == "":
+        ins.pop()
+    outs = [c.name("y"), c.name("h")] + ([c.name("c")] if op == "LSTM" else [])
+    nodes.append(helper.make_node(op, ins, outs, **attrs))
+    read = r.choice(outs)
+    out = c.name("v")
+    if read == outs[0]:  # Y: (T, dirs, B, H) or (B, T, dirs, H) -> (B, T, dirs H)
+        moved = read
+        if not layout:
+            moved = c.name("v")
+            nodes.append(helper.make_node("Transpose", [read], [moved], perm=[2, 0, 1, 3]))
+        nodes.append(helper.make_node("Reshape", [moved, c.const([0, steps, dirs * hidden], np.int64)], [out]))
+    elif layout:  # Y_h, Y_c: (B, dirs, H)
+        nodes.append(helper.make_node("Identity", [read], [out]))
+    else:  # (dirs, B, H) -> (B, dirs, H)
+        nodes.append(helper.make_node("Transpose", [read], [out], perm=[1, 0, 2]))
+    return nodes, out
+
+
 def onnx_ops_case(seed: int) -> str:
     r = random.Random(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    image = r.random() < 0.6
-    shape = (1, r.randint(1, 3), r.randint(3, 6), r.randint(3, 6)) if image else (1, r.randint(2, 6))
+    kind = r.choices(["image", "vector", "sequence"], [0.5, 0.3, 0.2])[0]
+    shape = {"image": (1, r.randint(1, 3), r.randint(3, 6), r.randint(3, 6)), "vector": (1, r.randint(2, 6)),
+             "sequence": (1, r.randint(1, 4), r.randint(1, 3))}[kind]
     c = _Chain(shape)
     for _ in range(r.randint(2, 6)):
         for _attempt in range(5):
             before = len(c.inits)
-            nodes, out = _image_node(r, c) if len(c.shape) == 4 and r.random() < 0.6 else _any_node(r, c)
+            if len(c.shape) == 3 and r.random() < 0.6:
+                nodes, out = _sequence_node(r, c)
+            elif len(c.shape) == 4 and r.random() < 0.6:
+                nodes, out = _image_node(r, c)
+            else:
+                nodes, out = _any_node(r, c)
             if c.try_add(nodes, out, before):
                 break
     flat, y = c.name("v"), "y"

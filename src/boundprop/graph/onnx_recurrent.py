@@ -140,6 +140,11 @@ def _map_leaves(v: Leading, fn) -> Leading:
     return Leading(nested(v.sizes(), lambda i: fn(v.leaf(i))), v.depth, v.origin)
 
 
+def _out(v: Leading):
+    """A translation's result: a plain Ref once no list axis is left."""
+    return _leading(v.parts, v.depth, v.origin)
+
+
 def _index_level(parts, level: int, pick):
     """``parts`` with list level ``level`` replaced by ``pick(list)`` (a list, or one item: a level fewer)."""
     if level == 0:
@@ -159,11 +164,10 @@ def _axis(axis: int, rank: int) -> int:
 
 
 def _squeeze(b, ins, attrs, src, axes: list[int]):
-    v = ins[0]
-    rank = len(logical_shape(b, v))
+    v = _as_leading(b, ins[0], src)
     shape = logical_shape(b, v)
-    axes = sorted((_axis(a, rank) for a in axes), reverse=True) or [a for a in range(rank - 1, -1, -1)
-                                                                     if shape[a] == 1 and a != v.depth]
+    axes = sorted((_axis(a, len(shape)) for a in axes), reverse=True) or [
+        a for a in range(len(shape) - 1, -1, -1) if shape[a] == 1 and a != v.depth]
     for a in axes:
         if a < v.depth:
             v = Leading(_index_level(v.parts, a, lambda items: items[0]), v.depth - 1, v.origin)
@@ -171,11 +175,11 @@ def _squeeze(b, ins, attrs, src, axes: list[int]):
             raise UnsupportedOperatorError([("Squeeze of the batch dimension", src)])
         else:
             v = _map_leaves(v, lambda r, a=a - v.depth: b.emit(aten.squeeze.dims, (r, [a]), source=src, hint="squeeze"))
-    return _leading(v.parts, v.depth, v.origin)
+    return _out(v)
 
 
 def _unsqueeze(b, ins, attrs, src, axes: list[int]):
-    v = ins[0]
+    v = _as_leading(b, ins[0], src)
     rank = len(logical_shape(b, v)) + len(axes)
     for a in sorted(_axis(a, rank) for a in axes):  # positions in the output, lowest first
         if a <= v.depth:  # a new list level of one item
@@ -183,13 +187,13 @@ def _unsqueeze(b, ins, attrs, src, axes: list[int]):
         else:
             v = _map_leaves(v, lambda r, a=a - v.depth: b.emit(aten.unsqueeze.default, (r, a), source=src,
                                                                 hint="unsqueeze"))
-    return v
+    return _out(v)
 
 
 def _reshape(b, ins, attrs, src):
     """A reshape that keeps the list axes and the batch and reshapes the leaves (as after a
     bidirectional layer: ``(T, batch, 2, hidden) -> (T, batch, 2 hidden)``)."""
-    v, shape = ins
+    v, shape = _as_leading(b, ins[0], src), ins[1]
     current = logical_shape(b, v)
     target = [int(t) for t in shape.tolist()] if torch.is_tensor(shape) else None
     if target is None:
@@ -200,12 +204,12 @@ def _reshape(b, ins, attrs, src):
     if target[:d] != current[:d] or len(target) <= d or target[d] != current[d]:
         raise UnsupportedOperatorError([("Reshape that moves axes across the batch dimension", src)])
     rest = target[d + 1:]
-    return _map_leaves(v, lambda r: b.emit(aten.reshape.default, (r, [b.batch_ref(r)] + rest), source=src,
-                                           hint="reshape"))
+    return _out(_map_leaves(v, lambda r: b.emit(aten.reshape.default, (r, [b.batch_ref(r)] + rest), source=src,
+                                                hint="reshape")))
 
 
 def _gather(b, ins, attrs, src):
-    v, index = ins
+    v, index = _as_leading(b, ins[0], src), ins[1]
     if not torch.is_tensor(index) or index.dim() > 1:
         raise UnsupportedOperatorError([("Gather with indices computed from the input or multi-dimensional", src)])
     shape = logical_shape(b, v)
@@ -221,13 +225,14 @@ def _gather(b, ins, attrs, src):
         return Leading(_index_level(v.parts, axis, lambda items: [items[i] for i in picks]), v.depth, v.origin)
     leaf_axis = axis - v.depth
     if index.dim() == 0:
-        return _map_leaves(v, lambda r: b.emit(aten.select.int, (r, leaf_axis, int(index)), source=src, hint="gather"))
-    return _map_leaves(v, lambda r: b.emit(aten.index_select.default, (r, leaf_axis, b.arg(index)), source=src,
-                                           hint="gather"))
+        return _out(_map_leaves(v, lambda r: b.emit(aten.select.int, (r, leaf_axis, int(index)), source=src,
+                                                    hint="gather")))
+    return _out(_map_leaves(v, lambda r: b.emit(aten.index_select.default, (r, leaf_axis, b.arg(index)),
+                                                source=src, hint="gather")))
 
 
 def _slice(b, ins, attrs, src, slice_leaf, starts, ends, axes, steps):
-    v = ins[0]
+    v = _as_leading(b, ins[0], src)
     rank = len(logical_shape(b, v))
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = _axis(axis, rank)
@@ -239,11 +244,15 @@ def _slice(b, ins, attrs, src, slice_leaf, starts, ends, axes, steps):
         else:
             args = [[start], [end], [axis - v.depth], [step]]
             v = _map_leaves(v, lambda r, args=args: slice_leaf(b, [r, *args], {}, src))
-    return v
+    return _out(v)
 
 
 def _concat(b, ins, attrs, src):
-    if not all(isinstance(v, Leading) for v in ins) or len({v.depth for v in ins}) != 1:
+    if not all(isinstance(v, (Leading, Ref)) for v in ins):
+        raise UnsupportedOperatorError([("Concat of a tensor whose batch dimension is not first with a constant",
+                                         src)])
+    ins = [_as_leading(b, v, src) for v in ins]
+    if len({v.depth for v in ins}) != 1:
         raise UnsupportedOperatorError([("Concat of a tensor whose batch dimension is not first with another",
                                          src)])
     depth = ins[0].depth
@@ -261,12 +270,12 @@ def _concat(b, ins, attrs, src):
     sizes = ins[0].sizes()
     if any(v.sizes() != sizes for v in ins):
         raise UnsupportedOperatorError([("Concat of tensors of different shapes", src)])
-    return Leading(nested(sizes, lambda i: b.emit(aten.cat.default, ([v.leaf(i) for v in ins], axis - depth),
-                                                  source=src, hint="concat")), depth, ins[0].origin)
+    return _leading(nested(sizes, lambda i: b.emit(aten.cat.default, ([v.leaf(i) for v in ins], axis - depth),
+                                                   source=src, hint="concat")), depth, ins[0].origin)
 
 
 def _shape(b, ins, attrs, src):
-    shape = logical_shape(b, ins[0])
+    shape = logical_shape(b, _as_leading(b, ins[0], src))
     start, end = attrs.get("start", 0), attrs.get("end", None)
     return torch.tensor(shape[start:end], dtype=torch.int64)
 

@@ -869,8 +869,8 @@ TRANSLATIONS: dict[str, Callable] = {
 
 #: translations that take values whose batch dimension is not first (:mod:`.onnx_recurrent`)
 LEADING_TRANSLATIONS: dict[str, Callable] = onnx_recurrent.leading_translations(_axes, _slice_args, _slice)
-#: ops with several outputs, whose translations return a list
-_MULTI_OUTPUT = ("Split", "LSTM", "GRU", "RNN")
+#: recurrent layers: several outputs, their translations return a list
+_RECURRENT = ("LSTM", "GRU", "RNN")
 
 
 def import_onnx(path_or_model: str | Path | Any, is_supported: Callable[[Any], bool] | None = None) -> Graph:
@@ -925,7 +925,7 @@ def import_onnx(path_or_model: str | Path | Any, is_supported: Callable[[Any], b
         try:
             if node.op_type == "Split":
                 outs = _split(b, ins, attrs, src, len(node.output))
-            elif node.op_type in _MULTI_OUTPUT:
+            elif node.op_type in _RECURRENT:
                 outs = translate(b, ins, attrs, src)
             elif node.op_type in ("Softmax", "LogSoftmax"):
                 target = aten.softmax.int if node.op_type == "Softmax" else aten.log_softmax.int

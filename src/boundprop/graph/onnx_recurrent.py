@@ -56,6 +56,9 @@ class Leading:
     parts: list
     depth: int
     origin: str
+    #: ``(x, perm)`` when the value is ``x`` (a batch-first Ref) with its axes permuted by ``perm`` and
+    #: nothing else: a Transpose that brings the batch back then permutes ``x`` once
+    permuted: tuple | None = None
 
     def sizes(self) -> list[int]:
         sizes, level = [], self.parts
@@ -107,6 +110,12 @@ def arrange(b, value, perm: list[int], src: str):
     d = v.depth
     shape = logical_shape(b, v)
     batch_at = perm.index(d)
+    base = (value, list(range(len(perm)))) if isinstance(value, Ref) else v.permuted
+    composed = None if base is None else [base[1][a] for a in perm]
+    if batch_at == 0 and composed is not None:  # back to batch first: one permute of the original, if any
+        if composed == sorted(composed):
+            return base[0]
+        return b.emit(aten.permute.default, (base[0], composed), source=src, hint="transpose")
     before, after = perm[:batch_at], perm[batch_at + 1:]
     stacked = [a for a in range(d) if a not in before]
     picked = [a for a in before if a > d]  # leaf axes that move before the batch
@@ -133,7 +142,10 @@ def arrange(b, value, perm: list[int], src: str):
         return out
 
     parts = nested([shape[a] for a in before], leaf_at)
-    return _leading(parts, batch_at, v.origin if isinstance(value, Leading) else src)
+    if batch_at == 0:
+        return parts
+    return Leading(parts, batch_at, v.origin if isinstance(value, Leading) else src,
+                   None if composed is None else (base[0], composed))
 
 
 def _map_leaves(v: Leading, fn) -> Leading:

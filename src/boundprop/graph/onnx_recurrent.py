@@ -35,7 +35,6 @@ input.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,9 +72,6 @@ class Leading:
             level = level[i]
         return level
 
-    def leaves(self) -> list[Ref]:
-        return [self.leaf(i) for i in itertools.product(*map(range, self.sizes()))]
-
 
 def nested(sizes: list[int], make) -> list | Any:
     """Nested lists of ``make(index)`` over every index of ``sizes`` (``make(())`` if there are none)."""
@@ -84,11 +80,7 @@ def nested(sizes: list[int], make) -> list | Any:
     return [nested(sizes[1:], lambda rest, i=i: make((i, *rest))) for i in range(sizes[0])]
 
 
-def _leading(parts, depth: int, origin: str):
-    return parts if depth == 0 else Leading(parts, depth, origin)
-
-
-def _as_leading(b, value, origin: str) -> Leading:
+def _as_leading(value, origin: str) -> Leading:
     if isinstance(value, Leading):
         return value
     if isinstance(value, Ref):
@@ -97,7 +89,7 @@ def _as_leading(b, value, origin: str) -> Leading:
 
 
 def logical_shape(b, v: Leading) -> list[int]:
-    return v.sizes() + list(b.example(v.leaves()[0]).shape)
+    return v.sizes() + list(b.example(v.leaf((0,) * v.depth)).shape)
 
 
 def arrange(b, value, perm: list[int], src: str):
@@ -106,7 +98,7 @@ def arrange(b, value, perm: list[int], src: str):
     Axes that land before the batch index the lists (a list axis) or select from the leaves (a
     leaf axis); the list axes that land after it are stacked into the leaves; the leaves' axes are
     then permuted into the asked order. A result with the batch first is a plain Ref."""
-    v = _as_leading(b, value, src)
+    v = _as_leading(value, src)
     d = v.depth
     shape = logical_shape(b, v)
     batch_at = perm.index(d)
@@ -154,7 +146,7 @@ def _map_leaves(v: Leading, fn) -> Leading:
 
 def _out(v: Leading):
     """A translation's result: a plain Ref once no list axis is left."""
-    return _leading(v.parts, v.depth, v.origin)
+    return v.parts if v.depth == 0 else v
 
 
 def _index_level(parts, level: int, pick):
@@ -171,14 +163,10 @@ def _transpose(b, ins, attrs, src):
     return arrange(b, x, perm, src)
 
 
-def _axis(axis: int, rank: int) -> int:
-    return axis % rank
-
-
 def _squeeze(b, ins, attrs, src, axes: list[int]):
-    v = _as_leading(b, ins[0], src)
+    v = _as_leading(ins[0], src)
     shape = logical_shape(b, v)
-    axes = sorted((_axis(a, len(shape)) for a in axes), reverse=True) or [
+    axes = sorted((a % len(shape) for a in axes), reverse=True) or [
         a for a in range(len(shape) - 1, -1, -1) if shape[a] == 1 and a != v.depth]
     for a in axes:
         if a < v.depth:
@@ -191,9 +179,9 @@ def _squeeze(b, ins, attrs, src, axes: list[int]):
 
 
 def _unsqueeze(b, ins, attrs, src, axes: list[int]):
-    v = _as_leading(b, ins[0], src)
+    v = _as_leading(ins[0], src)
     rank = len(logical_shape(b, v)) + len(axes)
-    for a in sorted(_axis(a, rank) for a in axes):  # positions in the output, lowest first
+    for a in sorted(a % rank for a in axes):  # positions in the output, lowest first
         if a <= v.depth:  # a new list level of one item
             v = Leading(_index_level(v.parts, a, lambda items: [items]), v.depth + 1, v.origin)
         else:
@@ -205,7 +193,7 @@ def _unsqueeze(b, ins, attrs, src, axes: list[int]):
 def _reshape(b, ins, attrs, src):
     """A reshape that keeps the list axes and the batch and reshapes the leaves (as after a
     bidirectional layer: ``(T, batch, 2, hidden) -> (T, batch, 2 hidden)``)."""
-    v, shape = _as_leading(b, ins[0], src), ins[1]
+    v, shape = _as_leading(ins[0], src), ins[1]
     current = logical_shape(b, v)
     target = [int(t) for t in shape.tolist()] if torch.is_tensor(shape) else None
     if target is None:
@@ -221,18 +209,18 @@ def _reshape(b, ins, attrs, src):
 
 
 def _gather(b, ins, attrs, src):
-    v, index = _as_leading(b, ins[0], src), ins[1]
+    v, index = _as_leading(ins[0], src), ins[1]
     if not torch.is_tensor(index) or index.dim() > 1:
         raise UnsupportedOperatorError([("Gather with indices computed from the input or multi-dimensional", src)])
     shape = logical_shape(b, v)
-    axis = _axis(int(attrs.get("axis", 0)), len(shape))
+    axis = int(attrs.get("axis", 0)) % len(shape)
     if axis == v.depth:
         raise UnsupportedOperatorError([("Gather on the batch dimension", src)])
     index = index.long() % shape[axis]
     if axis < v.depth:
         if index.dim() == 0:
             i = int(index)
-            return _leading(_index_level(v.parts, axis, lambda items: items[i]), v.depth - 1, v.origin)
+            return _out(Leading(_index_level(v.parts, axis, lambda items: items[i]), v.depth - 1, v.origin))
         picks = index.tolist()
         return Leading(_index_level(v.parts, axis, lambda items: [items[i] for i in picks]), v.depth, v.origin)
     leaf_axis = axis - v.depth
@@ -244,10 +232,10 @@ def _gather(b, ins, attrs, src):
 
 
 def _slice(b, ins, attrs, src, slice_leaf, starts, ends, axes, steps):
-    v = _as_leading(b, ins[0], src)
+    v = _as_leading(ins[0], src)
     rank = len(logical_shape(b, v))
     for start, end, axis, step in zip(starts, ends, axes, steps):
-        axis = _axis(axis, rank)
+        axis = axis % rank
         if axis == v.depth:
             raise UnsupportedOperatorError([("Slice of the batch dimension", src)])
         if axis < v.depth:  # Python's slices clamp the ends as ONNX does, for either sign of step
@@ -263,13 +251,13 @@ def _concat(b, ins, attrs, src):
     if not all(isinstance(v, (Leading, Ref)) for v in ins):
         raise UnsupportedOperatorError([("Concat of a tensor whose batch dimension is not first with a constant",
                                          src)])
-    ins = [_as_leading(b, v, src) for v in ins]
+    ins = [_as_leading(v, src) for v in ins]
     if len({v.depth for v in ins}) != 1:
         raise UnsupportedOperatorError([("Concat of a tensor whose batch dimension is not first with another",
                                          src)])
     depth = ins[0].depth
     rank = len(logical_shape(b, ins[0]))
-    axis = _axis(int(attrs["axis"]), rank)
+    axis = int(attrs["axis"]) % rank
     if axis == depth:
         raise UnsupportedOperatorError([("Concat along the batch dimension", src)])
     if axis < depth:
@@ -282,12 +270,12 @@ def _concat(b, ins, attrs, src):
     sizes = ins[0].sizes()
     if any(v.sizes() != sizes for v in ins):
         raise UnsupportedOperatorError([("Concat of tensors of different shapes", src)])
-    return _leading(nested(sizes, lambda i: b.emit(aten.cat.default, ([v.leaf(i) for v in ins], axis - depth),
-                                                   source=src, hint="concat")), depth, ins[0].origin)
+    return _out(Leading(nested(sizes, lambda i: b.emit(aten.cat.default, ([v.leaf(i) for v in ins], axis - depth),
+                                                       source=src, hint="concat")), depth, ins[0].origin))
 
 
 def _shape(b, ins, attrs, src):
-    shape = logical_shape(b, _as_leading(b, ins[0], src))
+    shape = logical_shape(b, _as_leading(ins[0], src))
     start, end = attrs.get("start", 0), attrs.get("end", None)
     return torch.tensor(shape[start:end], dtype=torch.int64)
 

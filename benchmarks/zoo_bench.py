@@ -10,7 +10,7 @@ under ``torch.no_grad()`` (alpha-CROWN optimises by gradients: it runs with auto
 Methods that raise ``NotImplementedError`` for a model are skipped and noted; so are calls
 predicted to take too long (see ``--skip-after``).
 
-    .venv/bin/python benchmarks/zoo_bench.py               # writes benchmarks/results/zoo.md
+    .venv/bin/python benchmarks/zoo_bench.py               # writes benchmarks/results/zoo.md (+ zoo.notes.md)
     .venv/bin/python benchmarks/zoo_bench.py --models mlp cnn --batches 1
     python benchmarks/zoo_bench.py --device cuda --out benchmarks/results/zoo_gpu.md   # on a GPU
 
@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from results_file import write_result
 
 import boundprop
 from boundprop import PerturbationLpNorm, compute_bounds
@@ -190,8 +191,7 @@ def main(argv=None) -> None:
                 device=args.device)
     print()
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
+    write_result(args.out, table)
     print(f"written to {args.out}")
 
 

@@ -210,6 +210,46 @@ def test_alpha_sound_and_default(case, unbounded_allowed):
         assert torch.allclose(torch.broadcast_to(a.unsqueeze(1), b.shape), b, rtol=1e-6, atol=1e-6, equal_nan=False)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.smooth], ids=str)
+def test_memo_shares_only_what_alpha_leaves_alone(case, unbounded_allowed):
+    """A rule's memo (one per node and interval, as alpha-CROWN hands it to the walks from every start)
+    gives the lines of a call without one, for every alpha and direction that meets it."""
+    spec = rules_for(case.op).alpha
+    if spec is None:
+        pytest.skip("no alpha parameters")
+    gen = torch.Generator().manual_seed(1)
+    low = torch.tensor([[a for a, _ in CORNERS]])
+    high = torch.tensor([[b for _, b in CORNERS]])
+    if case.op == aten.clamp.Tensor:
+        low, high = low.reshape(-1, 1).expand(-1, 3), high.reshape(-1, 1).expand(-1, 3)
+    relax = rules_for(case.op).relaxation
+    memo: dict = {}
+    for spec_rows, direction in ((4, "lower"), (2, "upper"), (4, "upper")):
+        raw = torch.rand((low.shape[0], spec_rows, *low.shape[1:]), generator=gen)
+        alpha = spec.project(raw, low.unsqueeze(1), high.unsqueeze(1), RelaxCall(tuple(case.args), dict(case.kwargs)))
+        lifted = low.unsqueeze(1), high.unsqueeze(1)
+        alone = relax(*lifted, RelaxCall(tuple(case.args), dict(case.kwargs), {}, alpha, direction))
+        shared = relax(*lifted, RelaxCall(tuple(case.args), dict(case.kwargs), {}, alpha, direction, memo))
+        for name in ("lw", "lb", "uw", "ub"):
+            torch.testing.assert_close(getattr(shared, name), getattr(alone, name), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("points", [1, 3, 15])
+def test_searches_of_every_arity_bracket_the_root(monkeypatch, points):
+    """:func:`~boundprop.rules.curves._root` keeps ``h(lo) <= 0 < h(hi)`` and shrinks the bracket
+    ``2**24``-fold, halving or ``points + 1``-ary."""
+    monkeypatch.setattr(curves, "SEARCH_POINTS", points)
+    gen = torch.Generator().manual_seed(2)
+    far = torch.rand(3, 1, 40, generator=gen, dtype=torch.float64) * 8 + 0.01
+    near = -torch.rand(3, 1, 40, generator=gen, dtype=torch.float64) * 8 - 0.01
+    gap = curves._tangent_gap(torch.tanh, lambda x: 1 - torch.tanh(x) ** 2, far, torch.ones_like(far))
+    lo0, hi0 = torch.zeros_like(far) + near, torch.zeros_like(far)  # tangent points left of 0 through far
+    valid = (gap(lo0) <= 0) & (gap(hi0) > 0)
+    lo, hi = curves._root(gap, lo0, hi0)
+    assert bool(((gap(lo) <= 0) & (gap(hi) > 0) | ~valid).all())
+    assert bool(((hi - lo) <= (hi0 - lo0) * 2.0**-23).all())
+
+
 def test_alpha_gradients_finite(unbounded_allowed):
     """alpha-CROWN differentiates the lines with respect to alpha and to the interval ends (both are
     optimised): finite on every finite corner interval, and nonzero somewhere."""

@@ -54,3 +54,31 @@ def test_two_inputs_one_fixed(method):
         ys = y.unsqueeze(1) + 0.3 * (2 * torch.rand(2, 500, 2) - 1)
         out = model(x.unsqueeze(1).expand(-1, 500, -1).reshape(-1, 2), ys.reshape(-1, 2)).reshape(2, 500, 2)
     assert (out >= res.lower.unsqueeze(1) - 1e-5).all() and (out <= res.upper.unsqueeze(1) + 1e-5).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), dim=st.integers(-3, 2), start=st.one_of(st.none(), st.integers(-6, 6)),
+       end=st.one_of(st.none(), st.integers(-6, 9)), step=st.integers(1, 3), select=st.booleans(),
+       shared=st.booleans())
+def test_slice_and_select_backward_equal_the_generic_pullback(seed, dim, start, end, step, select, shared):
+    """The dedicated backward rules of ``slice`` and ``select`` give the generic vector-Jacobian
+    product's coefficients (non-batch dimensions; coefficients with a batch of 1 broadcast)."""
+    from boundprop.rules.generic import AffinePullback
+    from boundprop.rules.registry import Var, rules_for
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 4, 6, generator=g)
+    axis = dim % 4 if dim % 4 else 1  # never the batch
+    named = axis - 4 if dim < 0 else axis  # as given: negative or not
+    if select:
+        op, args = aten.select.int, (Var("x", x), named, (start or 0) % x.shape[axis])
+    else:
+        op, args = aten.slice.Tensor, (Var("x", x), named, start, end, step)
+    out = op(x, *args[1:])
+    if out.numel() == 0:
+        return
+    A = torch.randn(1 if shared else 2, 3, *out.shape[1:], generator=g)
+    fast, bias = rules_for(op).affine_backward(A, args, {})
+    generic = AffinePullback(op, args, {}, homogeneous=True).backward(A.expand(2, *A.shape[1:]))
+    assert bias == 0.0
+    torch.testing.assert_close(fast[0].expand_as(generic[0]), generic[0], rtol=0, atol=0)

@@ -281,12 +281,23 @@ def apply_relaxation(relax_l: PreparedRelaxation | None, relax_u: PreparedRelaxa
 
 
 def relaxation_of(state: PropagationState, node: Node, direction: str, alpha: torch.Tensor | None) -> Relaxation:
-    """The relaxation of an element-wise node on its input's interval (cached when alpha is None)."""
+    """The relaxation of an element-wise node on its input's interval (cached when alpha is None).
+
+    With alpha, the rule gets a memo (:class:`~boundprop.rules.RelaxCall`) kept in the call's cache
+    with the interval object it belongs to: the walks from every later start share what does not
+    depend on alpha (a new interval, i.e. a new evaluation or a refined node, gets a new memo).
+    """
     key = ("relax", node.name)
     if alpha is None and key in state.cache:
         return state.cache[key]
     bounds = state.intervals[node.inputs[0]]
-    call = _relax_call(state, node, direction, alpha)
+    memo = None
+    if alpha is not None:
+        held = state.cache.get(("relax_memo", node.name))
+        if held is None or held[0] is not bounds:  # the entry holds the interval: no id is reused
+            held = state.cache[("relax_memo", node.name)] = (bounds, {})
+        memo = held[1]
+    call = _relax_call(state, node, direction, alpha, memo)
     lower, upper = bounds.lower, bounds.upper
     if alpha is not None and alpha.dim() == lower.dim() + 1:
         # spec-dependent alpha (batch, spec, *shape): the interval as (batch, 1, *shape) so that the
@@ -298,11 +309,12 @@ def relaxation_of(state: PropagationState, node: Node, direction: str, alpha: to
     return relax
 
 
-def _relax_call(state: PropagationState, node: Node, direction: str, alpha: torch.Tensor | None) -> RelaxCall:
+def _relax_call(state: PropagationState, node: Node, direction: str, alpha: torch.Tensor | None,
+                memo: dict | None = None) -> RelaxCall:
     args, kwargs = state.resolve_for_linear(node)
     if any(isinstance(a, Var) for a in args[1:]):
         raise NotImplementedError(f"{node.op_name}: only the first argument may be perturbed")
-    return RelaxCall(tuple(args[1:]), kwargs, state.opts, alpha, direction)
+    return RelaxCall(tuple(args[1:]), kwargs, state.opts, alpha, direction, memo)
 
 
 def _pullback(state: PropagationState, node: Node) -> AffinePullback:

@@ -15,7 +15,7 @@ one (the upper one is minus the lower line of ``-f``), on ``[l, u]``:
      ``f'(l) >= k``; convex right of it: ``f'(u) <= k``), else the tangent at ``d`` on the convex
      side, between the near endpoint and the point ``t`` whose tangent passes through the far
      endpoint. The tangent's gap at the far endpoint is monotone in ``t`` there, so ``t`` is found by
-     bisection, keeping the side that is valid. ``d = t`` by default (``a = 1``);
+     a bracketing search (:func:`_root`), keeping the side that is valid. ``d = t`` by default (``a = 1``);
    * three regions: the chord slope.
 
    ``a`` is 1/2 (one region) or 1 (two regions) by default, or alpha-CROWN's ``alpha`` in [0, 1]
@@ -23,7 +23,7 @@ one (the upper one is minus the lower line of ``-f``), on ``[l, u]``:
 3. Offset: ``b = min over [l, u] of h(x) = f(x) - s x`` (the largest sound one), region by region:
    on a concave region the minimum of ``h`` is at an end; on a convex region it is at least the
    tangent of ``h`` at any point ``x^`` of it, ``h(x^) + min over the ends of h'(x^) (x - x^)``,
-   with ``x^`` the known tangent point or, for chord slopes, a bisection for ``f'(x^) = s``. The
+   with ``x^`` the known tangent point or, for chord slopes, a search for ``f'(x^) = s``. The
    bound holds for every ``x^``, so soundness never rests on the accuracy of a root search.
 4. Rounding: all this runs in float64; offsets are then moved outwards by a few units in the last
    place of the output dtype, relative to ``|w| max(|l|, |u|) + |b|`` (plus the smallest normal
@@ -34,6 +34,10 @@ one (the upper one is minus the lower line of ``-f``), on ``[l, u]``:
 
 Shapes: ``l``, ``u`` are ``(batch, *shape)``; with an alpha of shape ``(batch, spec, *shape)`` the
 interval is lifted to ``(batch, 1, *shape)`` and the lines come out ``(batch, spec, *shape)``.
+
+Only the lines' tangent points depend on alpha: the split, the chord, the searches for ``t`` and
+the three-region lines depend on the interval alone (:func:`prepare_curve`), and alpha-CROWN's
+walks from every start after a node share them through the call's memo (:func:`curve_relaxation`).
 """
 
 from __future__ import annotations
@@ -54,8 +58,12 @@ Fn = Callable[[torch.Tensor], torch.Tensor]
 #: whether ``f`` is convex left of the first one (everywhere, without cuts).
 Regions = Callable[[torch.Tensor, torch.Tensor], tuple[list, torch.Tensor]]
 
-#: Bisection steps of the searches for tangent and stationary points (float64, vectorised).
+#: Bisection steps of the searches for tangent and stationary points (float64, vectorised): the
+#: bracket shrinks by ``2**BISECTION_STEPS``.
 BISECTION_STEPS = 24
+#: Inner points per round of a ``K + 1``-ary search (:func:`_root`; ``K + 1`` a power of two), used
+#: while the bracket times ``K`` has at most ``SEARCH_ELEMENTS`` elements
+SEARCH_POINTS, SEARCH_ELEMENTS = 15, 2**14
 
 
 @dataclass(frozen=True)
@@ -102,12 +110,13 @@ def concave_curve(f: Fn, df: Fn) -> Curve:
 
 
 def _finite(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    return torch.where(torch.isfinite(t), t, torch.full_like(t, fill))
+    """``t`` with NaN and infinite entries replaced by ``fill`` (and no gradient there)."""
+    return torch.nan_to_num(t, nan=fill, posinf=fill, neginf=fill)
 
 
 def _safe_mul(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``p * q`` with ``0 * inf = 0``."""
-    return torch.where(q == 0, torch.zeros_like(p * q), p * q)
+    return torch.where(q == 0, 0.0, p * q)
 
 
 @dataclass
@@ -155,8 +164,30 @@ def split(curve: Curve, low: torch.Tensor, high: torch.Tensor) -> _Split:
 
 def _root(h: Fn, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink a bracket ``[lo, hi]`` of the root of a non-decreasing ``h`` (``h(lo) <= 0 < h(hi)``)
-    by :data:`BISECTION_STEPS` halvings, keeping that sign pattern. The result only decides
-    tightness (a relative loss of about ``2**-24``), never soundness."""
+    by a factor of ``2**BISECTION_STEPS``, keeping that sign pattern. The result only decides
+    tightness (a relative loss of about ``2**-24``), never soundness.
+
+    Small brackets (:data:`SEARCH_POINTS` ``x`` elements at most :data:`SEARCH_ELEMENTS`) are
+    searched ``K + 1``-ary: each round evaluates ``h`` at ``K`` inner points at once (a leading
+    dimension of ``K``) and keeps the cell between the last point with ``h <= 0`` and the next.
+    With ``K = 15`` six rounds give the precision of 24 halvings in about a quarter of the tensor
+    operations; on the small tensors of a relaxation (a layer of an LSTM: tens of neurons) each
+    operation's fixed cost is what counts. Larger brackets halve (less arithmetic in all).
+    """
+    lo, hi = torch.broadcast_tensors(lo, hi)
+    k = SEARCH_POINTS
+    if k > 1 and lo.numel() * k <= SEARCH_ELEMENTS:
+        fractions = torch.arange(1, k + 1, dtype=lo.dtype, device=lo.device) / (k + 1)
+        fractions = fractions.reshape(k, *[1] * lo.dim())
+        steps = 0
+        while steps < BISECTION_STEPS:
+            points = lo + (hi - lo) * fractions  # (K, *shape)
+            below = (h(points) <= 0).to(torch.int64).cumprod(0)  # leading run of points with h <= 0
+            cell = below.sum(0, keepdim=True)  # 0..K: lo, the points, hi as one grid
+            grid = torch.cat([lo.unsqueeze(0), points, hi.unsqueeze(0)])
+            lo, hi = grid.gather(0, cell).squeeze(0), grid.gather(0, cell + 1).squeeze(0)
+            steps += (k + 1).bit_length() - 1
+        return lo, hi
     for _ in range(BISECTION_STEPS):
         mid = (lo + hi) / 2
         right = h(mid) <= 0
@@ -164,11 +195,12 @@ def _root(h: Fn, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torc
     return lo, hi
 
 
-def _min_offset(curve: Curve, s: torch.Tensor, sp: _Split, hint: torch.Tensor, search: torch.Tensor) -> torch.Tensor:
+def _min_offset(curve: Curve, s: torch.Tensor, sp: _Split, hint: torch.Tensor,
+                search: torch.Tensor | None = None) -> torch.Tensor:
     """``min over [l, u] of f(x) - s x`` (a lower bound of it), region by region (step 3).
 
     ``hint``: the stationary point of ``f - s x`` on the convex regions where it is known;
-    ``search``: where it is not (a bisection on ``f' = s`` finds it).
+    ``search``: where it is not (a bisection on ``f' = s`` finds it; None: nowhere).
     """
     f, df = curve.f, curve.df
     best = None
@@ -176,7 +208,7 @@ def _min_offset(curve: Curve, s: torch.Tensor, sp: _Split, hint: torch.Tensor, s
         a, b = sp.points[r], sp.points[r + 1]
         h_ends = torch.minimum(f(a) - s * a, f(b) - s * b)
         x = torch.minimum(torch.maximum(hint, a), b)
-        if possibly_any(search & convex & (b > a)):
+        if search is not None and possibly_any(search & convex & (b > a)):
             with torch.no_grad():
                 lo, hi = _root(lambda t: df(t) - s, a.detach() + 0 * s, b.detach() + 0 * s)
             x = torch.where(search, (lo + hi) / 2, x)
@@ -187,28 +219,37 @@ def _min_offset(curve: Curve, s: torch.Tensor, sp: _Split, hint: torch.Tensor, s
     return best
 
 
-def lower_line(curve: Curve, sp: _Split, alpha: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slope and offset of the lower line of ``curve`` on the split interval (steps 2 and 3)."""
+@dataclass
+class _LinePrep:
+    """What the lower line takes from the interval alone (not from alpha), so that alpha-CROWN's
+    walks from many starts can share it (:func:`curve_relaxation`'s memo).
+
+    ``k``: the chord slope. On intervals over two regions (``two``), ``chord_ok``: where the chord
+    is sound, and ``t``: the point whose tangent passes through the far end, where it is not
+    (``need``; None where no interval needs it). ``three``: (mask, slope, offset) of the lines on
+    intervals over three regions (they take no alpha), or None.
+    """
+
+    k: torch.Tensor
+    two: torch.Tensor
+    chord_ok: torch.Tensor | None
+    need: torch.Tensor | None
+    t: torch.Tensor | None
+    three: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+
+
+def _line_prep(curve: Curve, sp: _Split) -> _LinePrep:
     f, df = curve.f, curve.df
     low, high = sp.low, sp.high
     width = high - low
     wide = width > 0
-    k = torch.where(wide, (f(high) - f(low)) / torch.where(wide, width, torch.ones_like(width)), df(low))
-    k = _finite(k)
-    two_regions = sp.n_inside == 1
-    a_one = torch.full_like(low, 0.5) if alpha is None else alpha
-    a_two = torch.ones_like(low) if alpha is None else alpha
-
-    # one region: tangent (convex) or chord (concave)
-    d_one = low + a_one * width
-    slope = torch.where(sp.convex_whole, df(d_one), k)
-    hint = torch.where(sp.convex_whole, d_one, low)
-
-    # two regions: chord, or tangent between the near endpoint and t
-    if possibly_any(two_regions):
+    k = _finite(torch.where(wide, (f(high) - f(low)) / torch.where(wide, width, torch.ones_like(width)), df(low)))
+    two = sp.n_inside == 1
+    chord_ok = need = t = three = None
+    if possibly_any(two):
         cl = sp.convex_left
         chord_ok = torch.where(cl, df(low) >= k, df(high) <= k)
-        need = two_regions & ~chord_ok
+        need = two & ~chord_ok
         if possibly_any(need):
             with torch.no_grad():
                 far = torch.where(cl, high, low).detach()
@@ -217,18 +258,44 @@ def lower_line(curve: Curve, sp: _Split, alpha: torch.Tensor | None) -> tuple[to
                 hi = torch.where(cl, sp.cut, high).detach()
                 lo, hi = _root(_tangent_gap(f, df, far, sign), lo, hi)
                 t = torch.where(cl, lo, hi)  # the valid end of the bracket
+    over_three = sp.n_inside >= 2
+    if len(sp.convex) > 2 and possibly_any(over_three):  # a curve with three regions, and some interval over two
+        three = (over_three, *_three_region_line(curve, sp, k))
+    return _LinePrep(k, two, chord_ok, need, t, three)
+
+
+def lower_line(curve: Curve, sp: _Split, alpha: torch.Tensor | None,
+               prep: _LinePrep | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slope and offset of the lower line of ``curve`` on the split interval (steps 2 and 3);
+    ``prep``: :func:`_line_prep` of the same curve and split, if already made."""
+    prep = prep if prep is not None else _line_prep(curve, sp)
+    df = curve.df
+    low, high = sp.low, sp.high
+    k = prep.k
+    a_one = torch.full_like(low, 0.5) if alpha is None else alpha
+    a_two = torch.ones_like(low) if alpha is None else alpha
+
+    # one region: tangent (convex) or chord (concave)
+    d_one = low + a_one * (high - low)
+    slope = torch.where(sp.convex_whole, df(d_one), k)
+    hint = torch.where(sp.convex_whole, d_one, low)
+
+    # two regions: chord, or tangent between the near endpoint and t
+    if prep.chord_ok is not None:
+        cl = sp.convex_left
+        if prep.t is not None:
+            t = prep.t
             d_two = torch.where(cl, low + a_two * (t - low), high - a_two * (high - t))
-            d_two = torch.where(need, d_two, low)
+            d_two = torch.where(prep.need, d_two, low)
         else:
             d_two = low + 0 * a_two
-        slope = torch.where(two_regions, torch.where(chord_ok, k, df(d_two)), slope)
-        hint = torch.where(two_regions, torch.where(chord_ok, torch.where(cl, low, high), d_two), hint)
+        slope = torch.where(prep.two, torch.where(prep.chord_ok, k, df(d_two)), slope)
+        hint = torch.where(prep.two, torch.where(prep.chord_ok, torch.where(cl, low, high), d_two), hint)
 
     slope = _finite(slope)
-    offset = _min_offset(curve, slope, sp, hint, torch.zeros_like(two_regions))
-    three = sp.n_inside >= 2
-    if len(sp.convex) > 2 and possibly_any(three):  # a curve with three regions, and some interval over two
-        s3, b3 = _three_region_line(curve, sp, k)
+    offset = _min_offset(curve, slope, sp, hint)
+    if prep.three is not None:
+        three, s3, b3 = prep.three
         slope, offset = torch.where(three, s3, slope), torch.where(three, b3, offset)
     return slope, offset
 
@@ -257,18 +324,26 @@ def _three_region_line(curve: Curve, sp: _Split, k: torch.Tensor) -> tuple[torch
                 lo, hi = _root(_tangent_gap(f, df, far, sign), a, b)
                 t = lo if sign > 0 else hi
                 s = _finite(df(t))
-                off = _min_offset(curve, s, sp, t, torch.zeros_like(three))
+                off = _min_offset(curve, s, sp, t)
                 better = middle_convex & (s * mid + off > best_s * mid + best_b)
                 best_s, best_b = torch.where(better, s, best_s), torch.where(better, off, best_b)
     return best_s, best_b
 
 
-def relax_curve(curve: Curve, low: torch.Tensor, high: torch.Tensor, alpha: torch.Tensor | None = None) -> tuple:
-    """``(lw, lb, uw, ub)`` of ``curve`` on finite float64 ``[l, u]`` (before rounding guards)."""
-    sp = split(curve, low, high)
-    lw, lb = lower_line(curve, sp, alpha)
-    nw, nb = lower_line(curve.negated(), sp.flipped(), alpha)
+def relax_curve(curve: Curve, low: torch.Tensor, high: torch.Tensor, alpha: torch.Tensor | None = None,
+                prep: tuple[_Split, _LinePrep, _LinePrep] | None = None) -> tuple:
+    """``(lw, lb, uw, ub)`` of ``curve`` on finite float64 ``[l, u]`` (before rounding guards);
+    ``prep``: :func:`prepare_curve` of the same curve and interval, if already made."""
+    sp, lower_prep, upper_prep = prep if prep is not None else prepare_curve(curve, low, high)
+    lw, lb = lower_line(curve, sp, alpha, lower_prep)
+    nw, nb = lower_line(curve.negated(), sp.flipped(), alpha, upper_prep)
     return lw, lb, -nw, -nb
+
+
+def prepare_curve(curve: Curve, low: torch.Tensor, high: torch.Tensor) -> tuple[_Split, _LinePrep, _LinePrep]:
+    """The split of float64 ``[l, u]`` and the alpha-free parts of both lines (:class:`_LinePrep`)."""
+    sp = split(curve, low, high)
+    return sp, _line_prep(curve, sp), _line_prep(curve.negated(), sp.flipped())
 
 
 def slack_factor(dtype: torch.dtype) -> float:
@@ -384,22 +459,34 @@ def curve_relaxation(curve: Curve, low: torch.Tensor, high: torch.Tensor, call: 
             (e.g. accounting for a known gap between ``f`` and torch's op).
         safe: a point of the domain standing in for the neurons that get constants (keeps the
             discarded lines, and their gradients, finite).
+
+    ``call.memo`` (alpha-CROWN: one per node and interval) keeps everything but the alpha-dependent
+    lines: the float64 interval, the IBP fallback and :func:`prepare_curve` (the split, chord
+    slopes, tangent-point searches). The walks from every start after the node share them.
     """
-    low, high, alpha = finite_grad(low, high, call.alpha)
-    low, high = lift(low, high, alpha)
-    fallback = bounds(low, high)
-    finite = torch.isfinite(low) & torch.isfinite(high)
-    const = ~finite if constant is None else (~finite | constant(low, high))
-    stand_in = torch.full((), safe, dtype=torch.float64, device=low.device)
-    l64 = torch.where(const, stand_in, low.to(torch.float64))
-    u64 = torch.where(const, stand_in, high.to(torch.float64))
-    if domain is not None:
-        l64, u64 = domain(l64, u64)
+    (alpha,) = finite_grad(call.alpha)
+    lifted = alpha is not None and alpha.dim() > low.dim()
+    memo = call.memo
+    prepared = memo.get(("curve", lifted)) if memo is not None else None
+    if prepared is None:
+        low, high = lift(*finite_grad(low, high), alpha)
+        fallback = bounds(low, high)
+        finite = torch.isfinite(low) & torch.isfinite(high)
+        const = ~finite if constant is None else (~finite | constant(low, high))
+        stand_in = torch.full((), safe, dtype=torch.float64, device=low.device)
+        l64 = torch.where(const, stand_in, low.to(torch.float64))
+        u64 = torch.where(const, stand_in, high.to(torch.float64))
+        if domain is not None:
+            l64, u64 = domain(l64, u64)
+        prepared = (l64, u64, fallback, const, low.dtype, prepare_curve(curve, l64, u64))
+        if memo is not None:
+            memo[("curve", lifted)] = prepared
+    l64, u64, fallback, const, dtype, lines = prepared
     a64 = None if alpha is None else torch.nan_to_num(alpha.to(torch.float64), nan=0.5).clamp(0.0, 1.0)
-    lw, lb, uw, ub = relax_curve(curve, l64, u64, a64)
+    lw, lb, uw, ub = relax_curve(curve, l64, u64, a64, lines)
     if adjust is not None:
         lw, lb, uw, ub = adjust(lw, lb, uw, ub, l64, u64)
-    return finish((lw, lb, uw, ub), l64, u64, fallback, low.dtype, const)
+    return finish((lw, lb, uw, ub), l64, u64, fallback, dtype, const)
 
 
 def curve_alpha(curve_of: Callable[[RelaxCall], Curve], domain: Callable | None = None) -> AlphaSpec:

@@ -76,6 +76,11 @@ class RelaxCall:
         alpha: free relaxation parameters chosen by alpha-CROWN, or None for the default choice.
             The rule decides their meaning (for ReLU, the lower slope in [0, 1]).
         direction: "lower" or "upper": which bound of the output the relaxation serves.
+        memo: a dict the rule may fill with results that depend on the interval (and the node's
+            constant arguments) only, not on ``alpha`` or ``direction``: the caller hands the same
+            dict to every call on the same node and interval (alpha-CROWN, whose walks from every
+            start relax the nodes before it with their own alphas), and a new one when either
+            changes. None: no memo.
     """
 
     args: tuple = ()
@@ -83,6 +88,7 @@ class RelaxCall:
     opts: dict = field(default_factory=dict)
     alpha: torch.Tensor | None = None
     direction: str = "lower"
+    memo: dict | None = None
 
 
 @dataclass

@@ -11,6 +11,8 @@ Shapes are whatever the ATen op takes; the batch dimension passes through.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..domains import Interval
@@ -111,6 +113,33 @@ def _transpose_back(A, args, kwargs):
     return [A.transpose(d0 + 1, d1 + 1)], 0.0
 
 
+def _slice_back(A, args, kwargs):
+    """``y = x[..., start:end:step, ...]`` along a non-batch dimension: ``A_x`` is ``A`` written into
+    those positions of zeros (``aten.slice_backward``; the generic vector-Jacobian product under
+    ``vmap`` costs about 30 times as much on the small slices of an unrolled LSTM's gates)."""
+    if kwargs:
+        return None
+    x, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]
+    dim = dim % len(x.shape)
+    if dim == 0 or not torch.is_tensor(A):
+        return None
+    sizes = [A.shape[0], A.shape[1], *_in_shape(x)]
+    start = 0 if start is None else start
+    end = sys.maxsize if end is None else end
+    return [aten.slice_backward(A, sizes, dim + 1, start, end, step)], 0.0
+
+
+def _select_back(A, args, kwargs):
+    """``y = x.select(dim, i)`` along a non-batch dimension: ``A_x`` is zeros with ``A`` at index ``i``."""
+    if kwargs:
+        return None
+    x, dim, index = args[0], args[1], args[2]
+    dim = dim % len(x.shape)
+    if dim == 0 or not torch.is_tensor(A):
+        return None
+    return [aten.select_backward(A, [A.shape[0], A.shape[1], *_in_shape(x)], dim + 1, index)], 0.0
+
+
 def sum_to_shape(A: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Sum coefficients ``(batch, spec, *out)`` over the dimensions an operand of ``shape`` (no batch)
     was broadcast along, giving ``(batch, spec, *shape)``."""
@@ -136,3 +165,5 @@ for _op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, 
 affine_backward_rule(aten.permute.default)(_permute_back)
 affine_backward_rule(aten.transpose.int)(_transpose_back)
 affine_backward_rule(aten.expand.default)(_expand_back)
+affine_backward_rule(aten.slice.Tensor)(_slice_back)
+affine_backward_rule(aten.select.int)(_select_back)

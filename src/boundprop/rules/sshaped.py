@@ -7,7 +7,7 @@ Each is increasing, convex on ``x < 0`` and concave on ``x > 0`` (one inflection
   chord below and a tangent above (tangent point the midpoint by default); on ``l < 0 < u`` each
   line is the chord where the chord is sound (``f'(l) >= k`` for the lower one, ``f'(u) >= k`` for
   the upper one, ``k`` the chord slope), otherwise the tangent through the far endpoint (the
-  tangent point found by bisection). alpha-CROWN moves the tangent points (``alpha`` in [0, 1]:
+  tangent point found by a bracketing search). alpha-CROWN moves the tangent points (``alpha`` in [0, 1]:
   the position between the near endpoint and the default tangent point on mixed intervals, between
   ``l`` and ``u`` otherwise).
 

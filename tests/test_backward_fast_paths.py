@@ -188,3 +188,51 @@ def test_prepared_relaxation_is_silent_under_autograd():
     res.lower.sum().backward()
     assert model[1].weight.grad is not None
     model.zero_grad()
+
+
+@pytest.mark.parametrize("name", ["transformer", "gelu_layernorm_mlp", "lstm"])
+@pytest.mark.parametrize("method", ["CROWN", "alpha-CROWN"])
+def test_node_memos_change_no_bound(monkeypatch, name, method):
+    """The per-node memos (layer norm's and softmax's relaxations, a curve's searches under alpha)
+    only save work: with a fresh memo at every use the bounds and intervals are the same. (alpha-CROWN
+    with one evaluation: after a step the shared parts' gradients are summed in another order, and the
+    bounds move in the last digits.)"""
+    from boundprop.zoo import ZOO
+
+    fn, shape = ZOO[name]
+    model = fn()
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3))
+    graph = boundprop.capture(model, x)
+    ptb = {graph.inputs[0]: PerturbationLpNorm(0.05)}
+    opts = {"optimize_bound_args": {"iteration": 1}}
+
+    def run():
+        torch.manual_seed(0)
+        return compute_bounds(graph, (x,), ptb, method=method, opts=opts)
+
+    shared = run()
+    made = []
+    monkeypatch.setattr(backward, "node_memo", lambda state, node: made.append(node.name) or {})
+    alone = run()
+    assert made, "no rule asked for a memo"
+    torch.testing.assert_close(shared.lower, alone.lower, rtol=0, atol=0)
+    torch.testing.assert_close(shared.upper, alone.upper, rtol=0, atol=0)
+    for node, iv in alone.intervals.items():
+        torch.testing.assert_close(shared.intervals[node].lower, iv.lower, rtol=0, atol=0)
+        torch.testing.assert_close(shared.intervals[node].upper, iv.upper, rtol=0, atol=0)
+
+
+def test_node_memo_follows_the_input_intervals():
+    """One memo per node while its input intervals are the same objects; a new one when one changes."""
+    from types import SimpleNamespace
+
+    from boundprop.domains import Interval
+
+    iv = Interval(torch.zeros(1, 2), torch.ones(1, 2))
+    state = SimpleNamespace(intervals={"x": iv}, cache={})
+    node = SimpleNamespace(name="n", inputs=["x", "w"])
+    first = backward.node_memo(state, node)
+    first["k"] = 1
+    assert backward.node_memo(state, node) is first
+    state.intervals["x"] = Interval(iv.lower.clone(), iv.upper.clone())  # equal values, a new object
+    assert backward.node_memo(state, node) is not first

@@ -59,7 +59,9 @@ class BackwardCall:
 
     ``lA``/``uA``: coefficients of the node's output, ``(batch, spec, *out)``, or None for a side
     that is not needed. ``args``/``kwargs``: the node's arguments, perturbed ones as ``Var``.
-    ``alpha_for(direction)``: the node's alpha-CROWN parameters, or None.
+    ``alpha_for(direction)``: the node's alpha-CROWN parameters, or None. ``memo``: a dict for what
+    depends on the input intervals (and the node's constants) only, shared by every walk through the
+    node while those intervals stay the same (:func:`node_memo`); None: keep nothing.
     """
 
     node: Node
@@ -69,6 +71,7 @@ class BackwardCall:
     uA: torch.Tensor | None
     opts: dict
     alpha_for: Callable[[str], torch.Tensor | None] = lambda direction: None
+    memo: dict | None = None
 
 
 @dataclass
@@ -283,21 +286,14 @@ def apply_relaxation(relax_l: PreparedRelaxation | None, relax_u: PreparedRelaxa
 def relaxation_of(state: PropagationState, node: Node, direction: str, alpha: torch.Tensor | None) -> Relaxation:
     """The relaxation of an element-wise node on its input's interval (cached when alpha is None).
 
-    With alpha, the rule gets a memo (:class:`~boundprop.rules.RelaxCall`) kept in the call's cache
-    with the interval object it belongs to: the walks from every later start share what does not
-    depend on alpha (a new interval, i.e. a new evaluation or a refined node, gets a new memo).
+    With alpha, the rule gets the node's memo (:func:`node_memo`): the walks from every later start
+    share what does not depend on alpha.
     """
     key = ("relax", node.name)
     if alpha is None and key in state.cache:
         return state.cache[key]
     bounds = state.intervals[node.inputs[0]]
-    memo = None
-    if alpha is not None:
-        held = state.cache.get(("relax_memo", node.name))
-        if held is None or held[0] is not bounds:  # the entry holds the interval: no id is reused
-            held = state.cache[("relax_memo", node.name)] = (bounds, {})
-        memo = held[1]
-    call = _relax_call(state, node, direction, alpha, memo)
+    call = _relax_call(state, node, direction, alpha, node_memo(state, node) if alpha is not None else None)
     lower, upper = bounds.lower, bounds.upper
     if alpha is not None and alpha.dim() == lower.dim() + 1:
         # spec-dependent alpha (batch, spec, *shape): the interval as (batch, 1, *shape) so that the
@@ -307,6 +303,22 @@ def relaxation_of(state: PropagationState, node: Node, direction: str, alpha: to
     if alpha is None:
         state.cache[key] = relax
     return relax
+
+
+def node_memo(state: PropagationState, node: Node) -> dict:
+    """The memo of ``node`` for this call: a dict that rules fill with results depending on the node's
+    input intervals only (a layer norm's or softmax's relaxation, a curve's tangent searches), so that
+    the walks from every start after the node compute them once.
+
+    It is kept in the call's cache together with the input intervals it was made for, and replaced
+    when any of them is a different object (a refined interval; a new alpha-CROWN evaluation starts
+    from a fresh cache). The entry holds the intervals, so an identity test cannot meet a reused id.
+    """
+    inputs = tuple(state.intervals.get(name) for name in node.inputs)
+    held = state.cache.get(("memo", node.name))
+    if held is None or any(a is not b for a, b in zip(held[0], inputs)):
+        held = state.cache[("memo", node.name)] = (inputs, {})
+    return held[1]
 
 
 def _relax_call(state: PropagationState, node: Node, direction: str, alpha: torch.Tensor | None,
@@ -568,7 +580,7 @@ def propagate_node(state: PropagationState, node: Node, lA, uA, alpha_for: Alpha
         lA, uA = _full_batch(state, lA), _full_batch(state, uA)
         args, kwargs = state.resolve_for_linear(node)
         lookup = (lambda d: alpha_for(node.name, d)) if alpha_for else (lambda d: None)
-        return entry.backward(BackwardCall(node, args, kwargs, lA, uA, state.opts, lookup))
+        return entry.backward(BackwardCall(node, args, kwargs, lA, uA, state.opts, lookup, node_memo(state, node)))
     raise NotImplementedError(f"no linear bound rule for {node.op_name} <- {node.source or node.name}")
 
 

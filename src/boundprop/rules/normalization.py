@@ -314,7 +314,10 @@ def layer_norm_backward(call):
     if not isinstance(x, Var):
         raise NotImplementedError("layer_norm: the input must be the perturbed argument")
     k = len(shape)
-    rel = relax(_flat(x.bounds.lower, k), _flat(x.bounds.upper, k), eps)
+    memo = call.memo if call.memo is not None else {}
+    rel = memo.get(("layer_norm", k, eps))
+    if rel is None:  # the same for every walk through the node (its input interval's alone)
+        rel = memo[("layer_norm", k, eps)] = relax(_flat(x.bounds.lower, k), _flat(x.bounds.upper, k), eps)
     out_shape = call.lA.shape if call.lA is not None else call.uA.shape
 
     def side(A, which):

@@ -294,8 +294,12 @@ def _backward(call, log: bool):
         raise NotImplementedError("softmax: only the input may be perturbed")
     dim = _dim_of(x, call.args[1])
     move = lambda t: t.movedim(dim, -1)  # noqa: E731
-    low, up = slice_relaxations(move(x.bounds.lower), move(x.bounds.upper), move(x.value), log,
-                                call.opts.get("softmax_lower", "lse"))
+    mode = call.opts.get("softmax_lower", "lse")
+    memo = call.memo if call.memo is not None else {}
+    key = ("softmax", log, dim, mode)
+    if key not in memo:  # the same for every walk through the node (its input interval's alone)
+        memo[key] = slice_relaxations(move(x.bounds.lower), move(x.bounds.upper), move(x.value), log, mode)
+    low, up = memo[key]
     new_l = new_u = None
     lbias = ubias = 0.0
     if call.lA is not None:

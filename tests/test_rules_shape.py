@@ -82,3 +82,16 @@ def test_slice_and_select_backward_equal_the_generic_pullback(seed, dim, start, 
     generic = AffinePullback(op, args, {}, homogeneous=True).backward(A.expand(2, *A.shape[1:]))
     assert bias == 0.0
     torch.testing.assert_close(fast[0].expand_as(generic[0]), generic[0], rtol=0, atol=0)
+
+
+def test_slice_of_the_whole_batch_passes_coefficients_through():
+    """``x[:, i]`` captures as a slice of all of dim 0 (then a select): the coefficients pass unchanged."""
+    from boundprop.rules.generic import AffinePullback
+    from boundprop.rules.registry import Var, rules_for
+
+    x = torch.randn(3, 4, 2)
+    args = (Var("x", x), 0, 0, 2**63 - 1)
+    A = torch.randn(3, 5, 4, 2)
+    fast, _ = rules_for(aten.slice.Tensor).affine_backward(A, args, {})
+    torch.testing.assert_close(fast[0], AffinePullback(aten.slice.Tensor, args, {}, homogeneous=True).backward(A)[0])
+    assert rules_for(aten.slice.Tensor).affine_backward(A[:, :, :2], (Var("x", x), 0, 0, 2), {}) is None

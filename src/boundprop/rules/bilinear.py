@@ -249,16 +249,30 @@ def _elementwise_side(A, sign, X: _Factor, Y: _Factor, call, direction):
     if X.const or Y.const:
         G = A * _lift(X.value if X.const else Y.value, rank)
         return (None, G) if X.const else (G, None), 0.0
-    t, s, spec = _alpha(call, direction, rank, _mode(call.opts), X.lower, X.upper, Y.lower, Y.upper)
-    bounds = [X.lower, X.upper, Y.lower, Y.upper]
-    if spec:
-        bounds = [b.unsqueeze(1) for b in bounds]
-    lo, up, bad = mccormick_planes(*bounds, t, s)
+    lo, up, bad = _planes(call, direction, rank, X, Y)
     mul = lambda field: lambda part, plane: part * _lift(getattr(plane, field), rank)
     gx = _signed_sum(A, sign, lo, up, mul("ax"))
     gy = _signed_sum(A, sign, lo, up, mul("ay"))
     cb = _signed_sum(A, sign, lo, up, mul("c"))
     return (gx, gy), _infinite_bias(cb, A, _lift(bad, rank), sign)
+
+
+def _planes(call, direction: str, rank: int, X: _Factor, Y: _Factor) -> tuple[Plane, Plane, torch.Tensor]:
+    """McCormick planes for one side: with alpha-CROWN's weights, or the default ones. Those depend on
+    the factors' intervals alone (the same for both sides and every walk through the node): they are
+    kept in the node's memo."""
+    memo = call.memo if call.memo is not None and call.alpha_for(direction) is None else None
+    key = ("mccormick", rank)
+    if memo is not None and key in memo:
+        return memo[key]
+    t, s, spec = _alpha(call, direction, rank, _mode(call.opts), X.lower, X.upper, Y.lower, Y.upper)
+    bounds = [X.lower, X.upper, Y.lower, Y.upper]
+    if spec:
+        bounds = [b.unsqueeze(1) for b in bounds]
+    planes = mccormick_planes(*bounds, t, s)
+    if memo is not None:
+        memo[key] = planes
+    return planes
 
 
 def _square_side(A, sign, X: _Factor, call, direction):

@@ -116,16 +116,19 @@ def _transpose_back(A, args, kwargs):
 def _slice_back(A, args, kwargs):
     """``y = x[..., start:end:step, ...]`` along a non-batch dimension: ``A_x`` is ``A`` written into
     those positions of zeros (``aten.slice_backward``; the generic vector-Jacobian product under
-    ``vmap`` costs about 30 times as much on the small slices of an unrolled LSTM's gates)."""
+    ``vmap`` costs about 30 times as much on the small slices of an unrolled LSTM's gates). All of
+    the batch (``x[:, i]`` captures as such a slice, then a select): ``A`` itself."""
     if kwargs:
         return None
     x, dim, start, end, step = (list(args) + [0, None, None, 1][len(args) - 1:])[:5]
     dim = dim % len(x.shape)
+    start = 0 if start is None else start
+    end = sys.maxsize if end is None else end
+    if dim == 0 and start == 0 and end >= x.shape[0] and step == 1:  # all of the batch (``x[:, i]``)
+        return [A], 0.0
     if dim == 0 or not torch.is_tensor(A):
         return None
     sizes = [A.shape[0], A.shape[1], *_in_shape(x)]
-    start = 0 if start is None else start
-    end = sys.maxsize if end is None else end
     return [aten.slice_backward(A, sizes, dim + 1, start, end, step)], 0.0
 
 

@@ -95,3 +95,39 @@ def test_slice_of_the_whole_batch_passes_coefficients_through():
     fast, _ = rules_for(aten.slice.Tensor).affine_backward(A, args, {})
     torch.testing.assert_close(fast[0], AffinePullback(aten.slice.Tensor, args, {}, homogeneous=True).backward(A)[0])
     assert rules_for(aten.slice.Tensor).affine_backward(A[:, :, :2], (Var("x", x), 0, 0, 2), {}) is None
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), dim=st.sampled_from([1, 2, -1]), kinds=st.lists(st.booleans(), min_size=1, max_size=4),
+       shared=st.booleans())
+def test_cat_backward_equals_the_generic_pullback(seed, dim, kinds, shared):
+    """``cat`` of perturbed parts (True) and constants (False) along a non-batch dimension: the dedicated
+    backward rule gives the generic vector-Jacobian product's coefficients and constant term."""
+    from boundprop.rules.generic import AffinePullback
+    from boundprop.rules.registry import Var, rules_for
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 4, generator=g)
+    parts = []
+    for i, perturbed in enumerate(kinds):
+        size = [2, 3, 4]
+        size[dim] = 1 + i
+        value = torch.randn(*size, generator=g)
+        parts.append(Var(f"x{i}", value) if perturbed else value)
+    if not any(kinds):
+        parts.append(Var("x", x))
+    args = (parts, dim)
+    out = aten.cat.default([p.value if isinstance(p, Var) else p for p in parts], dim)
+    A = torch.randn(1 if shared else 2, 3, *out.shape[1:], generator=g)
+    fast, bias = rules_for(aten.cat.default).affine_backward(A, args, {})
+    pullback = AffinePullback(aten.cat.default, args, {})
+    full = A.expand(2, *A.shape[1:])
+    generic = pullback.backward(full)
+    assert len(fast) == len(generic)
+    for f, r in zip(fast, generic):
+        torch.testing.assert_close(f.expand_as(r), r, rtol=0, atol=0)
+    expected = pullback.bias(full)  # 0.0 when every part is perturbed
+    if all(kinds):
+        assert bias == 0.0 and expected == 0.0
+    else:
+        torch.testing.assert_close(bias.expand_as(expected), expected, rtol=1e-6, atol=1e-6)

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from ..domains import Interval
-from .registry import affine_backward_rule, affine_ops, interval_rule
+from .registry import Var, affine_backward_rule, affine_ops, interval_rule
 
 aten = torch.ops.aten
 
@@ -143,6 +143,33 @@ def _select_back(A, args, kwargs):
     return [aten.select_backward(A, [A.shape[0], A.shape[1], *_in_shape(x)], dim + 1, index)], 0.0
 
 
+def _cat_back(A, args, kwargs):
+    """``y = cat([x_1, ..., x_k], dim)`` along a non-batch dimension: ``A_{x_i}`` is the part of ``A``
+    over ``x_i``'s positions (a view), one per perturbed part in order; constant parts ``c`` add
+    ``A . c`` to the bias. (A DenseNet's joins: the generic product under ``vmap`` otherwise.)"""
+    if kwargs or not torch.is_tensor(A):
+        return None
+    parts, dim = args[0], (args[1] if len(args) > 1 else 0)
+    dim = dim % (A.dim() - 1)
+    if dim == 0:
+        return None
+    coefficients, bias, offset = [], 0.0, 0
+    for part in parts:
+        if not isinstance(part, (Var, torch.Tensor)):
+            return None
+        if not isinstance(part, Var) and part.dim() == 1 and part.numel() == 0:
+            continue  # cat skips legacy empty tensors
+        size = part.shape[dim]
+        piece = A.narrow(dim + 1, offset, size)
+        offset += size
+        if isinstance(part, Var):
+            coefficients.append(piece)
+        else:
+            term = (piece * part.unsqueeze(1)).flatten(2).sum(-1)
+            bias = term if not torch.is_tensor(bias) else bias + term
+    return coefficients, bias
+
+
 def sum_to_shape(A: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Sum coefficients ``(batch, spec, *out)`` over the dimensions an operand of ``shape`` (no batch)
     was broadcast along, giving ``(batch, spec, *shape)``."""
@@ -170,3 +197,4 @@ affine_backward_rule(aten.transpose.int)(_transpose_back)
 affine_backward_rule(aten.expand.default)(_expand_back)
 affine_backward_rule(aten.slice.Tensor)(_slice_back)
 affine_backward_rule(aten.select.int)(_select_back)
+affine_backward_rule(aten.cat.default)(_cat_back)

@@ -133,6 +133,9 @@ CASES = {
     "lstm-peepholes-clip": ("LSTM", {"clip": 0.8}, {"P": "peepholes"}, ["Y", "Y_h", "Y_c"], 1),
     "lstm-reverse-initial-state": ("LSTM", {"direction": "reverse"}, {"initial_h": 1, "initial_c": 1},
                                    ["Y", "Y_c"], 1),
+    # the cell state starts outside the clip range: onnxruntime clips the gates' inputs, not tanh(c)'s
+    "lstm-clip-initial-cell": ("LSTM", {"clip": 0.3, "direction": "bidirectional"},
+                               {"initial_h": 1, "initial_c": 1}, ["Y", "Y_h", "Y_c"], 2),
     "gru-not-linear-before-reset-bidirectional": ("GRU", {"direction": "bidirectional", "linear_before_reset": 0},
                                                   {}, ["Y", "Y_h"], 2),
     "gru-linear-before-reset": ("GRU", {"linear_before_reset": 1}, {}, ["Y_h"], 1),

@@ -26,7 +26,10 @@ gate's rows of the input and recurrent weights and biases, ``P`` the peepholes::
                               h' = (1 - z) n + z h
     RNN:                      h' = tanh(x W + h R + Wb + Rb)   (or relu)
 
-``clip`` clamps every activation's input to ``[-clip, clip]``. A zero (or absent) initial state
+``clip`` clamps the gates' pre-activations to ``[-clip, clip]``: the input of every activation but
+the LSTM's ``tanh(c')``, whose cell state onnxruntime passes unclipped (the ONNX text says "the
+input of activations"; onnxruntime is what exporters and VNN-COMP run, and a clipped ``c'`` gave
+outputs 0.1-0.2 apart from it with an initial cell state outside the clip range). A zero (or absent) initial state
 drops the terms with it. A reverse direction runs from the last step to the first and writes each
 step's state at its own time. Not translated, and reported by name: activations other than these
 defaults, ``input_forget``, ``sequence_lens`` shorter than the sequence, weights computed from the
@@ -310,8 +313,8 @@ class _Steps:
     def mul(self, a, c):
         return None if a is None or c is None else self.op(aten.mul.Tensor, a, c)
 
-    def act(self, name: str, v):
-        if self.clip is not None:
+    def act(self, name: str, v, clip: bool = True):
+        if clip and self.clip is not None:
             v = self.op(aten.clamp.default, v, -self.clip, self.clip)
         target = {"Sigmoid": aten.sigmoid.default, "Tanh": aten.tanh.default, "Relu": aten.relu.default}[name]
         return self.op(target, v)
@@ -381,7 +384,7 @@ def _lstm_step(s: _Steps, k: _Gates, act: list[str], x, h, c):
     f = s.act(act[0], s.add(k.pre(s, x, h, 2), peephole(2, c)))
     c = s.add(s.mul(f, c), s.mul(i, s.act(act[1], k.pre(s, x, h, 3))))
     o = s.act(act[0], s.add(k.pre(s, x, h, 1), peephole(1, c)))
-    return s.mul(o, s.act(act[2], c)), c
+    return s.mul(o, s.act(act[2], c, clip=False)), c
 
 
 def _gru_step(s: _Steps, k: _Gates, act: list[str], x, h, linear_before_reset: bool):

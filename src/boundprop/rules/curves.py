@@ -167,9 +167,10 @@ def _root(h: Fn, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torc
     by a factor of ``2**BISECTION_STEPS``, keeping that sign pattern. The result only decides
     tightness (a relative loss of about ``2**-24``), never soundness.
 
-    Small brackets (:data:`SEARCH_POINTS` ``x`` elements at most :data:`SEARCH_ELEMENTS`) are
-    searched ``K + 1``-ary: each round evaluates ``h`` at ``K`` inner points at once (a leading
-    dimension of ``K``) and keeps the cell between the last point with ``h <= 0`` and the next.
+    While ``K`` (:data:`SEARCH_POINTS`) times the bracket's number of elements is at most
+    :data:`SEARCH_ELEMENTS`, the search is ``K + 1``-ary: each round evaluates ``h`` at ``K`` inner
+    points at once (a leading dimension of ``K``) and keeps the cell between the last point of the
+    leading run with ``h <= 0`` and the next.
     With ``K = 15`` six rounds give the precision of 24 halvings in about a quarter of the tensor
     operations; on the small tensors of a relaxation (a layer of an LSTM: tens of neurons) each
     operation's fixed cost is what counts. Larger brackets halve (less arithmetic in all).
@@ -200,7 +201,7 @@ def _min_offset(curve: Curve, s: torch.Tensor, sp: _Split, hint: torch.Tensor,
     """``min over [l, u] of f(x) - s x`` (a lower bound of it), region by region (step 3).
 
     ``hint``: the stationary point of ``f - s x`` on the convex regions where it is known;
-    ``search``: where it is not (a bisection on ``f' = s`` finds it; None: nowhere).
+    ``search``: where it is not (a search on ``f' = s`` finds it; None: nowhere).
     """
     f, df = curve.f, curve.df
     best = None

@@ -236,3 +236,34 @@ def test_node_memo_follows_the_input_intervals():
     assert backward.node_memo(state, node) is first
     state.intervals["x"] = Interval(iv.lower.clone(), iv.upper.clone())  # equal values, a new object
     assert backward.node_memo(state, node) is not first
+
+
+@pytest.mark.parametrize("name", ["transformer", "lstm", "resnet"])
+def test_ibp_refresh_skips_only_nodes_whose_inputs_stayed(monkeypatch, name):
+    """``refresh_ibp`` recomputes a node only when one of its inputs' intervals changed: the bounds and
+    intervals equal those of recomputing every unrefined ancestor after each refinement."""
+    from boundprop.algorithms import crown
+    from boundprop.algorithms.ibp import interval_of
+    from boundprop.zoo import ZOO
+
+    fn, shape = ZOO[name]
+    model = fn()
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(4))
+    graph = boundprop.capture(model, x)
+    ptb = {graph.inputs[0]: PerturbationLpNorm(0.05)}
+    skipping = compute_bounds(graph, (x,), ptb, method="CROWN")
+
+    def every_time(state, start):
+        before = crown.ancestors(state, start)
+        for node in state.graph.nodes:
+            n = node.name
+            if n in before and n in state.perturbed and n not in state.refined:
+                state.intervals[n] = interval_of(state, n).intersect(state.intervals[n])
+
+    monkeypatch.setattr(crown, "refresh_ibp", every_time)
+    plain = compute_bounds(graph, (x,), ptb, method="CROWN")
+    torch.testing.assert_close(skipping.lower, plain.lower, rtol=0, atol=0)
+    torch.testing.assert_close(skipping.upper, plain.upper, rtol=0, atol=0)
+    for node, iv in plain.intervals.items():
+        torch.testing.assert_close(skipping.intervals[node].lower, iv.lower, rtol=0, atol=0)
+        torch.testing.assert_close(skipping.intervals[node].upper, iv.upper, rtol=0, atol=0)

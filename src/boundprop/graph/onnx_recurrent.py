@@ -29,9 +29,9 @@ gate's rows of the input and recurrent weights and biases, ``P`` the peepholes::
 ``clip`` clamps the gates' pre-activations to ``[-clip, clip]``: the input of every activation but
 the LSTM's ``tanh(c')``, whose cell state onnxruntime passes unclipped (the ONNX text says "the
 input of activations"; onnxruntime is what exporters and VNN-COMP run, and a clipped ``c'`` gave
-outputs 0.1-0.2 apart from it with an initial cell state outside the clip range). A zero (or absent) initial state
-drops the terms with it. A reverse direction runs from the last step to the first and writes each
-step's state at its own time. Not translated, and reported by name: activations other than these
+outputs 0.1-0.2 apart from it with an initial cell state outside the clip range). A zero (or
+absent) initial state drops the terms with it. A reverse direction runs from the last step to the
+first and writes each step's state at its own time. Not translated, and reported by name: activations other than these
 defaults, ``input_forget``, ``sequence_lens`` shorter than the sequence, weights computed from the
 input.
 """

@@ -185,17 +185,23 @@ def test_corner_intervals_sound(case, dtype, unbounded_allowed):
     check_case(case, low, high, n=2049)
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-def test_alpha_sound_and_default(case, unbounded_allowed):
-    """Any alpha in the projected set gives a sound relaxation; init reproduces the default one."""
+def _alpha_corners(case: Case):
+    """``(alpha spec, low, high)`` on the corner intervals for an op with alpha parameters (else skip)."""
     spec = rules_for(case.op).alpha
     if spec is None:
         pytest.skip("no alpha parameters")
-    gen = torch.Generator().manual_seed(0)
     low = torch.tensor([[a for a, _ in CORNERS]])
     high = torch.tensor([[b for _, b in CORNERS]])
     if case.op == aten.clamp.Tensor:
         low, high = low.reshape(-1, 1).expand(-1, 3), high.reshape(-1, 1).expand(-1, 3)
+    return spec, low, high
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_alpha_sound_and_default(case, unbounded_allowed):
+    """Any alpha in the projected set gives a sound relaxation; init reproduces the default one."""
+    spec, low, high = _alpha_corners(case)
+    gen = torch.Generator().manual_seed(0)
     call = RelaxCall(tuple(case.args), dict(case.kwargs))
     init = spec.init(low, high, call)
     assert init.shape == low.shape
@@ -214,14 +220,8 @@ def test_alpha_sound_and_default(case, unbounded_allowed):
 def test_memo_shares_only_what_alpha_leaves_alone(case, unbounded_allowed):
     """A rule's memo (one per node and interval, as alpha-CROWN hands it to the walks from every start)
     gives the lines of a call without one, for every alpha and direction that meets it."""
-    spec = rules_for(case.op).alpha
-    if spec is None:
-        pytest.skip("no alpha parameters")
+    spec, low, high = _alpha_corners(case)
     gen = torch.Generator().manual_seed(1)
-    low = torch.tensor([[a for a, _ in CORNERS]])
-    high = torch.tensor([[b for _, b in CORNERS]])
-    if case.op == aten.clamp.Tensor:
-        low, high = low.reshape(-1, 1).expand(-1, 3), high.reshape(-1, 1).expand(-1, 3)
     relax = rules_for(case.op).relaxation
     memo: dict = {}
     for spec_rows, direction in ((4, "lower"), (2, "upper"), (4, "upper")):

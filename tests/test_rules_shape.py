@@ -131,3 +131,17 @@ def test_cat_backward_equals_the_generic_pullback(seed, dim, kinds, shared):
         assert bias == 0.0 and expected == 0.0
     else:
         torch.testing.assert_close(bias.expand_as(expected), expected, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), scale=st.floats(-4, 1), select=st.booleans())
+def test_slice_and_select_op_level(seed, scale, select):
+    """The dedicated slice/select backward rules: CROWN bounds hold at sampled points of the box."""
+    if select:
+        graph = one_node_graph(aten.select.int, (Ref("x"), 1, 2))
+        fn = lambda t: t.select(1, 2)  # noqa: E731
+    else:
+        graph = one_node_graph(aten.slice.Tensor, (Ref("x"), 2, 1, 4, 2))
+        fn = lambda t: t[:, :, 1:4:2]  # noqa: E731
+    x, r = random_box((2, 4, 5), seed, scale, False, 1.0)
+    check_op(graph, fn, x, r, methods=("IBP", "CROWN", "forward"), seed=seed)

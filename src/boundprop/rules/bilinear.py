@@ -258,10 +258,12 @@ def _elementwise_side(A, sign, X: _Factor, Y: _Factor, call, direction):
 
 
 def _planes(call, direction: str, rank: int, X: _Factor, Y: _Factor) -> tuple[Plane, Plane, torch.Tensor]:
-    """McCormick planes for one side: with alpha-CROWN's weights, or the default ones. Those depend on
-    the factors' intervals alone (the same for both sides and every walk through the node): they are
-    kept in the node's memo."""
-    memo = call.memo if call.memo is not None and call.alpha_for(direction) is None else None
+    """McCormick planes for one side: with alpha-CROWN's weights, or the default ones. The default
+    ones of two node inputs depend on their intervals alone (the same for both sides and every walk
+    through the node): they are kept in the node's memo. (Not for derived factors, such as the
+    reciprocal a division builds per side.)"""
+    shared = call.memo is not None and X.name is not None and Y.name is not None
+    memo = call.memo if shared and call.alpha_for(direction) is None else None
     key = ("mccormick", rank)
     if memo is not None and key in memo:
         return memo[key]

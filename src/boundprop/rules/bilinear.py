@@ -249,7 +249,8 @@ def _elementwise_side(A, sign, X: _Factor, Y: _Factor, call, direction):
     if X.const or Y.const:
         G = A * _lift(X.value if X.const else Y.value, rank)
         return (None, G) if X.const else (G, None), 0.0
-    lo, up, bad = _planes(call, direction, rank, X, Y)
+    named = X.name is not None and Y.name is not None
+    (lo, up, bad), _ = _planes(call, direction, rank, [X.lower, X.upper, Y.lower, Y.upper], named, "mul")
     mul = lambda field: lambda part, plane: part * _lift(getattr(plane, field), rank)
     gx = _signed_sum(A, sign, lo, up, mul("ax"))
     gy = _signed_sum(A, sign, lo, up, mul("ay"))
@@ -257,21 +258,22 @@ def _elementwise_side(A, sign, X: _Factor, Y: _Factor, call, direction):
     return (gx, gy), _infinite_bias(cb, A, _lift(bad, rank), sign)
 
 
-def _planes(call, direction: str, rank: int, X: _Factor, Y: _Factor) -> tuple[Plane, Plane, torch.Tensor]:
-    """McCormick planes for one side: with alpha-CROWN's weights, or the default ones. The default
-    ones of two node inputs depend on their intervals alone (the same for both sides and every walk
-    through the node): they are kept in the node's memo. (Not for derived factors, such as the
-    reciprocal a division builds per side.)"""
-    shared = call.memo is not None and X.name is not None and Y.name is not None
-    memo = call.memo if shared and call.alpha_for(direction) is None else None
-    key = ("mccormick", rank)
+def _planes(call, direction: str, rank: int, bounds: list, named: bool, kind: str):
+    """``((lower, upper, bad), spec)``: McCormick planes of one side on ``bounds`` = ``[lx, ux, ly, uy]``
+    (rank ``rank`` before any spec dimension), with alpha-CROWN's weights or the default ones.
+
+    The default planes of two node inputs (``named``) depend on their intervals alone (the same for
+    both sides and every walk through the node): they are kept in the node's memo under ``kind``.
+    Not for derived factors, such as the reciprocal a division builds per side.
+    """
+    memo = call.memo if call.memo is not None and named and call.alpha_for(direction) is None else None
+    key = (kind, rank)
     if memo is not None and key in memo:
         return memo[key]
-    t, s, spec = _alpha(call, direction, rank, _mode(call.opts), X.lower, X.upper, Y.lower, Y.upper)
-    bounds = [X.lower, X.upper, Y.lower, Y.upper]
+    t, s, spec = _alpha(call, direction, rank, _mode(call.opts), *bounds)
     if spec:
         bounds = [b.unsqueeze(1) for b in bounds]
-    planes = mccormick_planes(*bounds, t, s)
+    planes = mccormick_planes(*bounds, t, s), spec
     if memo is not None:
         memo[key] = planes
     return planes
@@ -403,13 +405,9 @@ def _matmul_side(A, sign, X: _Factor, Y: _Factor, call, direction):
         return (None, X.value.unsqueeze(1).transpose(-1, -2) @ A), 0.0
     if Y.const:
         return (A @ Y.value.unsqueeze(1).transpose(-1, -2), None), 0.0
-    lx, ux = X.lower.unsqueeze(-1), X.upper.unsqueeze(-1)
-    ly, uy = Y.lower.unsqueeze(-3), Y.upper.unsqueeze(-3)
-    t, s, spec = _alpha(call, direction, rank + 1, _mode(call.opts), lx, ux, ly, uy)
-    bounds = [lx, ux, ly, uy]
-    if spec:
-        bounds = [v.unsqueeze(1) for v in bounds]
-    lo, up, bad = mccormick_planes(*bounds, t, s)
+    bounds = [X.lower.unsqueeze(-1), X.upper.unsqueeze(-1), Y.lower.unsqueeze(-3), Y.upper.unsqueeze(-3)]
+    named = X.name is not None and Y.name is not None
+    (lo, up, bad), spec = _planes(call, direction, rank + 1, bounds, named, "matmul")
     contract = lambda which, field: lambda part, plane: torch.einsum(_EQ[which, spec], part, getattr(plane, field))
     gx = _signed_sum(A, sign, lo, up, contract("x", "ax"))
     gy = _signed_sum(A, sign, lo, up, contract("y", "ay"))

@@ -236,7 +236,7 @@ def test_memo_shares_only_what_alpha_leaves_alone(case, unbounded_allowed):
 
 @pytest.mark.parametrize("points", [1, 3, 15])
 def test_searches_of_every_arity_bracket_the_root(monkeypatch, points):
-    """:func:`~boundprop.rules.curves._root` keeps ``h(lo) <= 0 < h(hi)`` and shrinks the bracket
+    """:func:`~boundprop.rules.curves.shrink_bracket` keeps ``h(lo) <= 0 < h(hi)`` and shrinks the bracket
     ``2**24``-fold, halving or ``points + 1``-ary."""
     monkeypatch.setattr(curves, "SEARCH_POINTS", points)
     gen = torch.Generator().manual_seed(2)
@@ -245,7 +245,7 @@ def test_searches_of_every_arity_bracket_the_root(monkeypatch, points):
     gap = curves._tangent_gap(torch.tanh, lambda x: 1 - torch.tanh(x) ** 2, far, torch.ones_like(far))
     lo0, hi0 = torch.zeros_like(far) + near, torch.zeros_like(far)  # tangent points left of 0 through far
     valid = (gap(lo0) <= 0) & (gap(hi0) > 0)
-    lo, hi = curves._root(gap, lo0, hi0)
+    lo, hi = curves.shrink_bracket(gap, lo0, hi0)
     assert bool(((gap(lo) <= 0) & (gap(hi) > 0) | ~valid).all())
     assert bool(((hi - lo) <= (hi0 - lo0) * 2.0**-23).all())
 

@@ -15,7 +15,7 @@ one (the upper one is minus the lower line of ``-f``), on ``[l, u]``:
      ``f'(l) >= k``; convex right of it: ``f'(u) <= k``), else the tangent at ``d`` on the convex
      side, between the near endpoint and the point ``t`` whose tangent passes through the far
      endpoint. The tangent's gap at the far endpoint is monotone in ``t`` there, so ``t`` is found by
-     a bracketing search (:func:`_root`), keeping the side that is valid. ``d = t`` by default (``a = 1``);
+     a bracketing search (:func:`shrink_bracket`), keeping the side that is valid. ``d = t`` by default (``a = 1``);
    * three regions: the chord slope.
 
    ``a`` is 1/2 (one region) or 1 (two regions) by default, or alpha-CROWN's ``alpha`` in [0, 1]
@@ -61,7 +61,7 @@ Regions = Callable[[torch.Tensor, torch.Tensor], tuple[list, torch.Tensor]]
 #: Bisection steps of the searches for tangent and stationary points (float64, vectorised): the
 #: bracket shrinks by ``2**BISECTION_STEPS``.
 BISECTION_STEPS = 24
-#: Inner points per round of a ``K + 1``-ary search (:func:`_root`; ``K + 1`` a power of two), used
+#: Inner points per round of a ``K + 1``-ary search (:func:`shrink_bracket`; ``K + 1`` a power of two), used
 #: while the bracket times ``K`` has at most ``SEARCH_ELEMENTS`` elements
 SEARCH_POINTS, SEARCH_ELEMENTS = 15, 2**14
 
@@ -162,13 +162,16 @@ def split(curve: Curve, low: torch.Tensor, high: torch.Tensor) -> _Split:
                   torch.where(n_inside == 1, cut_in, low))
 
 
-def _root(h: Fn, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shrink_bracket(h: Fn, lo: torch.Tensor, hi: torch.Tensor, steps: int = BISECTION_STEPS,
+                   width: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink a bracket ``[lo, hi]`` of the root of a non-decreasing ``h`` (``h(lo) <= 0 < h(hi)``)
-    by a factor of ``2**BISECTION_STEPS``, keeping that sign pattern. The result only decides
-    tightness (a relative loss of about ``2**-24``), never soundness.
+    by a factor of ``2**steps``, keeping that sign pattern. Here the result only decides tightness
+    (a relative loss of about ``2**-24``), never soundness; callers whose bounds rest on the
+    bracket itself get the same sign pattern, evaluated.
 
-    While ``K`` (:data:`SEARCH_POINTS`) times the bracket's number of elements is at most
-    :data:`SEARCH_ELEMENTS`, the search is ``K + 1``-ary: each round evaluates ``h`` at ``K`` inner
+    While ``K`` (:data:`SEARCH_POINTS`) times the bracket's number of elements times ``width`` (the
+    elements ``h`` reads per bracket entry) is at most :data:`SEARCH_ELEMENTS`, the search is
+    ``K + 1``-ary: each round evaluates ``h`` at ``K`` inner
     points at once (a leading dimension of ``K``) and keeps the cell between the last point of the
     leading run with ``h <= 0`` and the next.
     With ``K = 15`` six rounds give the precision of 24 halvings in about a quarter of the tensor
@@ -177,19 +180,19 @@ def _root(h: Fn, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torc
     """
     lo, hi = torch.broadcast_tensors(lo, hi)
     k = SEARCH_POINTS
-    if k > 1 and lo.numel() * k <= SEARCH_ELEMENTS:
+    if k > 1 and lo.numel() * width * k <= SEARCH_ELEMENTS:
         fractions = torch.arange(1, k + 1, dtype=lo.dtype, device=lo.device) / (k + 1)
         fractions = fractions.reshape(k, *[1] * lo.dim())
-        steps = 0
-        while steps < BISECTION_STEPS:
+        done = 0
+        while done < steps:
             points = lo + (hi - lo) * fractions  # (K, *shape)
             below = (h(points) <= 0).to(torch.int64).cumprod(0)  # leading run of points with h <= 0
             cell = below.sum(0, keepdim=True)  # 0..K: lo, the points, hi as one grid
             grid = torch.cat([lo.unsqueeze(0), points, hi.unsqueeze(0)])
             lo, hi = grid.gather(0, cell).squeeze(0), grid.gather(0, cell + 1).squeeze(0)
-            steps += (k + 1).bit_length() - 1
+            done += (k + 1).bit_length() - 1
         return lo, hi
-    for _ in range(BISECTION_STEPS):
+    for _ in range(steps):
         mid = (lo + hi) / 2
         right = h(mid) <= 0
         lo, hi = torch.where(right, mid, lo), torch.where(right, hi, mid)
@@ -211,7 +214,7 @@ def _min_offset(curve: Curve, s: torch.Tensor, sp: _Split, hint: torch.Tensor,
         x = torch.minimum(torch.maximum(hint, a), b)
         if search is not None and possibly_any(search & convex & (b > a)):
             with torch.no_grad():
-                lo, hi = _root(lambda t: df(t) - s, a.detach() + 0 * s, b.detach() + 0 * s)
+                lo, hi = shrink_bracket(lambda t: df(t) - s, a.detach() + 0 * s, b.detach() + 0 * s)
             x = torch.where(search, (lo + hi) / 2, x)
         slope = df(x) - s
         h_tan = f(x) - s * x + torch.minimum(_safe_mul(slope, a - x), _safe_mul(slope, b - x))
@@ -257,7 +260,7 @@ def _line_prep(curve: Curve, sp: _Split) -> _LinePrep:
                 sign = torch.where(cl, 1.0, -1.0).to(low.dtype)
                 lo = torch.where(cl, low, sp.cut).detach()
                 hi = torch.where(cl, sp.cut, high).detach()
-                lo, hi = _root(_tangent_gap(f, df, far, sign), lo, hi)
+                lo, hi = shrink_bracket(_tangent_gap(f, df, far, sign), lo, hi)
                 t = torch.where(cl, lo, hi)  # the valid end of the bracket
     over_three = sp.n_inside >= 2
     if len(sp.convex) > 2 and possibly_any(over_three):  # a curve with three regions, and some interval over two
@@ -322,7 +325,7 @@ def _three_region_line(curve: Curve, sp: _Split, k: torch.Tensor) -> tuple[torch
         a, b = sp.points[1].detach(), sp.points[2].detach()
         with torch.no_grad():
             for far, sign in ((high, 1.0), (low, -1.0)):
-                lo, hi = _root(_tangent_gap(f, df, far, sign), a, b)
+                lo, hi = shrink_bracket(_tangent_gap(f, df, far, sign), a, b)
                 t = lo if sign > 0 else hi
                 s = _finite(df(t))
                 off = _min_offset(curve, s, sp, t)

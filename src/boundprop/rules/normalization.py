@@ -46,6 +46,7 @@ import torch
 
 from ..domains import Interval
 from ..syncs import possibly_any
+from .curves import shrink_bracket
 from .registry import Var, backward_rule, interval_rule, is_perturbed
 
 aten = torch.ops.aten
@@ -108,11 +109,9 @@ def variance_lower(lower: torch.Tensor, upper: torch.Tensor, iters: int = 40) ->
     def dphi(t):
         return 2 * ((t - upper).clamp_min(0) - (lower - t).clamp_min(0)).mean(-1, keepdim=True)
 
-    for _ in range(iters):
-        mid = (a + b) / 2
-        right = dphi(mid) > 0
-        b = torch.where(right, mid, b)
-        a = torch.where(right, a, mid)
+    # dphi(a) <= 0 <= dphi(b); the search keeps dphi <= 0 at a and > 0 at b (each evaluated), so a
+    # minimiser stays in [a, b] (several points per round on small rows: :func:`shrink_bracket`)
+    a, b = shrink_bracket(dphi, a, b, steps=iters, width=lower.shape[-1])
     t = (a + b) / 2
     dist = (t - upper).clamp_min(0) + (lower - t).clamp_min(0)
     bound = (dist * dist).mean(-1, keepdim=True) - dphi(t).abs() * (b - a)

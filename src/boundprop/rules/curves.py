@@ -268,11 +268,10 @@ def _line_prep(curve: Curve, sp: _Split) -> _LinePrep:
     return _LinePrep(k, two, chord_ok, need, t, three)
 
 
-def lower_line(curve: Curve, sp: _Split, alpha: torch.Tensor | None,
-               prep: _LinePrep | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def lower_line(curve: Curve, sp: _Split, prep: _LinePrep,
+               alpha: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Slope and offset of the lower line of ``curve`` on the split interval (steps 2 and 3);
-    ``prep``: :func:`_line_prep` of the same curve and split, if already made."""
-    prep = prep if prep is not None else _line_prep(curve, sp)
+    ``prep``: :func:`_line_prep` of the same curve and split."""
     df = curve.df
     low, high = sp.low, sp.high
     k = prep.k
@@ -334,13 +333,13 @@ def _three_region_line(curve: Curve, sp: _Split, k: torch.Tensor) -> tuple[torch
     return best_s, best_b
 
 
-def relax_curve(curve: Curve, low: torch.Tensor, high: torch.Tensor, alpha: torch.Tensor | None = None,
-                prep: tuple[_Split, _LinePrep, _LinePrep] | None = None) -> tuple:
-    """``(lw, lb, uw, ub)`` of ``curve`` on finite float64 ``[l, u]`` (before rounding guards);
-    ``prep``: :func:`prepare_curve` of the same curve and interval, if already made."""
-    sp, lower_prep, upper_prep = prep if prep is not None else prepare_curve(curve, low, high)
-    lw, lb = lower_line(curve, sp, alpha, lower_prep)
-    nw, nb = lower_line(curve.negated(), sp.flipped(), alpha, upper_prep)
+def relax_curve(curve: Curve, prep: tuple[_Split, _LinePrep, _LinePrep],
+                alpha: torch.Tensor | None = None) -> tuple:
+    """``(lw, lb, uw, ub)`` of ``curve`` on a finite float64 interval (before rounding guards), from
+    its :func:`prepare_curve`."""
+    sp, lower_prep, upper_prep = prep
+    lw, lb = lower_line(curve, sp, lower_prep, alpha)
+    nw, nb = lower_line(curve.negated(), sp.flipped(), upper_prep, alpha)
     return lw, lb, -nw, -nb
 
 
@@ -487,7 +486,7 @@ def curve_relaxation(curve: Curve, low: torch.Tensor, high: torch.Tensor, call: 
             memo[("curve", lifted)] = prepared
     l64, u64, fallback, const, dtype, lines = prepared
     a64 = None if alpha is None else torch.nan_to_num(alpha.to(torch.float64), nan=0.5).clamp(0.0, 1.0)
-    lw, lb, uw, ub = relax_curve(curve, l64, u64, a64, lines)
+    lw, lb, uw, ub = relax_curve(curve, lines, a64)
     if adjust is not None:
         lw, lb, uw, ub = adjust(lw, lb, uw, ub, l64, u64)
     return finish((lw, lb, uw, ub), l64, u64, fallback, dtype, const)

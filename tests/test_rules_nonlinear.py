@@ -274,6 +274,61 @@ def test_alpha_gradients_finite(unbounded_allowed):
             assert bool((grads[-1] != 0).any()), case.name
 
 
+def test_alpha_fraction_is_one_node_for_four():
+    """``curves._Fraction64`` (alpha to a float64 fraction in one autograd node) gives the values and
+    gradients of its four steps: the guard, the cast, NaN -> 1/2 and the clamp into [0, 1]."""
+    raw = torch.tensor([-0.5, 0.0, 0.3, 1.0, 1.5, math.nan, 0.7])
+    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, INF], dtype=torch.float64)
+    a, b = raw.clone().requires_grad_(), raw.clone().requires_grad_()
+    one = curves._Fraction64.apply(a)
+    (four,) = curves.finite_grad(b)
+    four = torch.nan_to_num(four.to(torch.float64), nan=0.5).clamp(0.0, 1.0)
+    torch.testing.assert_close(one, four, rtol=0, atol=0)
+    (ga,), (gb,) = torch.autograd.grad(one, a, upstream), torch.autograd.grad(four, b, upstream)
+    torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+    assert ga.tolist() == [0.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0]
+
+
+def _line_gradients(case: Case, low: torch.Tensor, high: torch.Tensor, alpha: torch.Tensor):
+    """The relaxation of ``case`` with alpha and the gradient of a weighted sum of its lines with
+    respect to ``(low, high, alpha)`` (zeros where unused)."""
+    inputs = [t.clone().requires_grad_() for t in (low, high, alpha)]
+    relax = rules_for(case.op).relaxation(inputs[0].unsqueeze(1), inputs[1].unsqueeze(1),
+                                          RelaxCall(tuple(case.args), dict(case.kwargs), {}, inputs[2]))
+    lines = (relax.lw, relax.lb, relax.uw, relax.ub)
+    total = sum((torch.where(torch.isfinite(t), t, 0.0) * (1 + i + torch.arange(t.numel()).reshape(t.shape) % 3)).sum()
+                for i, t in enumerate(lines))
+    grads = torch.autograd.grad(total, inputs, allow_unused=True)
+    return lines, [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.smooth and rules_for(c.op).alpha], ids=str)
+def test_offset_gradient_is_that_of_the_minimum(case, monkeypatch, unbounded_allowed):
+    """The offsets' values come from the region-by-region minimum evaluated without autograd, their
+    gradient from ``f(touch) - s touch`` (``curves._offset``). Both are the same function where the line
+    touches ``f``, so the gradients equal those of differentiating the minimum itself. (On intervals
+    that reach a domain edge with an infinite derivative, differentiating the minimum meets ``inf * 0``
+    and the input guard drops that neuron's gradient; the envelope form keeps a finite one.)"""
+    gen = torch.Generator().manual_seed(3)
+    lo_c, hi_c = case.centers
+    centre = lo_c + (hi_c - lo_c) * torch.rand(1, 96, generator=gen, dtype=torch.float64)
+    radius = 2.0 ** (torch.rand(1, 96, generator=gen, dtype=torch.float64) * 8 - 6)  # 1/64 .. 4
+    low, high = centre - radius, centre + radius
+    xs = _grid(low, high, 64).requires_grad_()  # keep intervals where f and f' are finite (off poles and domain edges)
+    (dfx,) = torch.autograd.grad(case.f(xs).sum(), xs)
+    inside = (torch.isfinite(case.f(xs.detach())) & torch.isfinite(dfx)).all(-1)[0]
+    low, high = low[:, inside], high[:, inside]
+    assert low.shape[1] >= 40, case.name
+    alpha = 0.05 + 0.9 * torch.rand(1, 3, low.shape[1], generator=gen, dtype=torch.float64)  # off the ties at 0, 1
+    lines, grads = _line_gradients(case, low, high, alpha)
+    monkeypatch.setattr(curves, "_offset", lambda curve, s, pieces, touch: curves._min_offset(curve, s, pieces, touch))
+    ref_lines, ref_grads = _line_gradients(case, low, high, alpha)
+    for a, b in zip(lines, ref_lines):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-6, atol=1e-7)
+
+
 # ------------------------------------------------------------------------------------------------
 # hypothesis-generated intervals
 

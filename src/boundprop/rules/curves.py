@@ -116,7 +116,7 @@ def _finite(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
 
 def _safe_mul(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """``p * q`` with ``0 * inf = 0``."""
-    return torch.where(q == 0, 0.0, p * q)
+    return (p * q).masked_fill_(q == 0, 0.0)
 
 
 @dataclass
@@ -199,28 +199,64 @@ def shrink_bracket(h: Fn, lo: torch.Tensor, hi: torch.Tensor, steps: int = BISEC
     return lo, hi
 
 
-def _min_offset(curve: Curve, s: torch.Tensor, sp: _Split, hint: torch.Tensor,
+@dataclass
+class _Pieces:
+    """The regions of a split interval stacked on a leading dimension ``R``: region ``r`` is
+    ``[a[r], b[r]]``, with ``f`` there (``fa``, ``fb``) and its curvature (``convex``). They depend on
+    the interval alone, so a memo shares them (:func:`curve_relaxation`)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    fa: torch.Tensor
+    fb: torch.Tensor
+    convex: torch.Tensor
+
+
+def _pieces(curve: Curve, sp: _Split) -> _Pieces:
+    points = torch.stack(torch.broadcast_tensors(*sp.points))  # (R + 1, *shape)
+    f_points = curve.f(points)
+    convex = torch.stack(torch.broadcast_tensors(*sp.convex))
+    return _Pieces(points[:-1], points[1:], f_points[:-1], f_points[1:], convex)
+
+
+def _min_offset(curve: Curve, s: torch.Tensor, pieces: _Pieces, hint: torch.Tensor,
                 search: torch.Tensor | None = None) -> torch.Tensor:
-    """``min over [l, u] of f(x) - s x`` (a lower bound of it), region by region (step 3).
+    """``min over [l, u] of f(x) - s x`` (a lower bound of it), all regions at once (step 3).
 
     ``hint``: the stationary point of ``f - s x`` on the convex regions where it is known;
     ``search``: where it is not (a search on ``f' = s`` finds it; None: nowhere).
     """
     f, df = curve.f, curve.df
-    best = None
-    for r, convex in enumerate(sp.convex):
-        a, b = sp.points[r], sp.points[r + 1]
-        h_ends = torch.minimum(f(a) - s * a, f(b) - s * b)
-        x = torch.minimum(torch.maximum(hint, a), b)
-        if search is not None and possibly_any(search & convex & (b > a)):
-            with torch.no_grad():
-                lo, hi = shrink_bracket(lambda t: df(t) - s, a.detach() + 0 * s, b.detach() + 0 * s)
-            x = torch.where(search, (lo + hi) / 2, x)
-        slope = df(x) - s
-        h_tan = f(x) - s * x + torch.minimum(_safe_mul(slope, a - x), _safe_mul(slope, b - x))
-        m = torch.where(convex, h_tan, h_ends)
-        best = m if best is None else torch.minimum(best, m)
-    return best
+    a, b = pieces.a, pieces.b
+    h_ends = torch.minimum(pieces.fa - s * a, pieces.fb - s * b)
+    x = torch.minimum(torch.maximum(hint, a), b)
+    if search is not None and possibly_any(search & pieces.convex & (b > a)):
+        with torch.no_grad():
+            lo, hi = shrink_bracket(lambda t: df(t) - s, a.detach() + 0 * s, b.detach() + 0 * s)
+        x = torch.where(search, (lo + hi) / 2, x)
+    slope = df(x) - s
+    h_tan = f(x) - s * x + torch.minimum(_safe_mul(slope, a - x), _safe_mul(slope, b - x))
+    return torch.where(pieces.convex, h_tan, h_ends).amin(0)
+
+
+def _offset(curve: Curve, s: torch.Tensor, pieces: _Pieces, touch: torch.Tensor) -> torch.Tensor:
+    """The offset of the line of slope ``s`` that touches ``f`` at ``touch``: the value of
+    :func:`_min_offset` (sound whatever the accuracy of ``s`` and ``touch``), with the gradient of
+    ``f(touch) - s touch``.
+
+    Where the line does touch ``f`` at ``touch`` (``touch`` minimises ``f - s x`` on ``[l, u]``)
+    the two are equal, and so are their derivatives by the envelope theorem:
+    ``d/dθ min_x (f(x) - s x) = -x* ds/dθ`` at the minimiser ``x*``, which is also the derivative
+    of ``f(touch) - s touch`` when ``s = f'(touch)`` (a tangent) or ``touch`` is a chord's end.
+    So alpha-CROWN's gradient runs through a handful of operations instead of the region-by-region
+    minimum, which is evaluated without autograd.
+    """
+    if not (torch.is_grad_enabled() and (s.requires_grad or touch.requires_grad)):
+        return _min_offset(curve, s, pieces, touch)
+    with torch.no_grad():
+        value = _min_offset(curve, s, pieces, touch)
+    closed = curve.f(touch) - s * touch
+    return value + torch.nan_to_num(closed - closed.detach(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @dataclass
@@ -231,9 +267,10 @@ class _LinePrep:
     ``k``: the chord slope. On intervals over two regions (``two``), ``chord_ok``: where the chord
     is sound, and ``t``: the point whose tangent passes through the far end, where it is not
     (``need``; None where no interval needs it). ``three``: (mask, slope, offset) of the lines on
-    intervals over three regions (they take no alpha), or None.
+    intervals over three regions (they take no alpha), or None. ``pieces``: the regions.
     """
 
+    pieces: _Pieces
     k: torch.Tensor
     two: torch.Tensor
     chord_ok: torch.Tensor | None
@@ -248,6 +285,7 @@ def _line_prep(curve: Curve, sp: _Split) -> _LinePrep:
     width = high - low
     wide = width > 0
     k = _finite(torch.where(wide, (f(high) - f(low)) / torch.where(wide, width, torch.ones_like(width)), df(low)))
+    pieces = _pieces(curve, sp)
     two = sp.n_inside == 1
     chord_ok = need = t = three = None
     if possibly_any(two):
@@ -264,14 +302,26 @@ def _line_prep(curve: Curve, sp: _Split) -> _LinePrep:
                 t = torch.where(cl, lo, hi)  # the valid end of the bracket
     over_three = sp.n_inside >= 2
     if len(sp.convex) > 2 and possibly_any(over_three):  # a curve with three regions, and some interval over two
-        three = (over_three, *_three_region_line(curve, sp, k))
-    return _LinePrep(k, two, chord_ok, need, t, three)
+        three = (over_three, *_three_region_line(curve, sp, pieces, k))
+    return _LinePrep(pieces, k, two, chord_ok, need, t, three)
 
 
 def lower_line(curve: Curve, sp: _Split, prep: _LinePrep,
                alpha: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Slope and offset of the lower line of ``curve`` on the split interval (steps 2 and 3);
     ``prep``: :func:`_line_prep` of the same curve and split."""
+    slope, touch = _slope_and_touch(curve, sp, prep, alpha)
+    offset = _offset(curve, slope, prep.pieces, touch)
+    if prep.three is not None:
+        three, s3, b3 = prep.three
+        slope, offset = torch.where(three, s3, slope), torch.where(three, b3, offset)
+    return slope, offset
+
+
+def _slope_and_touch(curve: Curve, sp: _Split, prep: _LinePrep,
+                     alpha: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2 (one or two regions): the lower line's slope and the point where it touches ``f``
+    (the tangent point, or an end of the chord)."""
     df = curve.df
     low, high = sp.low, sp.high
     k = prep.k
@@ -281,7 +331,7 @@ def lower_line(curve: Curve, sp: _Split, prep: _LinePrep,
     # one region: tangent (convex) or chord (concave)
     d_one = low + a_one * (high - low)
     slope = torch.where(sp.convex_whole, df(d_one), k)
-    hint = torch.where(sp.convex_whole, d_one, low)
+    touch = torch.where(sp.convex_whole, d_one, low)
 
     # two regions: chord, or tangent between the near endpoint and t
     if prep.chord_ok is not None:
@@ -293,14 +343,8 @@ def lower_line(curve: Curve, sp: _Split, prep: _LinePrep,
         else:
             d_two = low + 0 * a_two
         slope = torch.where(prep.two, torch.where(prep.chord_ok, k, df(d_two)), slope)
-        hint = torch.where(prep.two, torch.where(prep.chord_ok, torch.where(cl, low, high), d_two), hint)
-
-    slope = _finite(slope)
-    offset = _min_offset(curve, slope, sp, hint)
-    if prep.three is not None:
-        three, s3, b3 = prep.three
-        slope, offset = torch.where(three, s3, slope), torch.where(three, b3, offset)
-    return slope, offset
+        touch = torch.where(prep.two, torch.where(prep.chord_ok, torch.where(cl, low, high), d_two), touch)
+    return _finite(slope), touch
 
 
 def _tangent_gap(f: Fn, df: Fn, far: torch.Tensor, sign) -> Fn:
@@ -309,7 +353,8 @@ def _tangent_gap(f: Fn, df: Fn, far: torch.Tensor, sign) -> Fn:
     return lambda t: sign * (f(t) + df(t) * (far - t) - f_far)
 
 
-def _three_region_line(curve: Curve, sp: _Split, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _three_region_line(curve: Curve, sp: _Split, pieces: _Pieces,
+                       k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Lower line when two inflection points are inside: the best (highest at the midpoint, i.e. the
     least area between line and ``f``) of the chord slope and, when the middle region is convex,
     the tangents there through ``(u, f(u))`` and through ``(l, f(l))``."""
@@ -318,7 +363,7 @@ def _three_region_line(curve: Curve, sp: _Split, k: torch.Tensor) -> tuple[torch
     mid = (low + high) / 2
     three = sp.n_inside >= 2
     best_s = k
-    best_b = _min_offset(curve, k, sp, low, three)
+    best_b = _min_offset(curve, k, pieces, low, three)
     middle_convex = three & sp.convex[1]
     if possibly_any(middle_convex):
         a, b = sp.points[1].detach(), sp.points[2].detach()
@@ -327,7 +372,7 @@ def _three_region_line(curve: Curve, sp: _Split, k: torch.Tensor) -> tuple[torch
                 lo, hi = shrink_bracket(_tangent_gap(f, df, far, sign), a, b)
                 t = lo if sign > 0 else hi
                 s = _finite(df(t))
-                off = _min_offset(curve, s, sp, t)
+                off = _min_offset(curve, s, pieces, t)
                 better = middle_convex & (s * mid + off > best_s * mid + best_b)
                 best_s, best_b = torch.where(better, s, best_s), torch.where(better, off, best_b)
     return best_s, best_b
@@ -399,23 +444,32 @@ def finish(lines: tuple, low: torch.Tensor, high: torch.Tensor, fallback: Interv
     """Round float64 lines outwards, cast to ``dtype``; non-finite lines (or ``constant``) -> IBP constants.
 
     ``low``, ``high``: the finite float64 interval the lines were made on; ``fallback``: the interval
-    rule's bounds in ``dtype`` (possibly infinite: an unbounded side).
+    rule's bounds through :func:`constant_lines` (possibly infinite: an unbounded side).
     """
     lw, lb, uw, ub = lines
-    reach = torch.maximum(low.abs(), high.abs())
     eps, tiny = slack_factor(dtype), torch.finfo(dtype).tiny
-    lb = lb - eps * (_safe_mul(lw.abs(), reach) + lb.abs()) - tiny
-    ub = ub + eps * (_safe_mul(uw.abs(), reach) + ub.abs()) + tiny
+    with torch.no_grad():  # the slack's own gradient (relative size eps) is left out
+        # a non-finite slope makes its slack non-finite (inf * 0 = NaN included), so its line falls back
+        reach = torch.maximum(low.abs(), high.abs())
+        slack_l = torch.addcmul(lb.abs(), lw.abs(), reach).mul_(eps).add_(tiny)
+        slack_u = torch.addcmul(ub.abs(), uw.abs(), reach).mul_(eps).add_(tiny)
+    lb, ub = lb - slack_l, ub + slack_u
     lw, lb, uw, ub = (t.to(dtype) for t in (lw, lb, uw, ub))
-    bad_l = ~(torch.isfinite(lw) & torch.isfinite(lb))
-    bad_u = ~(torch.isfinite(uw) & torch.isfinite(ub))
-    if constant is not None:
-        bad_l, bad_u = bad_l | constant, bad_u | constant
+    with torch.no_grad():
+        bad_l = ~(torch.isfinite(lw) & torch.isfinite(lb))
+        bad_u = ~(torch.isfinite(uw) & torch.isfinite(ub))
+        if constant is not None:
+            bad_l, bad_u = bad_l | constant, bad_u | constant
     zero = torch.zeros((), dtype=dtype, device=lw.device)
-    lb = torch.where(bad_l, fallback.lower.to(dtype), lb)
-    ub = torch.where(bad_u, fallback.upper.to(dtype), ub)
-    lb, ub = torch.where(torch.isnan(lb), -INF, lb), torch.where(torch.isnan(ub), INF, ub)
+    lb, ub = torch.where(bad_l, fallback.lower, lb), torch.where(bad_u, fallback.upper, ub)
     return Relaxation(torch.where(bad_l, zero, lw), lb, torch.where(bad_u, zero, uw), ub)
+
+
+def constant_lines(fallback: Interval, dtype: torch.dtype) -> Interval:
+    """The offsets of the constant lines :func:`finish` falls back to: the interval rule's bounds in
+    ``dtype``, NaN read as unbounded."""
+    lower, upper = fallback.lower.to(dtype), fallback.upper.to(dtype)
+    return Interval(torch.where(torch.isnan(lower), -INF, lower), torch.where(torch.isnan(upper), INF, upper))
 
 
 class _FiniteGrad(torch.autograd.Function):
@@ -428,6 +482,24 @@ class _FiniteGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class _Fraction64(torch.autograd.Function):
+    """alpha as a float64 fraction: NaN -> 1/2, clamped into [0, 1]. The backward is that of those
+    steps (the gradient passes where ``0 <= alpha <= 1``) with NaN/inf gradients turned into 0
+    (:func:`finite_grad`), as one autograd node instead of four."""
+
+    @staticmethod
+    def forward(ctx, alpha):
+        inside = (alpha >= 0) & (alpha <= 1)
+        ctx.save_for_backward(inside)
+        ctx.dtype = alpha.dtype
+        return torch.nan_to_num(alpha.to(torch.float64), nan=0.5).clamp(0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), 0.0).to(ctx.dtype)
 
 
 def finite_grad(*tensors: torch.Tensor | None) -> tuple:
@@ -467,13 +539,13 @@ def curve_relaxation(curve: Curve, low: torch.Tensor, high: torch.Tensor, call: 
     lines: the float64 interval, the IBP fallback and :func:`prepare_curve` (the split, chord
     slopes, tangent-point searches). The walks from every start after the node share them.
     """
-    (alpha,) = finite_grad(call.alpha)
+    alpha = call.alpha
     lifted = alpha is not None and alpha.dim() > low.dim()
     memo = call.memo
     prepared = memo.get(("curve", lifted)) if memo is not None else None
     if prepared is None:
         low, high = lift(*finite_grad(low, high), alpha)
-        fallback = bounds(low, high)
+        fallback = constant_lines(bounds(low, high), low.dtype)
         finite = torch.isfinite(low) & torch.isfinite(high)
         const = ~finite if constant is None else (~finite | constant(low, high))
         stand_in = torch.full((), safe, dtype=torch.float64, device=low.device)
@@ -485,7 +557,7 @@ def curve_relaxation(curve: Curve, low: torch.Tensor, high: torch.Tensor, call: 
         if memo is not None:
             memo[("curve", lifted)] = prepared
     l64, u64, fallback, const, dtype, lines = prepared
-    a64 = None if alpha is None else torch.nan_to_num(alpha.to(torch.float64), nan=0.5).clamp(0.0, 1.0)
+    a64 = None if alpha is None else _Fraction64.apply(alpha)
     lw, lb, uw, ub = relax_curve(curve, lines, a64)
     if adjust is not None:
         lw, lb, uw, ub = adjust(lw, lb, uw, ub, l64, u64)

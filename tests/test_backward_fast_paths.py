@@ -3,7 +3,8 @@
 ``algorithms/backward.py`` has paths that change only how the same numbers are computed:
 ``_shared_columns`` (a linear layer after a walk's first relaxation: ``uA W = lA W + (uA - lA) W``
 over the differing columns), ``_joint`` (both sides of a small linear/conv layer in one call), the
-per-example matrix-vector products of ``_sum_product``, stacked sides (``[C; -C]`` walked as one
+per-example matrix-vector products of ``_sum_product`` (and the one-product bias of small per-spec
+relaxations), stacked sides (``[C; -C]`` walked as one
 side), ReLU's prepared relaxation and relaxations applied a slice of the batch at a time;
 convolutions also pick their kernel per shape (:mod:`boundprop.kernels`). Each is switched off
 and the bounds compared (CROWN and CROWN-IBP, batch 1 and 3, dense and channels-last
@@ -129,6 +130,29 @@ def test_sliced_relaxation_equals_whole(monkeypatch, channels_last, upper):
         assert new.stride() == whole.stride()
     assert not backward._in_slices(A.requires_grad_(), (prep.lw,))
     assert not backward._in_slices(A[:1], (prep.lw[:1],))
+
+
+@pytest.mark.parametrize("upper", [False, True])
+@pytest.mark.parametrize("with_alpha", [False, True])
+def test_small_per_spec_bias_equals_contractions(monkeypatch, upper, with_alpha):
+    """Small coefficients with per-spec relaxations (alpha-CROWN's lines carry the spec dimension) sum
+    their bias from one product tensor; that equals the two contractions, channels-last included."""
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(2, 3, 4, 5, 5, generator=gen)
+    centre, radius = torch.randn(2, 4, 5, 5, generator=gen), torch.rand(2, 4, 5, 5, generator=gen)
+    l, u = centre - radius, centre + radius
+    alpha = torch.rand(2, 3, 4, 5, 5, generator=gen) if with_alpha else None
+    lifted = (l.unsqueeze(1), u.unsqueeze(1)) if with_alpha else (l, u)
+    relax = relu_relaxation(*lifted, RelaxCall((), {}, {}, alpha))
+    prep = backward.PreparedRelaxation.of(relax, (2, 4, 5, 5))
+    for data in (A, A.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(A.shape)):
+        assert prep.per_spec == with_alpha
+        monkeypatch.setattr(backward, "SMALL_PER_SPEC", 0)
+        ref, ref_bias = backward._relax_side(data, prep, upper)
+        monkeypatch.setattr(backward, "SMALL_PER_SPEC", 2**16)
+        new, bias = backward._relax_side(data, prep, upper)
+        torch.testing.assert_close(new, ref, rtol=0, atol=0)
+        torch.testing.assert_close(bias, ref_bias, rtol=1e-6, atol=1e-5)
 
 
 def test_relu_prepared_equals_general_relaxation():

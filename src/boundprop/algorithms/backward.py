@@ -244,11 +244,20 @@ def _relax_dense(data, lw, d, lb, db, per_spec: bool, upper: bool, out: torch.Te
     if d is not None:
         new.addcmul_(S, d)
     bias: Any = 0.0
+    if per_spec and data.numel() <= SMALL_PER_SPEC and lb is not None:
+        # one product and one sum (two einsums are about ten operations, and their backward as many)
+        terms = data * lb if db is None else torch.addcmul(data * lb, S, db)
+        return new, terms.flatten(2).sum(-1)
     if lb is not None:
         bias = _sum_product(data, lb, per_spec)
     if db is not None:
         bias = add_bias(bias, _sum_product(S, db, per_spec))
     return new, bias
+
+
+#: Coefficients (elements) up to which a per-spec bias term is summed from one product tensor
+#: instead of contractions that need no such tensor (:func:`_relax_dense`)
+SMALL_PER_SPEC = 2**16
 
 
 def add_bias(a, b):

@@ -25,6 +25,9 @@ one (the upper one is minus the lower line of ``-f``), on ``[l, u]``:
    tangent of ``h`` at any point ``x^`` of it, ``h(x^) + min over the ends of h'(x^) (x - x^)``,
    with ``x^`` the known tangent point or, for chord slopes, a search for ``f'(x^) = s``. The
    bound holds for every ``x^``, so soundness never rests on the accuracy of a root search.
+   Gradients (alpha-CROWN, training through bounds) do not run through this minimum: where the line
+   touches ``f`` at ``x*`` (the tangent point, or a chord's end) its derivative is that of
+   ``f(x*) - s x*`` (envelope theorem), and that short expression carries it (:func:`_offset`).
 4. Rounding: all this runs in float64; offsets are then moved outwards by a few units in the last
    place of the output dtype, relative to ``|w| max(|l|, |u|) + |b|`` (plus the smallest normal
    number), and cast back. A line that is not finite (an infinite end of the interval, overflow, a

@@ -4,7 +4,7 @@
 ``_shared_columns`` (a linear layer after a walk's first relaxation: ``uA W = lA W + (uA - lA) W``
 over the differing columns), ``_joint`` (both sides of a small linear/conv layer in one call), the
 per-example matrix-vector products of ``_sum_product`` (and the one-product bias of small per-spec
-relaxations), stacked sides (``[C; -C]`` walked as one
+relaxations), stacked sides, both sides' alpha-CROWN relaxations from one call (``[C; -C]`` walked as one
 side), ReLU's prepared relaxation and relaxations applied a slice of the batch at a time;
 convolutions also pick their kernel per shape (:mod:`boundprop.kernels`). Each is switched off
 and the bounds compared (CROWN and CROWN-IBP, batch 1 and 3, dense and channels-last
@@ -214,6 +214,29 @@ def test_prepared_relaxation_is_silent_under_autograd():
     res.lower.sum().backward()
     assert model[1].weight.grad is not None
     model.zero_grad()
+
+
+@pytest.mark.parametrize("name", ["mlp", "lstm", "gelu_layernorm_mlp"])
+def test_both_sides_from_one_relaxation_call(monkeypatch, name):
+    """alpha-CROWN relaxes a node for both sides of a walk in one call (the two parameter sets stacked
+    along the spec dimension): the same bounds as one call per side, after a few steps too."""
+    from boundprop.zoo import ZOO
+
+    fn, shape = ZOO[name]
+    model = fn()
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(4))
+    graph = boundprop.capture(model, x)
+    ptb = {graph.inputs[0]: PerturbationLpNorm(0.05)}
+    opts = {"optimize_bound_args": {"iteration": 4}}
+    joined = []
+    joinable = backward._joinable
+    monkeypatch.setattr(backward, "_joinable", lambda *a: joined.append(joinable(*a)) or joined[-1])
+    one = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", opts=opts)
+    assert any(joined)
+    monkeypatch.setattr(backward, "_joinable", lambda *a: False)
+    two = compute_bounds(graph, (x,), ptb, method="alpha-CROWN", opts=opts)
+    torch.testing.assert_close(one.lower, two.lower, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(one.upper, two.upper, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["transformer", "gelu_layernorm_mlp", "lstm"])

@@ -139,6 +139,19 @@ class PreparedRelaxation:
                                         for f in fields)
         return self._channels_last
 
+    def split_spec(self, rows: int) -> tuple[PreparedRelaxation, PreparedRelaxation]:
+        """A per-spec relaxation of stacked rows as that of the first ``rows`` and that of the rest
+        (views; a field shared by all rows is shared by both)."""
+        fields = (self.lw, self.d, self.lb, self.db)
+
+        def part(f, first: bool):
+            if f is None or f.shape[1] == 1:
+                return f
+            return f[:, :rows] if first else f[:, rows:]
+
+        return (PreparedRelaxation(*(part(f, True) for f in fields), self.per_spec),
+                PreparedRelaxation(*(part(f, False) for f in fields), self.per_spec))
+
     def windows(self, P: Patches) -> tuple[torch.Tensor | None, ...]:
         """``(lw, d, lb, db)`` gathered over the windows of ``P`` (None where zero)."""
         fields = [self.lw, self.d, self.lb, self.db]
@@ -529,8 +542,12 @@ def _patches_out(state: PropagationState, node: Node, lA, uA, alpha_for: AlphaLo
                 return out
         alpha_l = alpha_for(node.name, "lower") if (alpha_for and lA is not None) else None
         alpha_u = alpha_for(node.name, "upper") if (alpha_for and uA is not None) else None
-        relax_l = prepared_relaxation(state, node, "lower", alpha_l) if lA is not None else None
-        relax_u = prepared_relaxation(state, node, "upper", alpha_u) if uA is not None else None
+        if _joinable(state, node, lA, uA, alpha_l, alpha_u):
+            joint = prepared_relaxation(state, node, "lower", torch.cat([alpha_l, alpha_u], 1))
+            relax_l, relax_u = joint.split_spec(alpha_l.shape[1])
+        else:
+            relax_l = prepared_relaxation(state, node, "lower", alpha_l) if lA is not None else None
+            relax_u = prepared_relaxation(state, node, "upper", alpha_u) if uA is not None else None
         new_l, new_u, lbias, ubias = apply_relaxation(relax_l, relax_u, lA, uA)
         return BackwardOut([(node.inputs[0], new_l, new_u)], lbias, ubias)
     rule = patch_rule_for(node)
@@ -581,8 +598,12 @@ def propagate_node(state: PropagationState, node: Node, lA, uA, alpha_for: Alpha
     if entry.relaxation is not None:
         alpha_l = alpha_for(node.name, "lower") if (alpha_for and lA is not None) else None
         alpha_u = alpha_for(node.name, "upper") if (alpha_for and uA is not None) else None
-        relax_l = prepared_relaxation(state, node, "lower", alpha_l) if lA is not None else None
-        relax_u = prepared_relaxation(state, node, "upper", alpha_u) if uA is not None else None
+        if _joinable(state, node, lA, uA, alpha_l, alpha_u):
+            joint = prepared_relaxation(state, node, "lower", torch.cat([alpha_l, alpha_u], 1))
+            relax_l, relax_u = joint.split_spec(alpha_l.shape[1])
+        else:
+            relax_l = prepared_relaxation(state, node, "lower", alpha_l) if lA is not None else None
+            relax_u = prepared_relaxation(state, node, "upper", alpha_u) if uA is not None else None
         new_l, new_u, lbias, ubias = apply_relaxation(relax_l, relax_u, lA, uA)
         return BackwardOut([(node.inputs[0], new_l, new_u)], lbias, ubias)
     if entry.backward is not None:
@@ -591,6 +612,19 @@ def propagate_node(state: PropagationState, node: Node, lA, uA, alpha_for: Alpha
         lookup = (lambda d: alpha_for(node.name, d)) if alpha_for else (lambda d: None)
         return entry.backward(BackwardCall(node, args, kwargs, lA, uA, state.opts, lookup, node_memo(state, node)))
     raise NotImplementedError(f"no linear bound rule for {node.op_name} <- {node.source or node.name}")
+
+
+def _joinable(state: PropagationState, node: Node, lA, uA, alpha_l, alpha_u) -> bool:
+    """Whether both sides' relaxations of ``node`` come from one call, their alpha-CROWN parameters
+    stacked along the spec dimension: dense coefficients on both sides, each with spec-dependent
+    parameters ``(batch, spec, *shape)``. Relaxations are element-wise, so each side gets the lines
+    its own call would give, for half the calls (each is tens of small operations and as many
+    autograd nodes; alpha-CROWN makes one per side, node and walk at every evaluation)."""
+    if alpha_l is None or alpha_u is None or isinstance(lA, Patches) or isinstance(uA, Patches):
+        return False
+    dim = state.intervals[node.inputs[0]].lower.dim() + 1
+    return (alpha_l.dim() == alpha_u.dim() == dim and alpha_l.shape[0] == alpha_u.shape[0]
+            and alpha_l.shape[2:] == alpha_u.shape[2:])
 
 
 def _row_elements(A) -> int:

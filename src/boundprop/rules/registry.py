@@ -75,7 +75,9 @@ class RelaxCall:
         opts: the bound options of the call (e.g. ``activation_bound_option``).
         alpha: free relaxation parameters chosen by alpha-CROWN, or None for the default choice.
             The rule decides their meaning (for ReLU, the lower slope in [0, 1]).
-        direction: "lower" or "upper": which bound of the output the relaxation serves.
+        direction: "lower" or "upper": which bound of the output the relaxation serves. Walks may
+            serve both from one call (alpha-CROWN's two parameter sets stacked along the spec
+            dimension, see ``algorithms.backward._joinable``), so lines must not depend on it.
         memo: a dict the rule may fill with results that depend on the interval (and the node's
             constant arguments) only, not on ``alpha`` or ``direction``: the caller hands the same
             dict to every call on the same node and interval (alpha-CROWN, whose walks from every

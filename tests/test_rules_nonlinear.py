@@ -447,6 +447,19 @@ def test_unbounded_side_raises_clearly():
         rules_for(aten.reciprocal.default).relaxation(low, high, RelaxCall())
 
 
+def test_bounded_check_reads_one_sum_and_survives_its_overflow():
+    """``require_bounded`` tests the sum of the offsets; finite offsets whose sum overflows pass."""
+    from boundprop.domains import Relaxation
+
+    big = torch.full((1, 4), 3e38)
+    relax = Relaxation(torch.zeros(1, 4), big, torch.zeros(1, 4), big)
+    assert curves.require_bounded(relax, -big, big, "x") is relax
+    with pytest.raises(NotImplementedError, match="element \\(0, 2\\)"):
+        bad = big.clone()
+        bad[0, 2] = INF
+        curves.require_bounded(Relaxation(torch.zeros(1, 4), -big, torch.zeros(1, 4), bad), -big, big, "x")
+
+
 def test_reciprocal_entry_points_for_division():
     from boundprop.rules.arith import div_interval
     from boundprop.rules.convex import reciprocal_interval, reciprocal_relaxation

@@ -214,10 +214,16 @@ def _sides(call):
         yield call.uA, +1, "upper"
 
 
-def _signed_sum(A, sign: int, lo, up, contract):
-    """``contract(A+, first) + contract(A-, second)``, the planes picked by the side's sign."""
+def _signed_parts(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A+, A-)``, split once per side for all the sums of :func:`_signed_sum`."""
+    return A.clamp(min=0), A.clamp(max=0)
+
+
+def _signed_sum(parts: tuple[torch.Tensor, torch.Tensor], sign: int, lo, up, contract):
+    """``contract(A+, first) + contract(A-, second)`` (``parts`` = :func:`_signed_parts`), the planes
+    picked by the side's sign."""
     first, second = (lo, up) if sign < 0 else (up, lo)
-    return contract(A.clamp(min=0), first) + contract(A.clamp(max=0), second)
+    return contract(parts[0], first) + contract(parts[1], second)
 
 
 def _infinite_bias(cb: torch.Tensor, A: torch.Tensor, bad: torch.Tensor | None, sign: int) -> torch.Tensor:
@@ -252,9 +258,10 @@ def _elementwise_side(A, sign, X: _Factor, Y: _Factor, call, direction):
     named = X.name is not None and Y.name is not None
     (lo, up, bad), _ = _planes(call, direction, rank, [X.lower, X.upper, Y.lower, Y.upper], named, "mul")
     mul = lambda field: lambda part, plane: part * _lift(getattr(plane, field), rank)
-    gx = _signed_sum(A, sign, lo, up, mul("ax"))
-    gy = _signed_sum(A, sign, lo, up, mul("ay"))
-    cb = _signed_sum(A, sign, lo, up, mul("c"))
+    parts = _signed_parts(A)
+    gx = _signed_sum(parts, sign, lo, up, mul("ax"))
+    gy = _signed_sum(parts, sign, lo, up, mul("ay"))
+    cb = _signed_sum(parts, sign, lo, up, mul("c"))
     return (gx, gy), _infinite_bias(cb, A, _lift(bad, rank), sign)
 
 
@@ -302,8 +309,9 @@ def _square_side(A, sign, X: _Factor, call, direction):
         tangent, chord = (Plane(torch.where(bad, 0.0, p.ax), None, torch.where(bad, 0.0, p.c))
                           for p in (tangent, chord))
     mul = lambda field: lambda part, plane: part * _lift(getattr(plane, field), rank)
-    g = _signed_sum(A, sign, tangent, chord, mul("ax"))
-    cb = _signed_sum(A, sign, tangent, chord, mul("c"))
+    parts = _signed_parts(A)
+    g = _signed_sum(parts, sign, tangent, chord, mul("ax"))
+    cb = _signed_sum(parts, sign, tangent, chord, mul("c"))
     return g, _infinite_bias(cb, A, _lift(bad, rank), sign)
 
 
@@ -409,10 +417,11 @@ def _matmul_side(A, sign, X: _Factor, Y: _Factor, call, direction):
     named = X.name is not None and Y.name is not None
     (lo, up, bad), spec = _planes(call, direction, rank + 1, bounds, named, "matmul")
     contract = lambda which, field: lambda part, plane: torch.einsum(_EQ[which, spec], part, getattr(plane, field))
-    gx = _signed_sum(A, sign, lo, up, contract("x", "ax"))
-    gy = _signed_sum(A, sign, lo, up, contract("y", "ay"))
+    parts = _signed_parts(A)
+    gx = _signed_sum(parts, sign, lo, up, contract("x", "ax"))
+    gy = _signed_sum(parts, sign, lo, up, contract("y", "ay"))
     bias_of = lambda part, plane: part * _lift(plane.c.sum(-2), rank)
-    cb = _signed_sum(A, sign, lo, up, bias_of)
+    cb = _signed_sum(parts, sign, lo, up, bias_of)
     return (gx, gy), _infinite_bias(cb, A, _lift(bad.any(-2), rank), sign)
 
 

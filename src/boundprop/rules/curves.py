@@ -259,7 +259,7 @@ def _offset(curve: Curve, s: torch.Tensor, pieces: _Pieces, touch: torch.Tensor)
     with torch.no_grad():
         value = _min_offset(curve, s, pieces, touch)
     closed = curve.f(touch) - s * touch
-    return value + torch.nan_to_num(closed - closed.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+    return value + (closed - closed.detach())  # exactly 0 where finite; NaN (the constant line) elsewhere
 
 
 @dataclass
@@ -414,10 +414,13 @@ def require_bounded(relax: Relaxation, low: torch.Tensor, high: torch.Tensor, wh
     Where the test would wait for a device, it is deferred to the end of the call (:func:`~boundprop.syncs.defer`)."""
     if not RAISE_ON_UNBOUNDED:
         return relax
-    finite = torch.isfinite(relax.lb).all() & torch.isfinite(relax.ub).all()
+    with torch.no_grad():  # one reduction: an infinite or NaN offset makes the sum so (a sum that
+        finite = torch.isfinite(relax.lb.sum() + relax.ub.sum())  # only overflows is looked at below)
     if defer(finite) or bool(finite):
         return relax
     bad = ~(torch.isfinite(relax.lb) & torch.isfinite(relax.ub))
+    if not bool(bad.any()):
+        return relax
     bad = torch.broadcast_to(bad, torch.broadcast_shapes(bad.shape, low.shape))
     index = bad.nonzero()[0]
     where = tuple(int(i) for i in index[:low.dim()])

@@ -216,17 +216,21 @@ def test_prepared_relaxation_is_silent_under_autograd():
     model.zero_grad()
 
 
+def _zoo_case(name: str, seed: int):
+    """A zoo model's graph, a batch of 2 inputs and an L-inf ball of 0.05 around them."""
+    from boundprop.zoo import ZOO
+
+    fn, shape = ZOO[name]
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(seed))
+    graph = boundprop.capture(fn(), x)
+    return graph, x, {graph.inputs[0]: PerturbationLpNorm(0.05)}
+
+
 @pytest.mark.parametrize("name", ["mlp", "lstm", "gelu_layernorm_mlp"])
 def test_both_sides_from_one_relaxation_call(monkeypatch, name):
     """alpha-CROWN relaxes a node for both sides of a walk in one call (the two parameter sets stacked
     along the spec dimension): the same bounds as one call per side, after a few steps too."""
-    from boundprop.zoo import ZOO
-
-    fn, shape = ZOO[name]
-    model = fn()
-    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(4))
-    graph = boundprop.capture(model, x)
-    ptb = {graph.inputs[0]: PerturbationLpNorm(0.05)}
+    graph, x, ptb = _zoo_case(name, seed=4)
     opts = {"optimize_bound_args": {"iteration": 4}}
     joined = []
     joinable = backward._joinable
@@ -246,13 +250,7 @@ def test_node_memos_change_no_bound(monkeypatch, name, method):
     only save work: with a fresh memo at every use the bounds and intervals are the same. (alpha-CROWN
     with one evaluation: after a step the shared parts' gradients are summed in another order, and the
     bounds move in the last digits.)"""
-    from boundprop.zoo import ZOO
-
-    fn, shape = ZOO[name]
-    model = fn()
-    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(3))
-    graph = boundprop.capture(model, x)
-    ptb = {graph.inputs[0]: PerturbationLpNorm(0.05)}
+    graph, x, ptb = _zoo_case(name, seed=3)
     opts = {"optimize_bound_args": {"iteration": 1}}
 
     def run():
@@ -293,13 +291,8 @@ def test_ibp_refresh_skips_only_nodes_whose_inputs_stayed(monkeypatch, name):
     intervals equal those of recomputing every unrefined ancestor after each refinement."""
     from boundprop.algorithms import crown
     from boundprop.algorithms.ibp import interval_of
-    from boundprop.zoo import ZOO
 
-    fn, shape = ZOO[name]
-    model = fn()
-    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(4))
-    graph = boundprop.capture(model, x)
-    ptb = {graph.inputs[0]: PerturbationLpNorm(0.05)}
+    graph, x, ptb = _zoo_case(name, seed=4)
     skipping = compute_bounds(graph, (x,), ptb, method="CROWN")
 
     def every_time(state, start):

@@ -540,16 +540,7 @@ def _patches_out(state: PropagationState, node: Node, lA, uA, alpha_for: AlphaLo
             out = _window_relaxation(state, node, lA, uA, windows_for)
             if out is not None:
                 return out
-        alpha_l = alpha_for(node.name, "lower") if (alpha_for and lA is not None) else None
-        alpha_u = alpha_for(node.name, "upper") if (alpha_for and uA is not None) else None
-        if _joinable(state, node, lA, uA, alpha_l, alpha_u):
-            joint = prepared_relaxation(state, node, "lower", torch.cat([alpha_l, alpha_u], 1))
-            relax_l, relax_u = joint.split_spec(alpha_l.shape[1])
-        else:
-            relax_l = prepared_relaxation(state, node, "lower", alpha_l) if lA is not None else None
-            relax_u = prepared_relaxation(state, node, "upper", alpha_u) if uA is not None else None
-        new_l, new_u, lbias, ubias = apply_relaxation(relax_l, relax_u, lA, uA)
-        return BackwardOut([(node.inputs[0], new_l, new_u)], lbias, ubias)
+        return _relax_node(state, node, lA, uA, alpha_for)
     rule = patch_rule_for(node)
     if rule is None or not state.is_affine_here(node):
         return None
@@ -596,22 +587,27 @@ def propagate_node(state: PropagationState, node: Node, lA, uA, alpha_for: Alpha
             ubias = pb.bias(uA) if uA is not None else 0.0
         return BackwardOut(list(zip(names, lAs, uAs)), lbias, ubias)
     if entry.relaxation is not None:
-        alpha_l = alpha_for(node.name, "lower") if (alpha_for and lA is not None) else None
-        alpha_u = alpha_for(node.name, "upper") if (alpha_for and uA is not None) else None
-        if _joinable(state, node, lA, uA, alpha_l, alpha_u):
-            joint = prepared_relaxation(state, node, "lower", torch.cat([alpha_l, alpha_u], 1))
-            relax_l, relax_u = joint.split_spec(alpha_l.shape[1])
-        else:
-            relax_l = prepared_relaxation(state, node, "lower", alpha_l) if lA is not None else None
-            relax_u = prepared_relaxation(state, node, "upper", alpha_u) if uA is not None else None
-        new_l, new_u, lbias, ubias = apply_relaxation(relax_l, relax_u, lA, uA)
-        return BackwardOut([(node.inputs[0], new_l, new_u)], lbias, ubias)
+        return _relax_node(state, node, lA, uA, alpha_for)
     if entry.backward is not None:
         lA, uA = _full_batch(state, lA), _full_batch(state, uA)
         args, kwargs = state.resolve_for_linear(node)
         lookup = (lambda d: alpha_for(node.name, d)) if alpha_for else (lambda d: None)
         return entry.backward(BackwardCall(node, args, kwargs, lA, uA, state.opts, lookup, node_memo(state, node)))
     raise NotImplementedError(f"no linear bound rule for {node.op_name} <- {node.source or node.name}")
+
+
+def _relax_node(state: PropagationState, node: Node, lA, uA, alpha_for) -> BackwardOut:
+    """Pass both sides' coefficients through the relaxation of an element-wise ``node``."""
+    alpha_l = alpha_for(node.name, "lower") if (alpha_for and lA is not None) else None
+    alpha_u = alpha_for(node.name, "upper") if (alpha_for and uA is not None) else None
+    if _joinable(state, node, lA, uA, alpha_l, alpha_u):
+        joint = prepared_relaxation(state, node, "lower", torch.cat([alpha_l, alpha_u], 1))
+        relax_l, relax_u = joint.split_spec(alpha_l.shape[1])
+    else:
+        relax_l = prepared_relaxation(state, node, "lower", alpha_l) if lA is not None else None
+        relax_u = prepared_relaxation(state, node, "upper", alpha_u) if uA is not None else None
+    new_l, new_u, lbias, ubias = apply_relaxation(relax_l, relax_u, lA, uA)
+    return BackwardOut([(node.inputs[0], new_l, new_u)], lbias, ubias)
 
 
 def _joinable(state: PropagationState, node: Node, lA, uA, alpha_l, alpha_u) -> bool:

@@ -216,6 +216,19 @@ def test_prepared_relaxation_is_silent_under_autograd():
     model.zero_grad()
 
 
+def test_split_spec_keeps_shared_fields_and_relaxations_without_spec_rows():
+    """``split_spec`` slices per-spec fields, shares the ones broadcast along the spec and leaves a
+    relaxation without spec rows (its dimension 1 is the node's) whole."""
+    lw, d = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    lb = torch.randn(2, 1, 3)
+    first, rest = backward.PreparedRelaxation(lw, d, lb, None, per_spec=True).split_spec(2)
+    assert torch.equal(first.lw, lw[:, :2]) and torch.equal(rest.d, d[:, 2:])
+    assert first.lb is lb and rest.lb is lb and first.db is None
+    plain = backward.PreparedRelaxation(torch.randn(2, 3), None, None, None, per_spec=False)
+    first, rest = plain.split_spec(1)
+    assert first is plain and rest is plain
+
+
 def _zoo_case(name: str, seed: int):
     """A zoo model's graph, a batch of 2 inputs and an L-inf ball of 0.05 around them."""
     from boundprop.zoo import ZOO

@@ -141,7 +141,9 @@ class PreparedRelaxation:
 
     def split_spec(self, rows: int) -> tuple[PreparedRelaxation, PreparedRelaxation]:
         """A per-spec relaxation of stacked rows as that of the first ``rows`` and that of the rest
-        (views; a field shared by all rows is shared by both)."""
+        (views; a field shared by all rows is shared by both, as is a relaxation without spec rows)."""
+        if not self.per_spec:
+            return self, self
         fields = (self.lw, self.d, self.lb, self.db)
 
         def part(f, first: bool):

@@ -14,12 +14,20 @@ machine's mood), and separate choices can differ by more than the change.
         --old boundprop.algorithms.backward.SLICED_BYTES=2**62 --pairs 20
 
 ``--old MODULE.NAME=EXPR`` (repeatable) sets ``MODULE.NAME`` to the Python expression ``EXPR`` for
-the "old" calls and restores it for the "new" ones.
+the "old" calls and restores it for the "new" ones (a function too, e.g. ``=lambda *a: False``).
+
+``MODEL`` is a peer model or ``zoo:NAME``, a model of :mod:`boundprop.zoo` with a standard normal
+input and ``eps`` 0.01 (as ``zoo_bench.py`` runs them). alpha-CROWN runs with autograd on and
+``--alpha-iterations`` (default 20); the other methods under ``torch.no_grad()``.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/paired_ab.py zoo:lstm 1 alpha-CROWN \\
+        --old "boundprop.algorithms.backward._joinable=lambda *a: False" --pairs 6 --alpha-iterations 5
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import statistics
 import time
@@ -42,6 +50,18 @@ def parse_override(text: str) -> tuple[object, str, object]:
     return module, attr, eval(expr, {}, {})  # noqa: S307 - a benchmark's command-line expression
 
 
+def load_model(name: str, batch: int) -> tuple[torch.nn.Module, torch.Tensor, float]:
+    """``(model, x, eps)`` of a peer model or of ``zoo:NAME``."""
+    if name.startswith("zoo:"):
+        from boundprop.zoo import ZOO  # noqa: PLC0415 - only for zoo models
+
+        factory, shape = ZOO[name[4:]]
+        x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+        return factory().eval(), x, 0.01
+    model, data = load(name, batch)
+    return model, data["x"], data["eps"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model")
@@ -49,6 +69,7 @@ def main() -> None:
     parser.add_argument("method")
     parser.add_argument("--old", action="append", required=True, metavar="MODULE.NAME=EXPR")
     parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--alpha-iterations", type=int, default=20)
     parser.add_argument("--shared-kernels", action="store_true",
                         help="one set of kernel choices for both settings (for changes that leave layouts alone)")
     args = parser.parse_args()
@@ -64,22 +85,23 @@ def main() -> None:
             setattr(module, attr, value)
         kernels._CHOICE = choices[tag]
 
-    model, data = load(args.model, args.batch)
-    x = data["x"]
+    model, x, eps = load_model(args.model, args.batch)
     graph = boundprop.capture(model, x)
-    ptb = {graph.inputs[0]: PerturbationLpNorm(data["eps"])}
+    ptb = {graph.inputs[0]: PerturbationLpNorm(eps)}
+    opts = {"optimize_bound_args": {"iteration": args.alpha_iterations}}
+    grad = contextlib.nullcontext() if args.method == "alpha-CROWN" else torch.no_grad()
     costs: dict[str, list[float]] = {"old": [], "new": []}
     bounds = {}
-    with torch.no_grad():
+    with grad:
         for tag in ("old", "new", "old", "new"):  # warm-up, tuning
             use(tag)
-            bounds[tag] = compute_bounds(graph, (x,), ptb, method=args.method)
+            bounds[tag] = compute_bounds(graph, (x,), ptb, method=args.method, opts=opts)
         for i in range(args.pairs):
             for tag in ("old", "new") if i % 2 == 0 else ("new", "old"):
                 use(tag)
                 unit, _ = forward_burst(model, x)
                 start = time.perf_counter()
-                compute_bounds(graph, (x,), ptb, method=args.method)
+                compute_bounds(graph, (x,), ptb, method=args.method, opts=opts)
                 costs[tag].append((time.perf_counter() - start) / unit)
     use("new")
     diff = max(float((bounds["old"].lower - bounds["new"].lower).abs().max()),

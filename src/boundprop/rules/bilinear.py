@@ -351,7 +351,7 @@ def _through_relaxation(G: torch.Tensor, relax: Relaxation, sign: int, rank: int
 
     Terms with a zero coefficient contribute nothing, even where the relaxation is infinite.
     """
-    pos, neg = G.clamp(min=0), G.clamp(max=0)
+    pos, neg = _signed_parts(G)
     lw, lb, uw, ub = (_lift(f, rank) for f in (relax.lw, relax.lb, relax.uw, relax.ub))
     if sign < 0:
         w_pos, b_pos, w_neg, b_neg = lw, lb, uw, ub

@@ -414,8 +414,10 @@ def require_bounded(relax: Relaxation, low: torch.Tensor, high: torch.Tensor, wh
     Where the test would wait for a device, it is deferred to the end of the call (:func:`~boundprop.syncs.defer`)."""
     if not RAISE_ON_UNBOUNDED:
         return relax
-    with torch.no_grad():  # one reduction: an infinite or NaN offset makes the sum so (a sum that
-        finite = torch.isfinite(relax.lb.sum() + relax.ub.sum())  # only overflows is looked at below)
+    # one reduction: an infinite or NaN offset makes the sum non-finite (a sum that only overflowed
+    # is told apart element by element below)
+    with torch.no_grad():
+        finite = torch.isfinite(relax.lb.sum() + relax.ub.sum())
     if defer(finite) or bool(finite):
         return relax
     bad = ~(torch.isfinite(relax.lb) & torch.isfinite(relax.ub))
